@@ -1,0 +1,211 @@
+"""The networks: the mean-scale hyperprior ("parametric architecture") and the
+factorized-prior ("non-parametric") model of the thesis (Guerin 2024, ch. 4,
+Tables 4.1 and 4.2), both made variable-rate with per-level gain vectors.
+
+Mean-scale hyperprior (Minnen et al. 2018 without context model)::
+
+      x ──AnalysisTransform (g_a)──► y ──× gain(q)──► y_g ──HyperAnalysis (h_a)──► z
+                                                      │                            │ Q
+                                                      │                            ▼
+                                                      │                     ẑ ─► factorized prior
+                                                      │                            │
+                                                      │       (mean, scale) ◄─HyperSynthesis (h_s)
+                                                      ▼                │
+                                 s = round(y_g − mean)  ─► Gaussian(0, scale) range coding
+                                                      │
+      x̂ ◄──SynthesisTransform (g_s)── (s + mean) × inv_gain(q)
+
+`q` is a continuous rate parameter: level i of `levels` is trained for the
+target `levels[i]` bpp, and a non-integer q interpolates the log-gains of the
+two nearest levels (and extrapolates past the ends). The gain never touches the
+entropy-decoding path (h_s sees only ẑ), so q only changes how y is scaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .entropy_models import FactorizedDensity, gaussian_likelihood
+from .layers import GDN, conv, deconv
+
+# The thesis's eight target rates (bpp), also JPEG AI's.
+DEFAULT_LEVELS = (0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the shape of a model; stored with the weights."""
+
+    arch: str = "hyperprior"  # "hyperprior" (parametric) or "factorized" (non-parametric)
+    N: int = 64
+    M: int = 96
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(arch=str(d["arch"]), N=int(d["N"]), M=int(d["M"]), levels=tuple(float(v) for v in d["levels"]))
+
+
+class AnalysisTransform(nn.Sequential):
+    """g_a: x (3, H, W) -> y (M, H/16, W/16). Thesis Table 4.2, encoder column."""
+
+    def __init__(self, N: int, M: int):
+        super().__init__(conv(3, N), GDN(N), conv(N, N), GDN(N), conv(N, N), GDN(N), conv(N, M))
+
+
+class SynthesisTransform(nn.Sequential):
+    """g_s: y (M, H/16, W/16) -> x (3, H, W). Thesis Table 4.2, decoder column."""
+
+    def __init__(self, N: int, M: int):
+        super().__init__(
+            deconv(M, N), GDN(N, inverse=True), deconv(N, N), GDN(N, inverse=True),
+            deconv(N, N), GDN(N, inverse=True), deconv(N, 3),
+        )
+
+
+class HyperAnalysisTransform(nn.Sequential):
+    """h_a: y (M, h, w) -> z (N, h/4, w/4). ReLU only, as in Table 4.2."""
+
+    def __init__(self, N: int, M: int):
+        super().__init__(conv(M, N, 3, 1), nn.ReLU(), conv(N, N), nn.ReLU(), conv(N, N))
+
+
+class HyperSynthesisTransform(nn.Sequential):
+    """h_s: ẑ (N, h/4, w/4) -> (mean, scale) (2M, h, w).
+
+    ReLU and (transposed) convolutions only, so that the frozen model can run it
+    in exact integer arithmetic (see `lcodec.models.freeze`).
+    """
+
+    def __init__(self, N: int, M: int):
+        mid = M * 3 // 2
+        super().__init__(deconv(N, M), nn.ReLU(), deconv(M, mid), nn.ReLU(), conv(mid, 2 * M, 3, 1))
+
+
+class RateGains(nn.Module):
+    """Per-level gain vectors on y (and learned inverse gains before g_s).
+
+    gain(q) = exp((1 - t) log g_i + t log g_{i+1}) with i = clamp(floor(q), 0, L-2),
+    t = q - i; the same for the inverse gain. Outside [0, L-1] this extrapolates.
+    """
+
+    def __init__(self, levels: tuple[float, ...], M: int):
+        super().__init__()
+        L = len(levels)
+        # Start with gains spread geometrically, small gain = coarse quantisation = low rate.
+        init = torch.linspace(-1.5, 1.5, L).view(L, 1).expand(L, M).clone()
+        self.log_gain = nn.Parameter(init)
+        self.log_inv_gain = nn.Parameter(-init.clone())
+
+    def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (B,) float level positions -> gain, inv_gain of shape (B, M, 1, 1)."""
+        L = self.log_gain.shape[0]
+        i = q.floor().clamp(0, L - 2).long()
+        t = (q - i.to(q.dtype)).unsqueeze(1)
+        lg = (1 - t) * self.log_gain[i] + t * self.log_gain[i + 1]
+        lig = (1 - t) * self.log_inv_gain[i] + t * self.log_inv_gain[i + 1]
+        return lg.exp()[..., None, None], lig.exp()[..., None, None]
+
+
+def _uniform_noise(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.empty_like(x).uniform_(-0.5, 0.5)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity gradient (straight-through)."""
+    return x + (torch.round(x) - x).detach()
+
+
+class MeanScaleHyperprior(nn.Module):
+    """Variable-rate mean-scale hyperprior (the thesis's parametric architecture)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        N, M = config.N, config.M
+        self.analysis = AnalysisTransform(N, M)
+        self.synthesis = SynthesisTransform(N, M)
+        self.hyper_analysis = HyperAnalysisTransform(N, M)
+        self.hyper_synthesis = HyperSynthesisTransform(N, M)
+        self.hyper_prior = FactorizedDensity(N)
+        self.gains = RateGains(config.levels, M)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training pass. Returns x_hat and per-image bits of the noisy latents
+        (the differentiable R̃) and of the really quantised latents (R̂, no grad)."""
+        gain, inv_gain = self.gains(q)
+        y = self.analysis(x) * gain
+        z = self.hyper_analysis(y)
+        z_tilde = _uniform_noise(z)
+        mean, scale = self.hyper_synthesis(z_tilde).chunk(2, dim=1)
+        y_tilde = _uniform_noise(y)
+        bits_y = -torch.log2(gaussian_likelihood(y_tilde, mean, scale)).sum((1, 2, 3))
+        bits_z = -torch.log2(self.hyper_prior.likelihood(z_tilde)).sum((1, 2, 3))
+        # Synthesis sees the rounded residual (straight-through), as the decoder will.
+        y_q = _round_ste(y - mean) + mean
+        x_hat = self.synthesis(y_q * inv_gain)
+        with torch.no_grad():
+            z_hat = torch.round(z)
+            mean_h, scale_h = self.hyper_synthesis(z_hat).chunk(2, dim=1)
+            y_hat = torch.round(y - mean_h) + mean_h
+            bits_hat = -torch.log2(gaussian_likelihood(y_hat, mean_h, scale_h)).sum((1, 2, 3))
+            bits_hat = bits_hat - torch.log2(self.hyper_prior.likelihood(z_hat)).sum((1, 2, 3))
+        return {"x_hat": x_hat, "bits_noisy": bits_y + bits_z, "bits_quantized": bits_hat}
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inference-time pass with real rounding: x_hat and the estimated bits per image."""
+        gain, inv_gain = self.gains(q)
+        y = self.analysis(x) * gain
+        z_hat = torch.round(self.hyper_analysis(y))
+        mean, scale = self.hyper_synthesis(z_hat).chunk(2, dim=1)
+        y_hat = torch.round(y - mean) + mean
+        bits = -torch.log2(gaussian_likelihood(y_hat, mean, scale)).sum((1, 2, 3))
+        bits = bits - torch.log2(self.hyper_prior.likelihood(z_hat)).sum((1, 2, 3))
+        return {"x_hat": self.synthesis(y_hat * inv_gain), "bits": bits}
+
+
+class FactorizedPrior(nn.Module):
+    """Variable-rate factorized-prior model (the thesis's non-parametric architecture).
+
+    x ─g_a─► y × gain ─Q─► factorized density ─► × inv_gain ─g_s─► x̂
+    Trainable for comparison; the shipped codec uses `MeanScaleHyperprior`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.analysis = AnalysisTransform(config.N, config.M)
+        self.synthesis = SynthesisTransform(config.N, config.M)
+        self.prior = FactorizedDensity(config.M)
+        self.gains = RateGains(config.levels, config.M)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        gain, inv_gain = self.gains(q)
+        y = self.analysis(x) * gain
+        bits_noisy = -torch.log2(self.prior.likelihood(_uniform_noise(y))).sum((1, 2, 3))
+        x_hat = self.synthesis(_round_ste(y) * inv_gain)
+        with torch.no_grad():
+            bits_hat = -torch.log2(self.prior.likelihood(torch.round(y))).sum((1, 2, 3))
+        return {"x_hat": x_hat, "bits_noisy": bits_noisy, "bits_quantized": bits_hat}
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        gain, inv_gain = self.gains(q)
+        y_hat = torch.round(self.analysis(x) * gain)
+        bits = -torch.log2(self.prior.likelihood(y_hat)).sum((1, 2, 3))
+        return {"x_hat": self.synthesis(y_hat * inv_gain), "bits": bits}
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    if config.arch == "hyperprior":
+        return MeanScaleHyperprior(config)
+    if config.arch == "factorized":
+        return FactorizedPrior(config)
+    raise ValueError(f"unknown architecture {config.arch!r}")
