@@ -157,6 +157,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decay-fraction", type=float, default=0.2, help="T of eq. 6.14 as a fraction of --steps")
     p.add_argument("--no-level-norm", action="store_true",
                    help="do not divide each level's loss by its running mean distortion")
+    p.add_argument("--level-sampling", choices=["step", "image"], default="step",
+                   help="one random level per step (thesis-like) or one per image")
+    p.add_argument("--penalty", choices=["batch", "image"], default="batch",
+                   help="rate penalty on the batch-mean R̃ of a level (as the thesis) or on every image's R̃")
     p.add_argument("--steps", type=int, default=12000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--crop", type=int, default=128)
@@ -177,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.crop % 64:
+        raise SystemExit(f"--crop must be a multiple of 64 (the hyperprior downsamples by 64), got {args.crop}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = 0
     if distributed:
@@ -240,7 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         x = random_batch(images, args.batch, args.crop, gen).to(device)
-        q_idx = torch.randint(L, (args.batch,), generator=gen)
+        if args.level_sampling == "step":
+            q_idx = torch.randint(L, (1,), generator=gen).expand(args.batch).contiguous()
+        else:
+            q_idx = torch.randint(L, (args.batch,), generator=gen)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
             out = train_model(x, q_idx.to(device).float())
         pixels = x.shape[2] * x.shape[3]
@@ -256,15 +265,19 @@ def main(argv: list[str] | None = None) -> dict:
             dist.all_reduce(stats)
         stats = stats.cpu().tolist()
 
+        for lv in range(L):
+            if d_mean[lv] is None and stats[lv][3] > 0:
+                d_mean[lv] = stats[lv][2] / stats[lv][3]
         loss = torch.zeros((), device=device)
         for lv in range(L):
             sel = (q_idx == lv).to(device)
             if not sel.any():
                 continue
             st = level_losses[lv]
-            J = D[sel] + st.penalty(bpp[sel], step)
-            if d_mean[lv] is None:
-                d_mean[lv] = stats[lv][2] / stats[lv][3]
+            if args.penalty == "batch":
+                J = D[sel] + st.penalty(bpp[sel].mean(), step)
+            else:
+                J = D[sel] + st.penalty(bpp[sel], step)
             weight = 1.0 if args.no_level_norm else 1.0 / d_mean[lv]
             loss = loss + weight * J.sum() / args.batch
         optimizer.zero_grad(set_to_none=True)

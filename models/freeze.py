@@ -1,0 +1,95 @@
+"""Freeze a trained model into the file the codec ships and runs.
+
+    python -m lcodec.models.freeze runs/hp64/checkpoint.pt models/weights/hp-64-96.pt
+
+Freezing is an explicit step (STYLE: train -> freeze): it
+* stores g_a, g_s, h_a and the rate gains in fp16,
+* quantises h_s to integer layers (`integer_hyper`),
+* builds the entropy tables: one zero-mean discretised Gaussian per entry of
+  the scale table for y (64 scales, log-spaced 0.11 .. 256, as in CompressAI),
+  and one table per channel of z from the learned factorized prior,
+* prints the SHA-256 that goes into the model table (`registry.py`, SPEC.md).
+The runtime (`FrozenModel`) accepts nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..bitstream.tables import gaussian_tables, pmf_tables
+from .frozen import FROZEN_FORMAT, sha256_file
+from .integer_hyper import quantize_hyper_synthesis, scale_thresholds
+from .networks import MeanScaleHyperprior, ModelConfig
+
+SCALE_TABLE = np.exp(np.linspace(math.log(0.11), math.log(256.0), 64))
+Z_SUPPORT = 255  # the z prior is tabulated on -255..255 before trimming its tails
+RATE_MARGIN = (2.0, 1.0)  # q may go this far below level 0 and above the top level
+
+
+def _fp16(module: torch.nn.Module) -> dict:
+    return {k: v.detach().half() for k, v in module.state_dict().items()}
+
+
+def _tables_state(tables) -> dict:
+    arrays = tables.to_arrays()
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items() if k != "precision"} | {
+        "precision": int(tables.precision)}
+
+
+def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None) -> str:
+    """Write the frozen file for `model` to `out` (atomically); return its SHA-256."""
+    model = model.float().eval()
+    support, pmf = model.hyper_prior.integer_pmf(-Z_SUPPORT, Z_SUPPORT)
+    L = len(model.config.levels)
+    state = {
+        "format": FROZEN_FORMAT,
+        "config": model.config.to_dict(),
+        "analysis": _fp16(model.analysis),
+        "synthesis": _fp16(model.synthesis),
+        "hyper_analysis": _fp16(model.hyper_analysis),
+        "hyper_synthesis": quantize_hyper_synthesis(model.hyper_synthesis),
+        "log_gain": model.gains.log_gain.detach().half(),
+        "log_inv_gain": model.gains.log_inv_gain.detach().half(),
+        "y_tables": _tables_state(gaussian_tables(SCALE_TABLE)),
+        "scale_thresholds": scale_thresholds(torch.from_numpy(SCALE_TABLE)),
+        "z_tables": _tables_state(pmf_tables(pmf, int(support[0]))),
+        "rate_range": [-RATE_MARGIN[0], L - 1 + RATE_MARGIN[1]],
+        "info": dict(info or {}),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return sha256_file(out)
+
+
+def load_checkpoint(path: Path) -> tuple[MeanScaleHyperprior, dict]:
+    """The model of a training checkpoint (see `lcodec.models.train`), plus its metadata."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    config = ModelConfig.from_dict(ck["config"])
+    if config.arch != "hyperprior":
+        raise SystemExit("only the mean-scale hyperprior can be frozen for the codec")
+    model = MeanScaleHyperprior(config)
+    model.load_state_dict(ck["model"])
+    meta = {"step": int(ck["step"]), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in ck["args"].items()}}
+    return model, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    model, meta = load_checkpoint(args.checkpoint)
+    digest = freeze(model, args.out, info={"training": meta})
+    print(f"{args.out}: sha256 {digest} (step {meta['step']})")
+
+
+if __name__ == "__main__":
+    main()

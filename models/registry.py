@@ -1,0 +1,42 @@
+"""The append-only model table: every model id ever written into a .lc file.
+
+An id is never reused and never re-pointed at other weights: a file names its
+model id and the first 4 bytes of the weights' SHA-256, and a decoder refuses
+weights whose digest does not match. New weights get a new id. The same table
+is in `bitstream/SPEC.md`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model_id: int
+    name: str
+    filename: str
+    sha256: str  # hex digest of the weights file
+
+    @property
+    def path(self) -> Path:
+        return WEIGHTS_DIR / self.filename
+
+    @property
+    def digest4(self) -> bytes:
+        """What the container stores: the first 4 bytes of the SHA-256."""
+        return bytes.fromhex(self.sha256)[:4]
+
+
+MODELS: dict[int, ModelEntry] = {
+    # id 0: a tiny model (N=8, M=12) trained for a few steps; it exists so that the golden
+    # test files pin the format and stay fast. Not for real use.
+    0: ModelEntry(0, "tiny-test", "tiny-test.pt", "TBD"),
+    # id 1: the shipped variable-rate mean-scale hyperprior (N=64, M=96); see weights/MODEL_CARD.md.
+    1: ModelEntry(1, "hp-64-96", "hp-64-96.pt", "TBD"),
+}
+
+DEFAULT_MODEL_ID = 1
