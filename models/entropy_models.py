@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import lower_bound
+
 LIKELIHOOD_BOUND = 1e-9
 SCALE_BOUND = 0.11
 
@@ -61,7 +63,7 @@ class FactorizedDensity(nn.Module):
         sign = -torch.sign(lower + upper).detach()
         p = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))
         p = p.reshape(c, b, h, w).permute(1, 0, 2, 3)
-        return p.clamp_min(LIKELIHOOD_BOUND)
+        return lower_bound(p, LIKELIHOOD_BOUND)
 
     @torch.no_grad()
     def integer_pmf(self, lo: int = -256, hi: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -84,12 +86,12 @@ class FactorizedDensity(nn.Module):
 
 def gaussian_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """P(bin of width 1 around y) under N(mean, scale^2); scale is lower-bounded."""
-    scale = scale.clamp_min(SCALE_BOUND)
+    scale = lower_bound(scale, SCALE_BOUND)
     v = torch.abs(y - mean)
     # Upper tail form: Phi((1/2 - v)/s) - Phi((-1/2 - v)/s), accurate far from the mean.
     upper = _std_normal_cdf((0.5 - v) / scale)
     lower = _std_normal_cdf((-0.5 - v) / scale)
-    return (upper - lower).clamp_min(LIKELIHOOD_BOUND)
+    return lower_bound(upper - lower, LIKELIHOOD_BOUND)
 
 
 def _std_normal_cdf(x: torch.Tensor) -> torch.Tensor:

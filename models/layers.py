@@ -18,6 +18,30 @@ from torch import nn
 _PEDESTAL = 2.0**-18
 
 
+class _LowerBound(torch.autograd.Function):
+    """max(x, bound) whose gradient still flows where it would raise x.
+
+    A plain clamp has zero gradient below the bound, so a parameter (or a
+    predicted scale) that falls under it can never climb back out.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bound: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.bound = bound
+        return x.clamp_min(bound)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        pass_through = (x >= ctx.bound) | (grad < 0)
+        return grad * pass_through.to(grad.dtype), None
+
+
+def lower_bound(x: torch.Tensor, bound: float) -> torch.Tensor:
+    return _LowerBound.apply(x, bound)
+
+
 class GDN(nn.Module):
     """Generalized divisive normalization (or its inverse, IGDN)."""
 
@@ -30,8 +54,8 @@ class GDN(nn.Module):
         self.gamma = nn.Parameter(torch.sqrt(gamma_init * torch.eye(channels) + _PEDESTAL))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        beta = self.beta.clamp(min=self._beta_bound) ** 2 - _PEDESTAL
-        gamma = self.gamma.clamp(min=self._gamma_bound) ** 2 - _PEDESTAL
+        beta = lower_bound(self.beta, self._beta_bound) ** 2 - _PEDESTAL
+        gamma = lower_bound(self.gamma, self._gamma_bound) ** 2 - _PEDESTAL
         c = gamma.shape[0]
         norm = F.conv2d(x * x, gamma.view(c, c, 1, 1), beta)
         return x * torch.sqrt(norm) if self.inverse else x * torch.rsqrt(norm)
