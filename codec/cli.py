@@ -1,0 +1,304 @@
+"""The ``lcodec`` command line: option parsing and messages over `lcodec.api`.
+
+Every `LcodecError` becomes one ``Error: <message>`` line on stderr and exit
+status 1 (usage errors: 2, as click does); Ctrl-C exits with 130 and leaves no
+partial file. With several inputs, a failed one is reported and the others
+still run; the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import click
+
+from . import __version__, api
+from .bitstream.container import DEFAULT_MAX_PIXELS, Header
+from .errors import LcodecError
+
+STDIO = "-"
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Turns our errors into one clean line and Ctrl-C into exit status 130."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LcodecError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="lcodec")
+def main() -> None:
+    """lcodec: a learned image codec that hits the file size you ask for.
+
+    \b
+    Examples:
+      lcodec encode photo.png --bpp 0.5       # photo.lc, at most 0.5 bits per pixel
+      lcodec encode *.png --size 20000 -o out/ -j 2
+      lcodec decode photo.lc -o decoded.png
+      lcodec info photo.lc
+
+    Run "lcodec COMMAND --help" for each command's options.
+    """
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="IN...")
+@click.option("--bpp", type=click.FloatRange(min=0, min_open=True), metavar="B",
+              help="Largest file as bits per pixel: 8 x file bytes (header included) / (width x height).")
+@click.option("--size", type=click.IntRange(min=1), metavar="BYTES", help="Largest file size in bytes.")
+@click.option("-o", "--output", metavar="OUT",
+              help="Output file, existing directory, or - for stdout. Default: each input with the suffix .lc.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Encode several inputs in N worker processes.")
+def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output: str | None, force: bool,
+           jobs: int) -> None:
+    """Encode images to .lc files no larger than --bpp or --size asks.
+
+    Give exactly one of --bpp and --size. Inputs are PNG, JPEG, TIFF, WebP or
+    anything else Pillow reads, in RGB or grayscale (also 16-bit, palette,
+    CMYK; alpha only when fully opaque). IN may be - to read stdin.
+
+    \b
+    Examples:
+      lcodec encode photo.png --bpp 0.5            # writes photo.lc
+      lcodec encode a.png b.jpg --size 20000 -o out/ -j 2
+      cat photo.png | lcodec encode - --bpp 0.25 -o - > photo.lc
+    """
+    if (bpp is None) == (size is None):
+        raise click.UsageError("give exactly one of --bpp and --size")
+    target = f"target {bpp:g}" if bpp is not None else f"target {size:,} bytes"
+    plan = _plan(inputs, output, ".lc")
+
+    def report(src: str, dst: str, r: api.EncodedFile) -> str:
+        if r.warning:
+            click.echo(f"Warning: {_shown(src, 'in')}: {r.warning}", err=True)
+        return f"{_shown(src, 'in')} -> {_shown(dst, 'out')}: {r.size:,} bytes, {r.bpp:.4f} bpp ({target})"
+
+    _run(plan, _encode_one, dict(bpp=bpp, size=size, force=force), report, jobs)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="IN.lc...")
+@click.option("-o", "--output", metavar="OUT",
+              help="Output image (format by extension), existing directory, or - for PNG on stdout. "
+                   "Default: each input with the suffix .png.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              metavar="N", help="Refuse files whose header declares more pixels than this.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Decode several inputs in N worker processes.")
+def decode(inputs: tuple[str, ...], output: str | None, force: bool, max_pixels: int, jobs: int) -> None:
+    """Decode .lc files to PNG or other image files.
+
+    The output is PNG unless its extension names another format Pillow
+    writes (.webp, .tif, .bmp, .jpg...). A file that does not decode completely leaves no output behind. IN may be
+    - to read stdin.
+
+    \b
+    Examples:
+      lcodec decode photo.lc                       # writes photo.png
+      lcodec decode photo.lc -o photo.webp --force
+      lcodec decode *.lc -o decoded/
+      lcodec decode - -o - < photo.lc > photo.png
+    """
+    plan = _plan(inputs, output, ".png")
+
+    def report(src: str, dst: str, r: api.DecodedFile) -> str:
+        return f"{_shown(src, 'in')} -> {_shown(dst, 'out')}: {r.width}x{r.height} {r.mode}, {r.format}"
+
+    _run(plan, _decode_one, dict(force=force, max_pixels=max_pixels), report, jobs)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="FILE.lc...")
+@click.pass_context
+def info(ctx: click.Context, inputs: tuple[str, ...]) -> None:
+    """Show what the headers of .lc files say (fast: decodes no pixels).
+
+    \b
+    Example:
+      lcodec info photo.lc
+    """
+    failed = False
+    for src in inputs:
+        try:
+            if src == STDIO:
+                data = _stdin_bytes()
+                header, size = api.read_header(data), len(data)
+            else:
+                header, size = api.read_header(src), os.path.getsize(src)
+        except LcodecError as e:
+            click.echo(f"Error: {e}", err=True)
+            failed = True
+            continue
+        click.echo(_describe(_shown(src, "in"), header, size))
+    if failed:
+        ctx.exit(1)
+
+
+def _describe(name: str, h: Header, size: int) -> str:
+    return (f"{name}\n"
+            f"  size:            {size:,} bytes\n"
+            f"  dimensions:      {h.width}x{h.height}\n"
+            f"  mode:            {h.mode}\n"
+            f"  bits per pixel:  {8 * size / (h.width * h.height):.4f}\n"
+            f"  model:           id {h.model_id}, weights digest {h.weights_digest.hex()}\n"
+            f"  format version:  {h.version}\n"
+            f"  rate parameter:  {h.rate_q / 1024:.4f} (stored as {h.rate_q})")
+
+
+# -- the work, one file at a time (top-level functions: worker processes import them) ------------
+
+
+def _encode_one(src: str, dst: str, **options) -> api.EncodedFile:
+    source = _stdin_file() if src == STDIO else src
+    return api.encode_file(source, _stdout() if dst == STDIO else dst, **options)
+
+
+def _decode_one(src: str, dst: str, **options) -> api.DecodedFile:
+    source = _stdin_file() if src == STDIO else src
+    return api.decode_file(source, _stdout() if dst == STDIO else dst, **options)
+
+
+def _plan(inputs: Sequence[str], output: str | None, suffix: str) -> list[tuple[str, str]]:
+    """(input, output) pairs, or a usage error for an -o that cannot serve these inputs."""
+    if STDIO in inputs and len(inputs) > 1:
+        raise click.UsageError("- (stdin) must be the only input")
+    if output is not None and output != STDIO and Path(output).is_dir():
+        if STDIO in inputs:
+            raise click.UsageError("stdin has no file name to put in a directory: give -o FILE or -o -")
+        pairs = [(src, str(Path(output) / (Path(src).stem + suffix))) for src in inputs]
+    elif output is not None:
+        if len(inputs) > 1:
+            raise click.UsageError("with several inputs, -o must be an existing directory")
+        pairs = [(inputs[0], output)]
+    else:
+        pairs = [(src, STDIO if src == STDIO else str(Path(src).with_suffix(suffix))) for src in inputs]
+    seen: dict[str, str] = {}
+    for src, dst in pairs:
+        if dst in seen:
+            raise click.UsageError(f"{seen[dst]} and {src} would both be written to {dst}")
+        seen[dst] = src
+    return pairs
+
+
+def _run(plan: list[tuple[str, str]], work: Callable, options: dict, report: Callable[[str, str, object], str],
+         jobs: int) -> None:
+    """Do `work(src, dst, **options)` for each pair, report each result, exit 1 if any failed."""
+    to_stdout = any(dst == STDIO for _, dst in plan)
+    bar = _progress(len(plan))
+    failed = False
+    try:
+        for src, dst, outcome in _outcomes(plan, work, options, jobs):
+            if isinstance(outcome, LcodecError):
+                failed = True
+                line, err = f"Error: {outcome}", True
+            else:
+                line, err = report(src, dst, outcome), to_stdout  # keep a piped stdout clean
+            if bar is None:
+                click.echo(line, err=err)
+            else:
+                bar.write(line, file=sys.stderr if err else sys.stdout)
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    if failed:
+        click.get_current_context().exit(1)
+
+
+def _outcomes(plan: list[tuple[str, str]], work: Callable, options: dict, jobs: int) -> Iterator[tuple]:
+    """(src, dst, result or LcodecError) per pair: in order here, as they finish with workers."""
+    if jobs == 1 or len(plan) == 1:
+        for src, dst in plan:
+            yield src, dst, _attempt(work, src, dst, options)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: a fork of a process that has run torch can deadlock.
+    with ProcessPoolExecutor(min(jobs, len(plan)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker) as pool:
+        futures = {pool.submit(_attempt_in_worker, work, src, dst, options): (src, dst) for src, dst in plan}
+        try:
+            for future in as_completed(futures):
+                yield (*futures[future], future.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _attempt(work: Callable, src: str, dst: str, options: dict):
+    try:
+        return work(src, dst, **options)
+    except LcodecError as e:
+        return e
+
+
+def _start_worker() -> None:
+    """Each worker imports torch once, uses one thread (the workers share the cores) and leaves
+    Ctrl-C to the main process except while it works on a file (see `_attempt_in_worker`)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    from . import engine  # noqa: F401  (the import is the point: once per worker)
+
+    torch.set_num_threads(1)
+
+
+def _attempt_in_worker(work: Callable, src: str, dst: str, options: dict):
+    import signal
+
+    # Interruptible only inside a file: it then cleans up its temporary file, while an idle
+    # worker hit by Ctrl-C would die with a traceback instead.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _attempt(work, src, dst, options)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _progress(total: int):
+    """A progress bar on stderr for several files (tqdm hides it when stderr is not a terminal)."""
+    if total < 2:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", file=sys.stderr, disable=None, leave=False)
+
+
+def _shown(name: str, direction: str) -> str:
+    return name if name != STDIO else ("<stdin>" if direction == "in" else "<stdout>")
+
+
+def _stdin_bytes() -> bytes:
+    return click.get_binary_stream("stdin").read()
+
+
+def _stdin_file() -> BinaryIO:
+    data = io.BytesIO(_stdin_bytes())  # seekable, as Pillow wants
+    data.name = "<stdin>"
+    return data
+
+
+def _stdout() -> BinaryIO:
+    stream = click.get_binary_stream("stdout")
+    if stream.isatty():
+        raise click.UsageError("refusing to write binary data to a terminal: redirect stdout or give -o FILE")
+    return stream
