@@ -25,7 +25,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -34,9 +34,6 @@ from .bitstream import container
 from .bitstream.container import DEFAULT_MAX_PIXELS, Header
 from .errors import LcodecError, OutputExistsError, UnsupportedImageError
 from .imageio import ImageSource, load_image, pixels_from_array, pixels_from_image
-
-if TYPE_CHECKING:
-    from .engine import EncodeResult
 
 PathLike = str | os.PathLike
 
@@ -88,7 +85,8 @@ def encode(image: Image.Image | np.ndarray, *, bpp: float | None = None, size: i
 
     >>> data = lcodec.encode(Image.open("photo.png"), bpp=0.5)   # doctest: +SKIP
     """
-    return _encode_pixels(*_pixels(image), bpp=bpp, size=size, rate=rate).data
+    _check_one_target(bpp, size, rate)
+    return _engine().encode_array(*_pixels(image), bpp=bpp, size=size, rate=rate).data
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -119,7 +117,7 @@ def encode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, bpp
         _check_writable(src, Path(dst), force)
     pixels, mode = load_image(src, max_pixels=max_pixels)
     with _named(src):
-        result = _encode_pixels(pixels, mode, bpp=bpp, size=size, rate=rate)
+        result = _engine().encode_array(pixels, mode, bpp=bpp, size=size, rate=rate)
     path = _write(dst, lambda f: f.write(result.data), force)
     height, width = pixels.shape[:2]
     return EncodedFile(path, len(result.data), width, height, mode, result.bpp, result.rate,
@@ -136,11 +134,12 @@ def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, for
     decodes, and an existing `dst` is an `OutputExistsError` unless `force`.
     """
     dst = _default_output(src, dst, ".png")
-    if _is_stream(dst):
-        fmt = (format or "PNG").upper()
-        _check_can_save(fmt, fmt)
+    if format is not None:
+        fmt = format.upper()
+        _check_can_save(fmt, format)
     else:
-        fmt = format.upper() if format else _format_for(Path(dst))
+        fmt = "PNG" if _is_stream(dst) else _format_for(Path(dst))
+    if not _is_stream(dst):
         _check_writable(src, Path(dst), force)
     data = _read_bytes(src)
     with _named(src):
@@ -194,12 +193,6 @@ def _check_one_target(bpp: float | None, size: int | None, rate: float | None) -
         raise TypeError(f"give exactly one of bpp, size or rate (got {', '.join(given) or 'none'})")
 
 
-def _encode_pixels(pixels: np.ndarray, mode: str, *, bpp: float | None, size: int | None,
-                   rate: float | None) -> EncodeResult:
-    _check_one_target(bpp, size, rate)
-    return _engine().encode_array(pixels, mode, bpp=bpp, size=size, rate=rate)
-
-
 @contextlib.contextmanager
 def _named(src: ImageSource) -> Iterator[None]:
     """Prefix the engine's errors (which know no file names) with the input's name."""
@@ -242,15 +235,14 @@ def _exists(path: Path) -> OutputExistsError:
 
 def _format_for(dst: Path) -> str:
     """The Pillow format that writes files named like `dst` (by extension)."""
-    Image.init()
-    fmt = Image.registered_extensions().get(dst.suffix.lower())
+    fmt = Image.registered_extensions().get(dst.suffix.lower())  # (loads all of Pillow's plugins)
     _check_can_save(fmt, dst.suffix or dst.name)
     return fmt
 
 
 def _check_can_save(fmt: str | None, what: str) -> None:
     Image.init()
-    if fmt is None or fmt not in Image.SAVE or fmt == "LC":
+    if fmt not in Image.SAVE:
         raise UnsupportedImageError(
             f"cannot write {what!r} images; name the output .png (the default), .bmp, .tif, .webp or .jpg")
 
