@@ -56,7 +56,7 @@ def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None) -> s
         "hyper_synthesis": quantize_hyper_synthesis(model.hyper_synthesis),
         "log_gain": model.gains.log_gain.detach().half(),
         "log_inv_gain": model.gains.log_inv_gain.detach().half(),
-        "y_tables": _tables_state(gaussian_tables(SCALE_TABLE)),
+        "y_tables": _tables_state(gaussian_tables(SCALE_TABLE, precision=20)),
         "scale_thresholds": scale_thresholds(torch.from_numpy(SCALE_TABLE)),
         "z_tables": _tables_state(pmf_tables(pmf, int(support[0]))),
         "rate_range": [-RATE_MARGIN[0], L - 1 + RATE_MARGIN[1]],

@@ -32,6 +32,34 @@ from .networks import AnalysisTransform, HyperAnalysisTransform, ModelConfig, Sy
 
 FROZEN_FORMAT = "lcodec-frozen-1"
 PAD = 64  # g_a downsamples by 16 and h_a by 4 more
+TILE_LATENTS = 64  # g_a and g_s run on tiles of 64x64 latents (1024x1024 pixels) ...
+HALO_LATENTS = 4  # ... each read with 4 extra latents (64 pixels) of context on every side
+
+
+def run_tiled(fn, x: torch.Tensor, scale: int, tile: int, halo: int, inverse: bool) -> torch.Tensor:
+    """Apply a fully convolutional `fn` tile by tile so memory stays bounded.
+
+    `x` is on the input grid of `fn`; the output grid is `scale` times finer
+    (`inverse`, g_s) or coarser (g_a). Each tile is computed from its region
+    plus `halo` input cells of context (wider than the receptive field), and
+    only the tile's own region of the output is kept, so there are no seams.
+    `tile` and `halo` are in input cells and must keep the latent grid aligned.
+    """
+    _, _, H, W = x.shape
+    if H <= tile + 2 * halo and W <= tile + 2 * halo:
+        return fn(x)
+    out = None
+    for top in range(0, H, tile):
+        for left in range(0, W, tile):
+            t0, l0 = max(top - halo, 0), max(left - halo, 0)
+            t1, l1 = min(top + tile + halo, H), min(left + tile + halo, W)
+            y = fn(x[:, :, t0:t1, l0:l1])
+            f = (lambda v: v * scale) if inverse else (lambda v: v // scale)
+            crop = y[:, :, f(top - t0):f(min(top + tile, H) - t0), f(left - l0):f(min(left + tile, W) - l0)]
+            if out is None:
+                out = torch.empty(1, y.shape[1], f(H), f(W), dtype=y.dtype)
+            out[:, :, f(top):f(top) + crop.shape[2], f(left):f(left) + crop.shape[3]] = crop
+    return out
 
 
 def sha256_file(path: Path) -> str:
@@ -87,7 +115,7 @@ class FrozenModel:
     @torch.no_grad()
     def analyze(self, x: torch.Tensor) -> torch.Tensor:
         """x (1, 3, H, W) in [0, 1], H and W multiples of 64 -> y before the gain."""
-        return self.analysis(x)
+        return run_tiled(self.analysis, x, 16, TILE_LATENTS * 16, HALO_LATENTS * 16, inverse=False)
 
     @torch.no_grad()
     def hyper_latent(self, y_gained: torch.Tensor) -> torch.Tensor:
@@ -105,7 +133,8 @@ class FrozenModel:
     def synthesize(self, y_hat_gained: torch.Tensor, q: float) -> torch.Tensor:
         """ŷ in the gained domain -> x̂ (1, 3, Hp, Wp), clamped to [0, 1]."""
         _, inv_gain = self.gains(q)
-        return self.synthesis(y_hat_gained * inv_gain).clamp_(0, 1)
+        y = y_hat_gained * inv_gain
+        return run_tiled(self.synthesis, y, 16, TILE_LATENTS, HALO_LATENTS, inverse=True).clamp_(0, 1)
 
 
 def _load(module: nn.Module, state: dict) -> nn.Module:
