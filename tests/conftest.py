@@ -17,6 +17,10 @@ from PIL import Image
 
 KODAK = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kodak"
 
+# A --size every model reaches for the small test images (a few KB even at its top rate), for
+# tests about the plumbing rather than rate control; those aim at a natural image instead.
+ANY_SIZE = 100_000
+
 
 def smooth_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A deterministic photo-like uint8 RGB image: smooth gradients and a little texture."""
@@ -33,6 +37,14 @@ def save(path: Path, image: Image.Image | np.ndarray, **params) -> Path:
         image = Image.fromarray(image)
     image.save(path, **params)
     return path
+
+
+def quick_lc(pixels: np.ndarray) -> bytes:
+    """.lc bytes of `pixels` in one pass (the middle of the model's rate range, no search)."""
+    import lcodec
+
+    lo, hi = lcodec.model_info().rate_range
+    return lcodec.encode(pixels, rate=(lo + hi) / 2)
 
 
 @pytest.fixture

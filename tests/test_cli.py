@@ -1,0 +1,239 @@
+"""Claims about the ``lcodec`` command line, run in-process through click's CliRunner (real engine)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import lcodec
+from conftest import ANY_SIZE, quick_lc, save, smooth_rgb
+
+LINE = re.compile(r"^(?P<src>\S+) -> (?P<dst>\S+): (?P<bytes>[\d,]+) bytes, (?P<bpp>\d+\.\d{4}) bpp \(target (?P<target>[^)]+)\)$")
+
+
+def assert_clean_error(result, exit_code: int, *fragments: str) -> None:
+    """The failure is one `Error: ...` line on stderr, with no traceback."""
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert error_lines, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+
+
+def test_encode_decode_round_trip(cli, rgb_png, tmp_path):
+    result = cli("encode", rgb_png, "--bpp", "200")  # a bpp any model reaches for this small image
+    assert result.exit_code == 0, result.output
+    lc = tmp_path / "photo.lc"
+    match = LINE.match(result.stdout.strip())
+    assert match, result.stdout
+    assert match["src"] == str(rgb_png) and match["dst"] == str(lc) and match["target"] == "200"
+    size = lc.stat().st_size
+    assert int(match["bytes"].replace(",", "")) == size
+    assert float(match["bpp"]) == pytest.approx(8 * size / (64 * 48), abs=1e-4)
+
+    rgb_png.rename(tmp_path / "original.png")
+    result = cli("decode", lc)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"{lc} -> {tmp_path / 'photo.png'}: 64x48 RGB, PNG"
+    with Image.open(tmp_path / "photo.png") as im:
+        assert (im.format, im.mode, im.size) == ("PNG", "RGB", (64, 48))
+
+
+@pytest.mark.parametrize("option", ["--bpp", "--size"])
+def test_rate_targets_are_met_on_a_natural_image(cli, tmp_path, kodak_crop, option):
+    """The file is at most the target, and within 3% of it, for a 256x256 photo crop."""
+    src = save(tmp_path / "parrots.png", kodak_crop)
+    target_bytes = 256 * 256 // 16  # 0.5 bpp
+    value = "0.5" if option == "--bpp" else str(target_bytes)
+    result = cli("encode", src, option, value)
+    assert result.exit_code == 0, result.output
+    size = (tmp_path / "parrots.lc").stat().st_size
+    assert 0.97 * target_bytes <= size <= target_bytes
+    target = LINE.match(result.stdout.strip())["target"]
+    assert target == ("0.5" if option == "--bpp" else f"{target_bytes:,} bytes")
+
+
+@pytest.mark.parametrize("args", [[], ["--bpp", "1", "--size", "100"]])
+def test_exactly_one_of_bpp_and_size(cli, rgb_png, args):
+    result = cli("encode", rgb_png, *args)
+    assert result.exit_code == 2
+    assert "exactly one of --bpp and --size" in result.stderr
+
+
+def test_unreachable_target_is_a_clean_error(cli, rgb_png, no_leftovers):
+    result = cli("encode", rgb_png, "--size", "22")
+    assert_clean_error(result, 1, str(rgb_png))
+    no_leftovers(rgb_png.parent, "photo.png")
+
+
+@pytest.mark.parametrize("content, fragment", [(None, "no such file"), (b"", "empty"),
+                                               (b"%PDF-1.4 not an image", "not an image file")])
+def test_bad_inputs_are_clean_errors(cli, tmp_path, content, fragment, no_leftovers):
+    src = tmp_path / "in.png"
+    if content is not None:
+        src.write_bytes(content)
+    result = cli("encode", src, "--bpp", "1")
+    assert_clean_error(result, 1, fragment, str(src))
+    no_leftovers(tmp_path, *(["in.png"] if content is not None else []))
+
+
+def test_existing_output_needs_force(cli, rgb_png, tmp_path):
+    out = tmp_path / "photo.lc"
+    out.write_bytes(b"keep me")
+    assert_clean_error(cli("encode", rgb_png, "--size", ANY_SIZE), 1, "already exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    assert cli("encode", rgb_png, "--size", ANY_SIZE, "--force").exit_code == 0
+    assert out.read_bytes()[:4] == b"lcod"
+
+
+def test_failed_decode_leaves_no_output(cli, rgb_png, tmp_path, no_leftovers):
+    data = quick_lc(smooth_rgb(16, 16))
+    rgb_png.unlink()
+    (tmp_path / "cut.lc").write_bytes(data[:-10])
+    assert_clean_error(cli("decode", tmp_path / "cut.lc"), 1, "cut.lc", "corrupt")
+    assert_clean_error(cli("decode", tmp_path / "cut.lc", "-o", tmp_path / "out.png"), 1)
+    no_leftovers(tmp_path, "cut.lc")
+
+
+def test_ctrl_c_exits_130_and_leaves_no_partial_file(cli, tmp_path, monkeypatch, no_leftovers):
+    (tmp_path / "x.lc").write_bytes(quick_lc(smooth_rgb(16, 16)))
+
+    def save_then_interrupt(self, fp, *args, **kwargs):
+        fp.write(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", save_then_interrupt)
+    result = cli("decode", tmp_path / "x.lc")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    no_leftovers(tmp_path, "x.lc")
+
+
+def test_transparent_rgba_refused_opaque_rgba_accepted(cli, tmp_path):
+    rgba = np.concatenate([smooth_rgb(16, 16), np.full((16, 16, 1), 255, np.uint8)], axis=2)
+    assert cli("encode", save(tmp_path / "opaque.png", rgba), "--size", ANY_SIZE).exit_code == 0
+    rgba[0, 0, 3] = 0
+    result = cli("encode", save(tmp_path / "glass.png", rgba), "--size", ANY_SIZE)
+    assert_clean_error(result, 1, "glass.png", "transparency", "flatten")
+    assert not (tmp_path / "glass.lc").exists()
+
+
+def test_grayscale_round_trip_stays_grayscale(cli, tmp_path):
+    src = save(tmp_path / "g.png", smooth_rgb(24, 32)[:, :, 0])
+    assert cli("encode", src, "--size", ANY_SIZE).exit_code == 0
+    assert cli("decode", tmp_path / "g.lc", "-o", tmp_path / "back.png").exit_code == 0
+    assert Image.open(tmp_path / "back.png").mode == "L"
+
+
+@pytest.mark.parametrize("name, make", [
+    ("deep.png", lambda: Image.fromarray((smooth_rgb(16, 16)[:, :, 0].astype(np.uint16) * 257))),
+    ("palette.png", lambda: Image.fromarray(smooth_rgb(16, 16)).convert("P")),
+    ("print.tif", lambda: Image.fromarray(smooth_rgb(16, 16)).convert("CMYK")),
+])
+def test_other_input_modes_encode(cli, tmp_path, name, make):
+    src = save(tmp_path / name, make())
+    result = cli("encode", src, "--size", ANY_SIZE)
+    assert result.exit_code == 0, result.output
+    expected = "L" if name == "deep.png" else "RGB"
+    assert lcodec.read_header(src.with_suffix(".lc")).mode == expected
+
+
+def test_exif_orientation_is_applied(cli, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    src = save(tmp_path / "phone.png", smooth_rgb(16, 40), exif=exif)
+    assert cli("encode", src, "--size", ANY_SIZE).exit_code == 0
+    header = lcodec.read_header(tmp_path / "phone.lc")
+    assert (header.width, header.height) == (16, 40)
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (37, 65)])
+def test_tiny_and_odd_sizes(cli, tmp_path, height, width):
+    src = save(tmp_path / "odd.png", smooth_rgb(height, width))
+    assert cli("encode", src, "--size", ANY_SIZE).exit_code == 0
+    src.unlink()
+    assert cli("decode", tmp_path / "odd.lc").exit_code == 0
+    assert Image.open(tmp_path / "odd.png").size == (width, height)
+
+
+def test_info_reads_the_header_without_importing_torch(tmp_path):
+    lc = tmp_path / "x.lc"
+    lc.write_bytes(quick_lc(smooth_rgb(30, 40)))
+    code = ("import sys\nfrom lcodec.cli import main\n"
+            "try:\n    main(['info', sys.argv[1]])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "assert 'torch' not in sys.modules, 'info imported torch'\n")
+    out = subprocess.run([sys.executable, "-c", code, str(lc)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    header = lcodec.read_header(lc)
+    size = lc.stat().st_size
+    for text in (f"{size:,} bytes", "40x30", "RGB", f"{8 * size / 1200:.4f}", f"id {header.model_id}",
+                 header.weights_digest.hex(), "format version:  1", f"{header.rate_q / 1024:.4f}"):
+        assert text in out.stdout, (text, out.stdout)
+
+
+def test_info_on_a_non_lc_file(cli, rgb_png):
+    assert_clean_error(cli("info", rgb_png), 1, "not an .lc file", str(rgb_png))
+
+
+def test_python_dash_m_and_version():
+    out = subprocess.run([sys.executable, "-m", "lcodec", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "encode" in out.stdout and "decode" in out.stdout and "info" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "lcodec", "--version"], capture_output=True, text=True)
+    assert out.stdout.strip() == f"lcodec, version {lcodec.__version__}"
+
+
+@pytest.mark.parametrize("command", ["encode", "decode", "info"])
+def test_every_command_has_help_with_an_example(cli, command):
+    result = cli(command, "--help")
+    assert result.exit_code == 0 and "Example" in result.stdout and f"lcodec {command} " in result.stdout
+
+
+def test_stdin_to_stdout_pipe(cli, rgb_png):
+    result = cli("encode", "-", "--size", ANY_SIZE, "-o", "-", input=rgb_png.read_bytes())
+    assert result.exit_code == 0, result.stderr
+    data = result.stdout_bytes
+    assert data[:4] == b"lcod" and lcodec.read_header(data).width == 64
+    assert "<stdin> -> <stdout>" in result.stderr  # the report keeps out of the pipe
+    result = cli("decode", "-", "-o", "-", input=data)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout_bytes[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_several_inputs_into_a_directory(cli, tmp_path):
+    a = save(tmp_path / "a.png", smooth_rgb(16, 16, seed=1))
+    b = save(tmp_path / "b.png", smooth_rgb(16, 24, seed=2))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = cli("encode", a, b, "--size", ANY_SIZE, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.lc", "b.lc"]
+    assert len(result.stdout.splitlines()) == 2
+    result = cli("encode", a, b, "--size", ANY_SIZE, "-o", tmp_path / "single.lc")
+    assert result.exit_code == 2 and "existing directory" in result.stderr
+
+
+def test_one_failed_input_does_not_stop_the_others(cli, tmp_path):
+    good = save(tmp_path / "good.png", smooth_rgb(16, 16))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    result = cli("encode", bad, good, "--size", ANY_SIZE)
+    assert_clean_error(result, 1, "bad.png")
+    assert (tmp_path / "good.lc").exists() and not (tmp_path / "bad.lc").exists()
+
+
+def test_worker_processes(cli, tmp_path):
+    """-j 2: spawned workers (each imports torch once) give the same bytes as one process."""
+    srcs = [save(tmp_path / f"{i}.png", smooth_rgb(16, 16, seed=i)) for i in range(3)]
+    out = tmp_path / "out"
+    out.mkdir()
+    result = cli("encode", *srcs, "--size", ANY_SIZE, "-o", out, "-j", "2")
+    assert result.exit_code == 0, result.output
+    for src in srcs:
+        assert (out / f"{src.stem}.lc").read_bytes() == lcodec.encode(Image.open(src), size=ANY_SIZE)
