@@ -127,6 +127,10 @@ class BestStrategy:
     ema: float | None = None
     _last_t: int = field(default=-1, repr=False)
 
+    def logged_param(self, t: int) -> float:
+        """The current R^ema without folding anything in (for logs)."""
+        return float(self.ema) if self.ema is not None else self.raw_param(t)
+
     def raw_param(self, t: int) -> float:
         return decayed_target(self.r_target, t, self.T, self.r_max, self.b) + self.shift
 

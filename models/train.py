@@ -165,6 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--gain-lr-scale", type=float, default=50.0, help="learning-rate multiplier of the rate gains")
     p.add_argument("--lr-drop", type=float, default=0.85, help="fraction of steps after which lr /= 10")
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -201,7 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model = build_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # The per-level gains are the only level-specific parameters: they must move much faster
+    # than the shared weights, or every step drags the shared network between targets.
+    gain_params = list(model.gains.parameters())
+    other_params = [p for n, p in model.named_parameters() if not n.startswith("gains.")]
+    optimizer = torch.optim.Adam([{"params": other_params, "lr_scale": 1.0},
+                                  {"params": gain_params, "lr_scale": args.gain_lr_scale}], lr=args.lr)
     level_losses = make_level_losses(args.loss, config.levels, args.steps, args.beta_scale, args.decay_fraction)
     d_mean = [None] * len(config.levels)  # running mean distortion per level (loss normalisation)
     step = 0
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     while step < args.steps:
         lr = args.lr * (0.1 if step >= args.lr_drop * args.steps else 1.0)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         x = random_batch(images, args.batch, args.crop, gen).to(device)
         if args.level_sampling == "step":
             q_idx = torch.randint(L, (1,), generator=gen).expand(args.batch).contiguous()
@@ -308,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
                 levels.append({"target": config.levels[lv], "n": a[2],
                                "bpp_noisy": a[0] / a[2] if a[2] else None,
                                "bpp_quantized": a[1] / a[2] if a[2] else None,
-                               "r_param": st.current_param(step - 1), "beta": getattr(st, "beta", None)})
+                               "r_param": st.logged_param(step - 1) if hasattr(st, "logged_param") else st.current_param(step - 1), "beta": getattr(st, "beta", None)})
             rec = {"kind": "train", "step": step, "lr": lr, "loss": acc["loss"] / acc["n"],
                    "psnr": psnr(acc["mse"] / acc["n"]), "time": time.time(), "levels": levels}
             with log_path.open("a") as f:
