@@ -230,14 +230,16 @@ def _outcomes(plan: list[tuple[str, str]], work: Callable, options: dict, jobs: 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    # spawn: a fork of a process that has run torch can deadlock.
-    with ProcessPoolExecutor(min(jobs, len(plan)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker) as pool:
+    context = multiprocessing.get_context("spawn")  # a fork of a process that has run torch can deadlock
+    stop = context.Event()  # set on Ctrl-C: workers then skip the files queued to them
+    with ProcessPoolExecutor(min(jobs, len(plan)), mp_context=context, initializer=_start_worker,
+                             initargs=(stop,)) as pool:
         futures = {pool.submit(_attempt_in_worker, work, src, dst, options): (src, dst) for src, dst in plan}
         try:
             for future in as_completed(futures):
                 yield (*futures[future], future.result())
         except BaseException:
+            stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 
@@ -249,12 +251,21 @@ def _attempt(work: Callable, src: str, dst: str, options: dict):
         return e
 
 
-def _start_worker() -> None:
-    """Each worker imports torch once, uses one thread (the workers share the cores) and leaves
-    Ctrl-C to the main process except while it works on a file (see `_attempt_in_worker`)."""
+_stop = None  # in a worker: the main process's Ctrl-C event
+
+
+def _start_worker(stop) -> None:
+    """Each worker imports torch once and uses one thread (the workers share the cores).
+
+    Ctrl-C reaches every process of the terminal's group; a worker only lets it
+    interrupt a file (see `_attempt_in_worker`): idle or starting up, it would
+    die with a traceback instead.
+    """
     import signal
 
+    global _stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop = stop
     import torch
 
     from . import engine  # noqa: F401  (the import is the point: once per worker)
@@ -265,9 +276,9 @@ def _start_worker() -> None:
 def _attempt_in_worker(work: Callable, src: str, dst: str, options: dict):
     import signal
 
-    # Interruptible only inside a file: it then cleans up its temporary file, while an idle
-    # worker hit by Ctrl-C would die with a traceback instead.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _stop.is_set():  # Ctrl-C came while this file waited in the queue
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # interrupted, it removes its temporary file
     try:
         return _attempt(work, src, dst, options)
     finally:
