@@ -84,8 +84,6 @@ def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output:
     plan = _plan(inputs, output, ".lc")
 
     def report(src: str, dst: str, r: api.EncodedFile) -> str:
-        if r.warning:
-            click.echo(f"Warning: {_shown(src, 'in')}: {r.warning}", err=True)
         return f"{_shown(src, 'in')} -> {_shown(dst, 'out')}: {r.size:,} bytes, {r.bpp:.4f} bpp ({target})"
 
     _run(plan, _encode_one, dict(bpp=bpp, size=size, force=force), report, jobs)
@@ -201,18 +199,24 @@ def _run(plan: list[tuple[str, str]], work: Callable, options: dict, report: Cal
     """Do `work(src, dst, **options)` for each pair, report each result, exit 1 if any failed."""
     to_stdout = any(dst == STDIO for _, dst in plan)
     bar = _progress(len(plan))
+
+    def say(line: str, err: bool) -> None:
+        if bar is None:
+            click.echo(line, err=err)
+        else:  # above the bar, which is then drawn again
+            bar.write(line, file=sys.stderr if err else sys.stdout)
+
     failed = False
     try:
         for src, dst, outcome in _outcomes(plan, work, options, jobs):
             if isinstance(outcome, LcodecError):
                 failed = True
-                line, err = f"Error: {outcome}", True
+                say(f"Error: {outcome}", err=True)
             else:
-                line, err = report(src, dst, outcome), to_stdout  # keep a piped stdout clean
-            if bar is None:
-                click.echo(line, err=err)
-            else:
-                bar.write(line, file=sys.stderr if err else sys.stdout)
+                if getattr(outcome, "warning", None):
+                    say(f"Warning: {_shown(src, 'in')}: {outcome.warning}", err=True)
+                say(report(src, dst, outcome), err=to_stdout)  # keep a piped stdout clean
+            if bar is not None:
                 bar.update()
     finally:
         if bar is not None:
