@@ -20,6 +20,7 @@ import click
 from . import __version__, api
 from .bitstream.container import DEFAULT_MAX_PIXELS, Header
 from .errors import LcodecError
+from .models.registry import MODELS  # the model table only: no torch
 
 STDIO = "-"
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -149,14 +150,22 @@ def info(ctx: click.Context, inputs: tuple[str, ...]) -> None:
 
 
 def _describe(name: str, h: Header, size: int) -> str:
+    entry = MODELS.get(h.model_id)
+    model = f"id {h.model_id}, weights digest {h.weights_digest.hex()}"
+    if entry is None:
+        model += " (a model this lcodec does not know; a newer one may)"
+    elif entry.digest4 != h.weights_digest:
+        model = f"{entry.name} ({model}; the installed weights are {entry.digest4.hex()}: cannot decode)"
+    else:
+        model = f"{entry.name} ({model})"
     return (f"{name}\n"
             f"  size:            {size:,} bytes\n"
             f"  dimensions:      {h.width}x{h.height}\n"
             f"  mode:            {h.mode}\n"
-            f"  bits per pixel:  {8 * size / (h.width * h.height):.4f}\n"
-            f"  model:           id {h.model_id}, weights digest {h.weights_digest.hex()}\n"
+            f"  bits per pixel:  {8 * size / h.pixels:.4f}\n"
+            f"  model:           {model}\n"
             f"  format version:  {h.version}\n"
-            f"  rate parameter:  {h.rate_q / 1024:.4f} (stored as {h.rate_q})")
+            f"  rate parameter:  {h.rate_q / 1024:.4f} (stored as {h.rate_q}, q x 1024)")
 
 
 # -- the work, one file at a time (top-level functions: worker processes import them) ------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +178,23 @@ def test_info_reads_the_header_without_importing_torch(tmp_path):
     for text in (f"{size:,} bytes", "40x30", "RGB", f"{8 * size / 1200:.4f}", f"id {header.model_id}",
                  header.weights_digest.hex(), "format version:  1", f"{header.rate_q / 1024:.4f}"):
         assert text in out.stdout, (text, out.stdout)
+
+
+def test_info_says_whether_the_installed_model_can_decode(cli, tmp_path):
+    data = bytearray(quick_lc(smooth_rgb(8, 8)))
+    name = lcodec.model_info().name
+    data[5] = 250  # a model id no lcodec has used yet (the CRC is then made right again)
+    data[-4:] = struct.pack(">I", zlib.crc32(bytes(data[:-4])))
+    (tmp_path / "future.lc").write_bytes(data)
+    result = cli("info", tmp_path / "future.lc")
+    assert result.exit_code == 0 and "id 250" in result.stdout and "does not know" in result.stdout
+    data[5] = lcodec.model_info().model_id
+    data[6] ^= 0xFF  # other weights for the same model id
+    data[-4:] = struct.pack(">I", zlib.crc32(bytes(data[:-4])))
+    (tmp_path / "other.lc").write_bytes(data)
+    result = cli("info", tmp_path / "other.lc")
+    assert result.exit_code == 0 and name in result.stdout and "cannot decode" in result.stdout
+    assert_clean_error(cli("decode", tmp_path / "other.lc"), 1, "other weights")
 
 
 def test_info_on_a_non_lc_file(cli, rgb_png):
