@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
