@@ -1,0 +1,82 @@
+"""A fast, seeded subset of the decoder fuzzing in `fuzz_lc.py` (run that script for 10,000+ cases).
+
+Claim: every hostile input ends in the `LcodecError` that SPEC.md's ordered checks
+name, or in CorruptFileError / a valid image once the payload is reached; the
+engine and the API agree; nothing raises anything else or takes seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+
+import fuzz_lc
+
+CASES = 400
+SEED = 20240601
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return fuzz_lc.build_corpus()
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+    return {s.data: fuzz_lc.decode_once(s.data, fuzz_lc.DEFAULT_MAX_PIXELS)["pixels_crc"] for s in corpus}
+
+
+def test_corpus_files_decode(corpus, reference):
+    assert len(corpus) >= 10
+    assert all(crc is not None for crc in reference.values())
+
+
+def test_seeded_cases_fail_cleanly_and_as_the_spec_says(corpus, reference):
+    verdicts, reasons = collections.Counter(), collections.Counter()
+    slowest = 0.0
+    for i in range(CASES):
+        case = fuzz_lc.make_case(SEED, i, corpus)
+        start = time.perf_counter()
+        result = fuzz_lc.decode_once(case.data, case.max_pixels)
+        slowest = max(slowest, time.perf_counter() - start)
+        verdict = fuzz_lc.judge(case, result, reference)
+        verdicts[verdict] += 1
+        reasons[fuzz_lc.reason(result["outcome"], result["detail"])] += 1
+        assert verdict == "ok", (i, case.cls, verdict, result["problem"], result["detail"][-1500:])
+    assert slowest < 5.0
+    # The CRC-fixed classes must get past the container into the payload decoder, both ways.
+    assert sum(n for r, n in reasons.items() if "/payload:" in r) >= CASES // 10
+    assert reasons[fuzz_lc.IMAGE] >= 10
+
+
+def test_cases_are_reproducible(corpus):
+    assert fuzz_lc.make_case(SEED, 17, corpus) == fuzz_lc.make_case(SEED, 17, corpus)
+    assert fuzz_lc.make_case(SEED, 17, corpus) != fuzz_lc.make_case(SEED + 1, 17, corpus)
+
+
+def test_spec_oracle_names_each_check():
+    golden = (fuzz_lc.GOLDEN / "v1_rgb_64x48.lc").read_bytes()
+    allowed = lambda data, cap=fuzz_lc.DEFAULT_MAX_PIXELS: fuzz_lc.spec_outcome(data, cap)  # noqa: E731
+    assert allowed(golden) == {"CorruptFileError", fuzz_lc.IMAGE}
+    assert allowed(b"GIF89a") == {"NotAnLcFileError"}
+    assert allowed(b"lco") == allowed(b"") == allowed(golden[:20]) == {"CorruptFileError"}
+    assert allowed(fuzz_lc.replace_header(golden, version=2)) == {"UnsupportedVersionError"}
+    assert allowed(golden[:-1] + bytes([golden[-1] ^ 1])) == {"CorruptFileError"}
+    assert allowed(golden, 64 * 48 - 1) == {"ImageTooLargeError"}
+    assert allowed(fuzz_lc.with_crc(fuzz_lc.replace_header(golden, model_id=77)[:-4])) == {"ModelMismatchError"}
+
+
+def test_watchdog_reports_a_hang_and_recovers():
+    """The harness itself: a case over the time budget is a 'hang', and the next case still runs."""
+    from lcodec.models.registry import MODELS
+
+    bomb = fuzz_lc.with_crc(fuzz_lc.HEADER.pack(b"lcod", 1, 1, MODELS[1].digest4, 4096, 4096, 1, 0))
+    watchdog = fuzz_lc.Watchdog(timeout=0.05, max_rss_mb=4096, address_space_mb=0)
+    try:
+        assert watchdog.run(bomb, fuzz_lc.DEFAULT_MAX_PIXELS)["outcome"] == "hang"
+        watchdog.timeout = 60
+        assert watchdog.run(b"not an lc file", 100)["outcome"] == "NotAnLcFileError"
+    finally:
+        watchdog.close()
