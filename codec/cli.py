@@ -192,6 +192,8 @@ def _plan(inputs: Sequence[str], output: str | None, suffix: str) -> list[tuple[
     elif output is not None:
         if len(inputs) > 1:
             raise click.UsageError("with several inputs, -o must be an existing directory")
+        if output.endswith(("/", os.sep)):
+            raise click.UsageError(f"-o {output}: no such directory")
         pairs = [(inputs[0], output)]
     else:
         pairs = [(src, STDIO if src == STDIO else str(Path(src).with_suffix(suffix))) for src in inputs]
@@ -200,6 +202,8 @@ def _plan(inputs: Sequence[str], output: str | None, suffix: str) -> list[tuple[
         if dst in seen:
             raise click.UsageError(f"{seen[dst]} and {src} would both be written to {dst}")
         seen[dst] = src
+    if any(dst == STDIO for _, dst in pairs) and click.get_binary_stream("stdout").isatty():
+        raise click.UsageError("refusing to write binary data to a terminal: redirect stdout or give -o FILE")
     return pairs
 
 
@@ -322,7 +326,4 @@ def _stdin_file() -> BinaryIO:
 
 
 def _stdout() -> BinaryIO:
-    stream = click.get_binary_stream("stdout")
-    if stream.isatty():
-        raise click.UsageError("refusing to write binary data to a terminal: redirect stdout or give -o FILE")
-    return stream
+    return click.get_binary_stream("stdout")
