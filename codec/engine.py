@@ -66,7 +66,7 @@ def _to_tensor(pixels: np.ndarray, mode: str) -> torch.Tensor:
         raise UnsupportedImageError("the image is empty (0 pixels)")
     if h > 65535 or w > 65535:
         raise UnsupportedImageError(f"{w}x{h} is too large: width and height are limited to 65535")
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)[None].float() / 255.0
     hp, wp = math.ceil(h / PAD) * PAD, math.ceil(w / PAD) * PAD
     # Edge replication is cheaper to code than zeros; the decoder crops it away.
     return F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
@@ -79,7 +79,7 @@ class _Encoder:
         self.model, self.model_id, self.mode = model, model_id, mode
         self.height, self.width = pixels.shape[:2]
         self.y = model.analyze(_to_tensor(pixels, mode))
-        n, _, zh, zw = (1, model.config.N, self.y.shape[2] // 4, self.y.shape[3] // 4)
+        zh, zw = self.y.shape[2] // 4, self.y.shape[3] // 4
         self.z_index = np.repeat(np.arange(model.config.N), zh * zw)
 
     def _symbols(self, rq: int):
@@ -105,8 +105,7 @@ class _Encoder:
 
 
 def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size: int | None = None,
-                 rate: float | None = None, progress: bool = False,
-                 model_id: int = DEFAULT_MODEL_ID) -> EncodeResult:
+                 rate: float | None = None, model_id: int = DEFAULT_MODEL_ID) -> EncodeResult:
     """Encode uint8 pixels ((H, W, 3) RGB or (H, W) L) to .lc bytes.
 
     Exactly one of: `bpp` (file <= bpp*H*W/8 bytes, header included), `size`
