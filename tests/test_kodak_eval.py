@@ -1,0 +1,226 @@
+"""kodak_eval: metric definitions on known arrays, the peer search, and a quick run on tiny images."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kodak_eval is run from the repo, not installed
+
+from kodak_eval import codecs, metrics  # noqa: E402
+from kodak_eval.evaluate import evaluate  # noqa: E402
+from kodak_eval.search import Prober, search  # noqa: E402
+
+
+def test_psnr_of_a_known_error():
+    ref = np.zeros((4, 5, 3), np.uint8)
+    dec = np.full((4, 5, 3), 10, np.uint8)  # MSE = 100 over every RGB value
+    assert metrics.psnr(ref, dec) == pytest.approx(10 * math.log10(255**2 / 100))
+    dec[0, 0, 0] = 0  # one value right: MSE = 100 * 59 / 60
+    assert metrics.psnr(ref, dec) == pytest.approx(10 * math.log10(255**2 / (100 * 59 / 60)))
+
+
+def test_psnr_of_identical_images_is_infinite_and_shapes_must_match():
+    a = np.arange(60, dtype=np.uint8).reshape(4, 5, 3)
+    assert metrics.psnr(a, a) == math.inf
+    with pytest.raises(ValueError):
+        metrics.psnr(a, a[:3])
+
+
+def test_bpp_counts_every_byte_of_the_file():
+    assert metrics.bpp(12288, 512, 768) == 0.25
+    assert metrics.bpp(1, 1, 1) == 8.0
+    assert metrics.byte_budget(0.25, 512, 768) == 12288  # exact: no byte lost to float error
+    assert metrics.byte_budget(0.06, 512, 768) == 2949  # 2949.12 rounds down: the file must not exceed the target
+    for t in (0.06, 0.12, 0.75, 1.5):
+        assert metrics.bpp(metrics.byte_budget(t, 512, 768), 512, 768) <= t
+
+
+def test_ssim_of_identical_images_is_one_and_ms_ssim_needs_161_px():
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    s, m = metrics.ssim_pair(small, small)
+    assert s == pytest.approx(1.0) and m is None
+    big = rng.integers(0, 256, (161, 170, 3), dtype=np.uint8)
+    s, m = metrics.ssim_pair(big, big)
+    assert m == pytest.approx(1.0)
+
+
+RATES = [0.12, 0.25, 0.5, 0.75, 1.0]
+PSNRS = [27.0, 29.5, 32.0, 34.0, 35.5]
+
+
+@pytest.mark.parametrize("method", ["pchip", "polynomial"])
+def test_bd_rate_of_identical_curves_is_zero(method):
+    assert metrics.bd_rate(RATES, PSNRS, RATES, PSNRS, method) == pytest.approx(0.0, abs=1e-9)
+    assert metrics.bd_psnr(RATES, PSNRS, RATES, PSNRS, method) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["pchip", "polynomial"])
+@pytest.mark.parametrize("factor", [0.8, 1.25])
+def test_bd_rate_of_a_curve_scaled_in_rate_is_the_factor(method, factor):
+    # Same PSNR at `factor` times the rate: BD-rate is exactly factor - 1 whatever the interpolation.
+    scaled = [r * factor for r in RATES]
+    assert metrics.bd_rate(RATES, PSNRS, scaled, PSNRS, method) == pytest.approx((factor - 1) * 100, rel=1e-9)
+
+
+def test_bd_psnr_of_a_curve_shifted_in_psnr_is_the_shift():
+    assert metrics.bd_psnr(RATES, PSNRS, RATES, [p + 0.7 for p in PSNRS]) == pytest.approx(0.7)
+    assert metrics.bd_rate(RATES, PSNRS, RATES, [p + 0.7 for p in PSNRS]) < 0  # better test codec saves bits
+
+
+def test_bd_needs_overlap():
+    assert metrics.bd_rate([0.1, 0.2], [20, 21], [1, 2], [40, 41]) is None
+    assert metrics.bd_rate([0.1], [20], [0.1, 0.2], [20, 21]) is None
+
+
+def test_rate_accuracy_shares():
+    acc = metrics.rate_accuracy([1.0, 0.99, 0.96, 1.1, 1.2, None], 1.0)
+    assert (acc.n_images, acc.n_files) == (6, 5)
+    assert acc.within_15pct == pytest.approx(4 / 6)  # 1.2 and the missing file are outside
+    assert acc.within_m3_0pct == pytest.approx(2 / 6)  # 1.0 and 0.99; 0.96 is 4 % low, 1.1 is over
+    assert acc.min == 0.96 and acc.max == 1.2
+    assert acc.std == pytest.approx(np.std([1.0, 0.99, 0.96, 1.1, 1.2]))
+
+
+def _prober(sizes):
+    return Prober(lambda i: b"x" * sizes[i], len(sizes))
+
+
+def test_search_finds_the_highest_quality_that_fits():
+    sizes = [10, 20, 30, 40, 50, 60, 70, 80]
+    p = _prober(sizes)
+    for budget, want in [(10, 0), (35, 2), (40, 3), (79, 6)]:
+        r = search(p, budget)
+        assert (r.index, r.status) == (want, "ok") and len(r.probe.data) <= budget
+    assert search(p, 9).status == "overshoot" and search(p, 9).index == 0
+    assert search(p, 80).status == "undershoot" and search(p, 80).index == 7
+
+
+def test_search_matches_exhaustive_scan_from_any_hint():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(1, 120))
+        sizes = np.cumsum(rng.integers(0, 50, n)) + int(rng.integers(1, 30))  # non-decreasing, plateaus allowed
+        budget = int(rng.integers(0, sizes[-1] + 30))
+        hint = None if rng.random() < 0.2 else int(rng.integers(-3, n + 3))
+        r = search(_prober([int(x) for x in sizes]), budget, hint)
+        fitting = [i for i in range(n) if sizes[i] <= budget]
+        if not fitting:
+            assert (r.index, r.status) == (0, "overshoot")
+        elif fitting[-1] == n - 1:
+            assert (r.index, r.status) == (n - 1, "undershoot")
+        else:
+            assert (r.index, r.status) == (fitting[-1], "ok")
+
+
+def test_search_reuses_probes_between_targets():
+    p = _prober(list(range(100, 10100, 100)))  # 100 qualities
+    first = search(p, 5000)
+    second = search(p, 5050)  # same answer: every probe it needs is memoised
+    assert first.encodes <= 9 and second.encodes == 0 and second.index == first.index
+
+
+def test_ycbcr_round_trip_is_within_one_level():
+    rgb = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    back = codecs.ycbcr_to_rgb(codecs.rgb_to_ycbcr(rgb))
+    assert np.abs(back.astype(int) - rgb).max() <= 2
+
+
+def _images(folder: Path, sizes=((64, 48), (65, 49))) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        a = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h)], -1) + rng.integers(-12, 12, (h, w, 3))
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def _installed_peers() -> list[str]:
+    return [c.name for c in codecs.make_codecs([p.name for p in codecs.PEERS]) if c.unavailable() is None]
+
+
+def test_quick_run_on_two_small_images(tmp_path):
+    peers = _installed_peers()
+    assert "jpeg" in peers  # Pillow is a core dependency
+    images = _images(tmp_path / "img")
+    cache = tmp_path / "cache.jsonl"
+    out = evaluate(images=images, out=tmp_path / "out", codecs=peers, targets=[0.5, 2.0], cache_path=cache,
+                   progress=False)
+    assert out.exit_code == 0, out.failures
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {p.name for p in out.written} == {"results.json", "summary.md", "rd.png", "rate_accuracy.png"}
+    assert len(doc["results"]) == 2 * 2 * len(peers)
+    for r in doc["results"]:
+        assert r["bpp"] == pytest.approx(8 * r["bytes"] / (r["height"] * r["width"]))
+        budget = metrics.byte_budget(r["target_bpp"], r["height"], r["width"])
+        assert (r["bytes"] <= budget) == (r["status"] != "overshoot"), r
+    assert doc["codecs"]["jpeg"]["settings"]["subsampling"] == "4:4:4"
+    assert "PCHIP" in doc["definitions"]["bd"] and doc["git"]["commit"]
+    # A rerun takes every peer result from the cache.
+    again = evaluate(images=images, out=tmp_path / "out2", codecs=peers, targets=[0.5, 2.0], cache_path=cache,
+                     progress=False)
+    assert again.doc["results_from_cache"] == len(doc["results"])
+
+
+def test_lcodec_quick_run(tmp_path):
+    lc = codecs.LcodecCodec("bpp")
+    why = lc.unavailable()
+    if why is not None:
+        pytest.skip(f"lcodec cannot run yet: {why}")
+    # The .lc header and hyperprior cost a few hundred bytes: tiny images cannot reach low targets.
+    images = _images(tmp_path / "img", sizes=((128, 96), (130, 97)))
+    out = evaluate(images=images, out=tmp_path / "out", codecs=["lcodec", "lcodec-1pass", "jpeg"], targets=[1.0, 2.0],
+                   cache_path=None, progress=False)
+    assert out.exit_code == 0, out.failures
+    lc = [r for r in out.doc["results"] if r["codec"] == "lcodec"]
+    assert {r["status"] for r in lc} <= {"ok", "unreachable"}  # a RateError is a reported result, not a failure
+    ok = [r for r in lc if r["status"] == "ok"]
+    assert all(r["bytes"] <= metrics.byte_budget(r["target_bpp"], r["height"], r["width"]) for r in ok)
+    assert all(r["message"].startswith("RateError") for r in lc if r["status"] == "unreachable")
+    levels = out.doc["lcodec_model"]["levels"]
+    assert len([r for r in out.doc["results"] if r["codec"] == "lcodec-1pass"]) == 2 * len(levels)
+    assert out.doc["lcodec_model"]["digest"]
+
+
+def test_bad_input_is_reported_and_the_run_goes_on(tmp_path):
+    images = _images(tmp_path / "img", sizes=((64, 48),))
+    (images / "broken.png").write_bytes(b"not a png")
+    out = evaluate(images=images, out=tmp_path / "out", codecs=["jpeg"], targets=[0.01, 1.0], cache_path=None,
+                   progress=False)
+    assert out.exit_code == 1
+    assert any("broken.png" in f and "unreadable" in f for f in out.failures)
+    assert any("over the byte budget" in line for line in out.doc["not_reached"])  # 0.01 bpp is below JPEG's floor
+    assert len(out.doc["results"]) == 2  # the good image was measured at both targets
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = evaluate(images=empty, out=tmp_path / "out2", codecs=["jpeg"], cache_path=None, progress=False)
+    assert out.exit_code == 1 and "no PNG images" in out.failures[0] and not out.written
+
+
+def test_a_missing_codec_is_skipped_with_a_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(codecs.WebP, "unavailable", lambda self: "not installed (test)")
+    images = _images(tmp_path / "img", sizes=((64, 48),))
+    named = evaluate(images=images, out=tmp_path / "a", codecs=["jpeg", "webp"], targets=[1.0], cache_path=None,
+                     progress=False)
+    assert named.exit_code == 1 and any("webp skipped" in f for f in named.failures)
+    assert [r["codec"] for r in named.doc["results"]] == ["jpeg"]
+
+
+def test_cli_help_shows_an_example():
+    from click.testing import CliRunner
+
+    from kodak_eval.__main__ import main
+
+    res = CliRunner().invoke(main, ["--help"])
+    assert res.exit_code == 0 and "python -m kodak_eval --quick" in res.output
+    res = CliRunner().invoke(main, ["--codecs", "nope"])
+    assert res.exit_code == 2 and "unknown codec" in res.output
