@@ -8,8 +8,9 @@ or, where every check passes, in a valid image of the declared size and mode.
 Never another exception, never a hang (> `--timeout` s per case), never a memory
 blow-up (> `--max-rss-mb` peak RSS in the decoding process).
 
-Every case is decoded twice, with `lcodec.engine.decode_array` and with
-`lcodec.api.decode`, which must agree (same error class, or the same pixels).
+Every case is decoded three times, with `lcodec.engine.decode_array`, with
+`lcodec.api.decode` and through Pillow's .lc plugin (`Image.open(...).load()`),
+which must agree (same error class, or the same pixels).
 The expected outcome is computed by `spec_outcome`, an independent re-reading of
 the SPEC.md check table with `struct` and `zlib` (not with lcodec's container), so
 a wrong error class or a wrong check order is a failure too.
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
 import json
 import multiprocessing
 import os
@@ -368,12 +370,16 @@ def spec_outcome(data: bytes, max_pixels: int) -> frozenset[str]:
 
 
 def decode_once(data: bytes, max_pixels: int) -> dict:
-    """Decode with the engine and with the API; the outcome and any inconsistency between them.
+    """Decode with the engine, the API and Pillow's .lc plugin; the outcome and any inconsistency.
+
+    Pillow's `Image.open` may answer UnidentifiedImageError where lcodec says "not an
+    .lc file" (it tries its other formats first), and it decodes with the default
+    pixel cap, so it is skipped where only a lower cap refused the file.
 
     Returns {"outcome": "image" | error class name | "crash:<type>", "detail": str,
     "problem": None or what is wrong}. Runs in the current process.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from lcodec import api, engine
     from lcodec.errors import LcodecError
@@ -390,12 +396,27 @@ def decode_once(data: bytes, max_pixels: int) -> dict:
 
     (result, err) = attempt(lambda: engine.decode_array(data, max_pixels=max_pixels))
     (image, api_err) = attempt(lambda: api.decode(data, max_pixels=max_pixels))
+
+    def through_pillow():
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.mode, np.asarray(im)
+
+    pillow, pillow_err = None, None
+    if not (type(err).__name__ == "ImageTooLargeError" and max_pixels < DEFAULT_MAX_PIXELS):
+        (pillow, pillow_err) = attempt(through_pillow)
     out: dict = {"problem": None, "detail": ""}
     if err is not None:
         out["outcome"] = type(err).__name__ if isinstance(err, LcodecError) else f"crash:{type(err).__name__}"
         out["detail"] = "".join(traceback.format_exception(err)) if not isinstance(err, LcodecError) else str(err)[:200]
         if type(api_err) is not type(err):
             out["problem"] = f"api.decode raised {type(api_err).__name__}, engine {type(err).__name__}"
+        elif pillow_err is not None and type(pillow_err) is not type(err) and not (
+                isinstance(pillow_err, UnidentifiedImageError) and data[:4] != MAGIC):
+            out["problem"] = f"Image.open raised {type(pillow_err).__name__}, engine {type(err).__name__}"
+            out["detail"] += "".join(traceback.format_exception(pillow_err))
+        elif pillow_err is None and pillow is not None and data[:4] == MAGIC:
+            out["problem"] = f"Image.open decoded a file the engine refused ({type(err).__name__})"
         return out
     pixels, mode = result
     out["outcome"] = IMAGE
@@ -410,6 +431,8 @@ def decode_once(data: bytes, max_pixels: int) -> dict:
         out["problem"] = f"api.decode raised {type(api_err).__name__} but the engine decoded"
     elif not (isinstance(image, Image.Image) and image.mode == mode and np.array_equal(np.asarray(image), pixels)):
         out["problem"] = "api.decode returned other pixels than the engine"
+    elif pillow is None or pillow[0] != mode or not np.array_equal(pillow[1], pixels):
+        out["problem"] = f"Image.open gave {type(pillow_err).__name__ if pillow_err else 'other pixels'}"
     out["pixels_crc"] = zlib.crc32(pixels.tobytes()) if out["problem"] is None else None
     return out
 

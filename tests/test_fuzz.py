@@ -14,7 +14,7 @@ import pytest
 
 import fuzz_lc
 
-CASES = 400
+CASES = 200
 SEED = 20240601
 
 
@@ -66,6 +66,18 @@ def test_spec_oracle_names_each_check():
     assert allowed(golden[:-1] + bytes([golden[-1] ^ 1])) == {"CorruptFileError"}
     assert allowed(golden, 64 * 48 - 1) == {"ImageTooLargeError"}
     assert allowed(fuzz_lc.with_crc(fuzz_lc.replace_header(golden, model_id=77)[:-4])) == {"ModelMismatchError"}
+
+
+def test_a_planted_bug_is_caught(corpus, reference, monkeypatch):
+    """The harness itself: an exception that is not a LcodecError is a crash, not a pass."""
+    from lcodec.bitstream import range_coder
+
+    def broken_finish(self):
+        raise IndexError("planted")
+
+    monkeypatch.setattr(range_coder.Decoder, "finish", broken_finish)
+    case = fuzz_lc.Case(0, "clean", corpus[0].data, fuzz_lc.FUZZ_MAX_PIXELS)
+    assert fuzz_lc.judge(case, fuzz_lc.decode_once(case.data, case.max_pixels), reference) == "crash:IndexError"
 
 
 def test_watchdog_reports_a_hang_and_recovers():
