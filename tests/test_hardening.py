@@ -6,9 +6,9 @@ no output file; odd inputs (48-bit PNG, animated GIF, unreadable paths,
 directories) are mapped or refused as `lcodec.imageio` says; decoding gives the
 same pixels with 1, 2 and 4 torch threads and with smaller g_s tiles.
 
-The tests marked xfail(strict=True) reproduce open bugs in files this suite does
-not own; each says what the fix should make true, and turns into a failure (to
-drop the marker) once it is.
+The test marked xfail(strict=True) reproduces an open bug in a file this suite
+does not own; it says what the fix should make true, and turns into a failure
+(to drop the marker) once it is.
 """
 
 from __future__ import annotations
@@ -250,17 +250,6 @@ def test_smaller_g_s_tiles_decode_the_same_pixels(monkeypatch):
 
 
 # -- open bugs in files this suite does not own (see the module docstring) -------------------------------------
-
-
-@pytest.mark.xfail(strict=True, reason="engine/SPEC: a payload too short for its declared size still decodes; "
-                                       "decode cost follows the header, not the file")
-def test_payload_too_short_for_the_declared_size_is_corrupt():
-    # 21 bytes declaring 1024x1024: the range decoder reads the missing words as zeros and
-    # "decodes" 12 288 z symbols from nothing, although each costs >= 5.5 bits with the z
-    # tables of model 0 (8.4 KB at least). With model 1 at 8192x8192 the same 21 bytes
-    # cost minutes and GBs.
-    with pytest.raises(CorruptFileError):
-        engine.decode_array(lc_file(model_id=0, width=1024, height=1024))
 
 
 @pytest.mark.xfail(strict=True, reason="engine: rate_q far outside the model's rate range makes g_s output NaN, "
