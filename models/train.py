@@ -97,17 +97,20 @@ def plot_curves(log_path: Path, out_png: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    train, val = [], []
+    # A resumed run repeats the steps after its last checkpoint: keep the latest record per step.
+    latest: dict[tuple[str, int], dict] = {}
     for line in log_path.read_text().splitlines():
         rec = json.loads(line)
-        (val if rec.get("kind") == "val" else train).append(rec)
+        latest[(rec.get("kind", "train"), rec["step"])] = rec
+    train = sorted((r for (k, _), r in latest.items() if k == "train"), key=lambda r: r["step"])
+    val = sorted((r for (k, _), r in latest.items() if k == "val"), key=lambda r: r["step"])
     if not train:
         return
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     steps = [r["step"] for r in train]
     ax[0, 0].plot(steps, [r["loss"] for r in train])
     ax[0, 0].set(title="normalised loss", xlabel="step", yscale="log")
-    ax[0, 1].plot(steps, [r["psnr"] for r in train], label="train (noisy)")
+    ax[0, 1].plot(steps, [r["psnr"] for r in train], color="k", lw=0.8)
     ax[0, 1].set(title="PSNR (dB)", xlabel="step")
     nlev = len(train[-1]["levels"])
     cmap = plt.get_cmap("viridis")
@@ -129,7 +132,8 @@ def plot_curves(log_path: Path, out_png: Path) -> None:
             pts = [(r["step"], r["rows"][lv]) for r in val if len(r["rows"]) > lv]
             ax[0, 1].plot([p[0] for p in pts], [p[1]["psnr"] for p in pts], color=cmap(lv / max(1, nlev - 1)),
                           marker=".", lw=0.8)
-        ax[0, 1].legend(["train (noisy)"], fontsize=7)
+        ax[0, 1].legend(["training batches (all levels)"] + [f"Kodak val {t:g}" for t in train[-1]["levels"] and
+                         [lv["target"] for lv in train[-1]["levels"]]], fontsize=6)
     fig.tight_layout()
     tmp = out_png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)
