@@ -105,7 +105,8 @@ def evaluate(
         except (OSError, ValueError) as exc:
             result.warnings.append(f"published reference curves not drawn: {published_path}: {exc}")
 
-    log = bench.run(paths, chosen, targets, bench.Cache(cache_path), progress=progress, onepass_levels=onepass_levels)
+    log = bench.run(paths, chosen, targets, bench.Cache(cache_path), progress=progress, onepass_levels=onepass_levels,
+                    threads=threads)
     log.skipped = skipped
     if not log.images:
         log.failures.append(f"none of the {len(paths)} images in {images} could be read")

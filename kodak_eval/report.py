@@ -160,14 +160,15 @@ def markdown(doc: dict) -> str:
         lines.append("(lcodec was not measured in this run.)")
     lines += ["", "## Speed", "",
               "Median over all files of one encode / decode call (peers: the encode at the chosen quality, not the search; "
-              "lcodec `bpp=`: including its rate search). Wall and process-CPU seconds; × = ratio to lcodec (`bpp=`). "
+              "lcodec `bpp=`: including its rate search). Wall and process-CPU seconds; × = ratio of wall times to lcodec (`bpp=`), × 1-pass to lcodec `rate=i`. "
               "Under CPU contention CPU time is the fairer comparison.", "",
-              "| codec | encode s | decode s | encode CPU s | decode CPU s | encode × | decode × |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| codec | encode s | decode s | encode CPU s | decode CPU s | encode × | decode × | encode × 1-pass | decode × 1-pass |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in doc["speed"]:
         lines.append(f"| {labels.get(s['codec'], s['codec'])} | {_f(s['encode_s'], '.4f')} | {_f(s['decode_s'], '.4f')} | "
                      f"{_f(s['encode_cpu_s'], '.4f')} | {_f(s['decode_cpu_s'], '.4f')} | "
-                     f"{_f(s['encode_s_vs_lcodec'], '.2f')} | {_f(s['decode_s_vs_lcodec'], '.2f')} |")
+                     f"{_f(s['encode_s_vs_lcodec'], '.2f')} | {_f(s['decode_s_vs_lcodec'], '.2f')} | "
+                     f"{_f(s['encode_s_vs_lcodec-1pass'], '.2f')} | {_f(s['decode_s_vs_lcodec-1pass'], '.2f')} |")
     lines += ["", "## Codecs", "", "| codec | version | settings | bytes counted |", "|---|---|---|---|"]
     for name, d in doc["codecs"].items():
         settings = ", ".join(f"{k}={v}" for k, v in d["settings"].items())
@@ -178,6 +179,16 @@ def markdown(doc: dict) -> str:
         lines += ["", f"## {title}", ""] + ([f"- {x}" for x in items] or ["- none"])
     lines += ["", "Plots: `rd.png` (PSNR and MS-SSIM vs bpp, published curves dashed), `rate_accuracy.png`.", ""]
     return "\n".join(lines)
+
+
+def _published_codec(name: str) -> str | None:
+    """Our codec key for a published curve of the same codec family, by its name."""
+    low = name.lower()
+    for prefix, codec in (("jpeg 2000", "jpeg2000"), ("jpeg xl", "jpegxl"), ("jpeg", "jpeg"), ("webp", "webp"),
+                          ("bpg", "hevc"), ("av1", "avif")):
+        if low.startswith(prefix):
+            return codec
+    return None
 
 
 def plots(doc: dict, published: dict | None, out: Path) -> list[Path]:
@@ -207,14 +218,16 @@ def plots(doc: dict, published: dict | None, out: Path) -> list[Path]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=labels.get(codec, codec), **style)
             ax.plot([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], "o", ms=5, color=style["color"])
             ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o", ms=5, mfc="none", color=style["color"])
-        ref = plt.get_cmap("tab20b")
-        for j, (name, c) in enumerate(((published or {}).get("curves") or {}).items()):
+        others = iter(plt.get_cmap("Dark2").colors * 3)
+        for name, c in ((published or {}).get("curves") or {}).items():
             vals = c.get("psnr" if key == "psnr" else "ms-ssim")
             if not vals:
                 continue
             pts = [(b, y(v)) for b, v in zip(c["bpp"], vals) if b <= xmax]
+            same = _published_codec(name)  # the measured codec it corresponds to, drawn in that colour
+            colour = colours(codecs.index(same) % 10) if same in codecs else next(others)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", lw=1.0, color=ref(j % 20), label=f"{name} (published)")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", lw=1.0, color=colour, label=f"{name} (published)")
         ax.set_xlim(0, xmax)
         ax.set_xlabel("bits per pixel (8 × file bytes / pixels)")
         ax.set_ylabel(ylabel)
@@ -223,7 +236,7 @@ def plots(doc: dict, published: dict | None, out: Path) -> list[Path]:
     axes[1].set_title("mean MS-SSIM vs mean bpp (hollow: some image missed the target)")
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", fontsize=7.5, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    fig.tight_layout(rect=(0, 0, 0.74, 1))
     path = out / "rd.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -238,16 +251,24 @@ def plots(doc: dict, published: dict | None, out: Path) -> list[Path]:
         ax.axhspan(0.85, 1.15, color="tab:green", alpha=0.12, label="±15 % (JPEG AI tolerance)")
         ax.axhspan(0.97, 1.0, color="tab:green", alpha=0.3, label="−3 %…0 %")
         ax.axhline(1.0, color="k", lw=0.8)
+        clip = (0.5, 1.5) if ax is axes[0] else (0.0, math.inf)
         for k, codec in enumerate(names):
-            pts = [(r["target_bpp"], r["bpp"] / r["target_bpp"]) for r in results if r["codec"] == codec and r["bpp"] is not None]
-            if not pts:
-                continue
+            mine = [r for r in results if r["codec"] == codec]
+            pts = [(r["target_bpp"], r["bpp"] / r["target_bpp"]) for r in mine if r["bpp"] is not None]
+            missing = len(mine) - len(pts)
             shift = 1 + 0.035 * (k - (len(names) - 1) / 2)  # side by side on the log axis
-            ax.plot([p[0] * shift for p in pts], [p[1] for p in pts], ".", ms=4, alpha=0.7, label=labels.get(codec, codec),
-                    color=colours(codecs.index(codec) % 10))
+            colour = colours(codecs.index(codec) % 10)
+            label = labels.get(codec, codec) + (f" ({missing} without a file)" if missing else "")
+            inside = [p for p in pts if clip[0] <= p[1] <= clip[1]]
+            ax.plot([p[0] * shift for p in inside], [p[1] for p in inside], ".", ms=4, alpha=0.7, label=label, color=colour)
+            for marker, edge, beyond in (("^", clip[1], [p for p in pts if p[1] > clip[1]]),
+                                         ("v", clip[0], [p for p in pts if p[1] < clip[0]])):
+                if beyond:  # off the scale: drawn on the edge, not hidden
+                    ax.plot([p[0] * shift for p in beyond], [edge] * len(beyond), marker, ms=5, color=colour, clip_on=False)
         if not names:
             ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
         ax.set_xscale("log")
+        ax.set_xlim(min(ts) / 1.25, max(ts) * 1.25)
         ax.set_xticks(ts, [f"{t:g}" for t in ts], rotation=45)
         ax.minorticks_off()
         ax.set_xlabel("target bpp (one-pass: the level's nominal bpp)")
@@ -256,6 +277,7 @@ def plots(doc: dict, published: dict | None, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5)
     axes[0].set_ylim(0.5, 1.5)
+    axes[0].set_title("lcodec modes (▲/▼: beyond the scale)")
     fig.tight_layout()
     path = out / "rate_accuracy.png"
     fig.savefig(path, dpi=120)
