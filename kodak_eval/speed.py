@@ -1,0 +1,386 @@
+"""Speed and memory of lcodec on the Kodak images: encode at a bpp target (rate search included) and decode.
+
+    nice -n 19 python -m kodak_eval.speed --bpp 0.25 --runs 3 --out runs/speed
+
+Each phase runs in its own child process, so its peak RSS (`ru_maxrss`, read by
+the child at its end) is that phase's alone: the torch import, the model and the
+largest image's working set. Within a phase, every image is coded `--runs` times
+after one warm-up, and the median is reported.
+
+Where the time goes is measured from outside: the child wraps the engine's
+functions with a timing shim (nothing in lcodec is edited):
+
+    g_a             FrozenModel.analyze      (the analysis transform, tiled)
+    probes          _Encoder.estimate_bytes  (one rate-search probe: gain, h_a, integer h_s, table costs)
+    real encodes    _Encoder.encode          (symbols for one rate, then the range coder)
+    range encode    range_coder.encode       (inside real encodes)
+    range decode    range_coder.Decoder      (__init__, decode, finish)
+    h_s             FrozenModel.entropy_parameters on decode (the integer hyper-synthesis)
+    g_s             FrozenModel.synthesize   (the synthesis transform, tiled)
+
+Shares are of the summed median times over all images. When the model cannot
+reach the target (a `RateError`: e.g. interim weights whose file size does not
+rise with the rate parameter), the encode time is what the failing search cost,
+the image is marked ``unreachable``, and the one-pass encode at ``--rate``
+(no search) is timed as well; the Markdown then also gives a projection
+g_a + P x probe + E x real encode, with the probe and encode counts P and E of
+the searches that did succeed (or of a reference search with the tiny model 0 at
+a target it can reach, if none did). Times are wall-clock seconds on this
+machine; `load_average` in the JSON says how busy it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KODAK = ROOT / ".." / "shared" / "data" / "kodak"
+TARGETS = {"encode_s": 1.0, "decode_s": 0.6, "peak_rss_mb": 1536}  # from the hardening issue
+
+
+class Shim:
+    """Accumulates wall time and call counts of wrapped functions, by label."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter = collections.Counter()
+        self.calls: collections.Counter = collections.Counter()
+
+    def wrap(self, owner: object, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - start
+                self.calls[label] += 1
+
+        setattr(owner, name, timed)
+
+    def take(self) -> tuple[dict, dict]:
+        seconds, calls = dict(self.seconds), dict(self.calls)
+        self.seconds.clear()
+        self.calls.clear()
+        return seconds, calls
+
+
+def use_weights(path: Path) -> None:
+    """Make model id 1 load `path` (a frozen file of the same architecture) instead of the installed
+    weights, in this process only: for timing while the installed weights are an interim build."""
+    from dataclasses import dataclass
+
+    from lcodec import engine
+    from lcodec.models import registry
+    from lcodec.models.frozen import sha256_file
+
+    @dataclass(frozen=True)
+    class External(registry.ModelEntry):
+        location: Path = path
+
+        @property
+        def path(self) -> Path:
+            return self.location
+
+    entry = registry.MODELS[1]
+    registry.MODELS[1] = External(1, f"{entry.name} (timed with {path.name})", path.name, sha256_file(path))
+    engine.load_model.cache_clear()
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """Per-label medians over runs (missing labels count as 0)."""
+    labels = set().union(*(r["seconds"] for r in runs))
+    out = {"total": statistics.median(r["total"] for r in runs), "cpu": statistics.median(r["cpu"] for r in runs)}
+    out.update({k: statistics.median(r["seconds"].get(k, 0.0) for r in runs) for k in labels})
+    out["calls"] = runs[0]["calls"]
+    return out
+
+
+def child(phase: str, args: argparse.Namespace, files: Path) -> dict:
+    """One phase, in this (child) process: returns per-image medians and this process's peak RSS."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lcodec import engine
+    from lcodec.bitstream import range_coder
+    from lcodec.bitstream.tables import CdfTables
+    from lcodec.errors import RateError
+    from lcodec.models.frozen import FrozenModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.weights:
+        use_weights(args.weights)
+    shim = Shim()
+    shim.wrap(FrozenModel, "analyze", "g_a")
+    shim.wrap(FrozenModel, "synthesize", "g_s")
+    shim.wrap(engine._Encoder, "estimate_bytes", "probes")
+    shim.wrap(engine._Encoder, "encode", "real_encodes")
+    shim.wrap(range_coder, "encode", "range_encode")
+    for name in ("__init__", "decode", "finish"):
+        shim.wrap(range_coder.Decoder, name, "range_decode")
+    # Nested inside probes and real encodes on the encode side; the whole of h_s on decode.
+    shim.wrap(FrozenModel, "entropy_parameters", "h_s")
+    if phase == "encode":
+        shim.wrap(FrozenModel, "hyper_latent", "h_a")
+        shim.wrap(CdfTables, "cost_bits", "table_costs")
+    engine.load_model(args.model)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    images = sorted(KODAK.glob("kodim*.png"))[: args.images]
+    rows = []
+    for k, path in enumerate(images):
+        rgb = np.array(Image.open(path).convert("RGB"))
+        row: dict = {"image": path.name, "height": rgb.shape[0], "width": rgb.shape[1]}
+        if phase == "encode":
+            for label, kwargs in (("bpp", {"bpp": args.bpp}), ("one_pass", {"rate": args.rate})):
+                runs = []
+                for r in range(args.runs + (1 if k == 0 else 0)):  # one warm-up on the first image
+                    start, cpu = time.perf_counter(), time.process_time()
+                    try:
+                        result = engine.encode_array(rgb, "RGB", model_id=args.model, **kwargs)
+                        status, data = "ok", result.data
+                    except RateError as e:
+                        status, data = "unreachable", None
+                        row[f"{label}_message"] = str(e)
+                    total, cpu = time.perf_counter() - start, time.process_time() - cpu
+                    seconds, calls = shim.take()
+                    if k == 0 and r == 0:
+                        continue
+                    runs.append({"total": total, "cpu": cpu, "seconds": seconds, "calls": calls})
+                row[label] = {"status": status, **_median_run(runs)}
+                if data is not None:
+                    row[label]["bytes"] = len(data)
+                    row[label]["bpp"] = 8 * len(data) / (rgb.shape[0] * rgb.shape[1])
+                    (files / f"{path.stem}.{label}.lc").write_bytes(data)
+        else:
+            label = "bpp" if (files / f"{path.stem}.bpp.lc").exists() else "one_pass"
+            data = (files / f"{path.stem}.{label}.lc").read_bytes()
+            runs = []
+            for r in range(args.runs + (1 if k == 0 else 0)):
+                start, cpu = time.perf_counter(), time.process_time()
+                pixels, _ = engine.decode_array(data)
+                total, cpu = time.perf_counter() - start, time.process_time() - cpu
+                seconds, calls = shim.take()
+                if k == 0 and r == 0:
+                    continue
+                runs.append({"total": total, "cpu": cpu, "seconds": seconds, "calls": calls})
+            row["decode"] = {"file": label, "bytes": len(data), **_median_run(runs)}
+            row["decode"]["psnr"] = _psnr(rgb, pixels)
+        rows.append(row)
+        print(f"{phase} {path.name}: " + json.dumps({k: v.get("total") for k, v in row.items()
+                                                      if isinstance(v, dict)}), file=sys.stderr, flush=True)
+    return {"rows": rows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_model_load_mb": base_rss, "torch_threads": torch.get_num_threads()}
+
+
+def _psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def reference_search_counts(args: argparse.Namespace) -> dict:
+    """Probe and encode counts of rate searches that succeed, with the tiny model 0 on the Kodak images.
+
+    Used only to project a search's cost when the measured model reaches no target.
+    The target is each image's one-pass size at the middle of the rate range, so
+    the search has to work inside the range, as a real one does.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from lcodec import engine
+    from lcodec.ratecontrol import SearchResult
+
+    counts = []
+    original = engine.search
+
+    def counting(*a, **k):
+        found: SearchResult | None = original(*a, **k)
+        if found is not None:
+            counts.append((found.probes, found.encodes))
+        return found
+
+    engine.search = counting
+    lo, hi = engine.load_model(0).rate_range
+    for path in sorted(KODAK.glob("kodim*.png"))[: args.images]:
+        rgb = np.array(Image.open(path).convert("RGB"))
+        size = len(engine.encode_array(rgb, "RGB", rate=(lo + hi) / 2 + 0.37, model_id=0).data)
+        engine.encode_array(rgb, "RGB", size=size, model_id=0)
+    engine.search = original
+    return {"probes": statistics.median(p for p, _ in counts), "encodes": statistics.median(e for _, e in counts),
+            "searches": len(counts), "how": "tiny model 0, size target = its one-pass size at q = mid-range + 0.37"}
+
+
+def run_phase(phase: str, argv: list[str], files: Path) -> dict:
+    out = files / f"{phase}.json"
+    cmd = [sys.executable, "-m", "kodak_eval.speed", "--child", phase, "--files", str(files), "--child-out", str(out),
+           *argv]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dict | None) -> dict:
+    rows = [{**e, **d} for e, d in zip(enc["rows"], dec["rows"])]
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    bpp_ok = [r for r in rows if r["bpp"]["status"] == "ok"]
+
+    def shares(phase_rows: list[dict], parts: list[str]) -> dict:
+        total = sum(r["total"] for r in phase_rows)
+        out = {p: sum(r.get(p, 0.0) for r in phase_rows) / total for p in parts}
+        out["other"] = 1 - sum(out.values())
+        return {k: round(v, 4) for k, v in out.items()}
+
+    def enc_parts(phase_rows: list[dict]) -> list[dict]:
+        return [{**r, "real_encodes_excl_coder": r.get("real_encodes", 0) - r.get("range_encode", 0)}
+                for r in phase_rows]
+
+    one_pass = [r["one_pass"] for r in rows]
+    summary = {
+        "what": "wall-clock seconds per image (median of --runs runs after one warm-up), peak RSS per phase process",
+        "images": len(rows), "runs": args.runs, "bpp_target": args.bpp, "one_pass_rate": args.rate,
+        "model_id": args.model, "weights": str(args.weights) if args.weights else "installed",
+        "torch_threads": enc["torch_threads"], "cpus": os.cpu_count(), "machine": platform.platform(),
+        "load_average_start": args.load_start, "load_average_end": os.getloadavg(),
+        "commit": _commit(),
+        "encode_at_bpp": {
+            "reached": len(bpp_ok), "unreachable": len(rows) - len(bpp_ok),
+            "median_s": med([r["bpp"]["total"] for r in rows]),
+            "median_cpu_s": med([r["bpp"]["cpu"] for r in rows]),
+            "median_s_reached": med([r["bpp"]["total"] for r in bpp_ok]),
+            "median_probes": med([r["bpp"]["calls"].get("probes", 0) for r in rows]),
+            "median_real_encodes": med([r["bpp"]["calls"].get("real_encodes", 0) for r in rows]),
+            "inside_probes_and_encodes_s": {k: med([r["bpp"].get(k, 0.0) for r in rows])
+                                            for k in ("h_a", "h_s", "table_costs")},
+            "shares": shares(enc_parts([r["bpp"] for r in rows]), 
+                             ["g_a", "probes", "range_encode", "real_encodes_excl_coder"]),
+        },
+        "encode_one_pass": {
+            "median_s": med([r["total"] for r in one_pass]),
+            "median_cpu_s": med([r["cpu"] for r in one_pass]),
+            "median_bpp": med([r.get("bpp", 0) for r in one_pass]),
+            "shares": shares(enc_parts(one_pass), ["g_a", "range_encode", "real_encodes_excl_coder"]),
+            "median_g_a_s": med([r.get("g_a", 0) for r in one_pass]),
+            "median_real_encode_s": med([r.get("real_encodes", 0) for r in one_pass]),
+        },
+        "decode": {
+            "median_s": med([r["decode"]["total"] for r in rows]),
+            "median_cpu_s": med([r["decode"]["cpu"] for r in rows]),
+            "shares": shares([r["decode"] for r in rows], ["range_decode", "h_s", "g_s"]),
+            "median_psnr_db": med([r["decode"]["psnr"] for r in rows]),
+            "files": collections.Counter(r["decode"]["file"] for r in rows),
+        },
+        "peak_rss_mb": {"encode": enc["peak_rss_mb"], "decode": dec["peak_rss_mb"],
+                        "after_model_load": {"encode": enc["rss_after_model_load_mb"],
+                                             "decode": dec["rss_after_model_load_mb"]}},
+        "targets": TARGETS,
+        "rows": rows,
+    }
+    probe_s = med([r["bpp"]["probes"] / r["bpp"]["calls"]["probes"] for r in rows if r["bpp"]["calls"].get("probes")])
+    summary["median_probe_s"] = probe_s
+    if search_counts:
+        p, e = search_counts["probes"], search_counts["encodes"]
+        summary["projected_encode_s"] = {
+            "value": summary["encode_one_pass"]["median_g_a_s"] + p * probe_s
+            + e * summary["encode_one_pass"]["median_real_encode_s"],
+            "formula": f"g_a + {p:g} probes x {probe_s:.4f} s + {e:g} real encodes", "counts": search_counts}
+    return summary
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(s: dict) -> str:
+    e, o, d, rss = s["encode_at_bpp"], s["encode_one_pass"], s["decode"], s["peak_rss_mb"]
+    ok = lambda v, t: "yes" if v is not None and v <= t else "NO"  # noqa: E731
+    lines = [
+        f"# lcodec speed on Kodak ({s['images']} images, model {s['model_id']}, weights: {s['weights']})",
+        "",
+        f"Median wall-clock seconds per 768x512 image over {s['runs']} runs after a warm-up; "
+        f"{s['torch_threads']} torch threads on {s['cpus']} CPUs; load average {s['load_average_start'][0]:.1f} "
+        f"at start, {s['load_average_end'][0]:.1f} at end (other jobs share the CPUs); commit {s['commit']}. "
+        "CPU s is the process's CPU time (all threads): less sensitive to other jobs than wall time.",
+        "",
+        "| phase | median s | median CPU s | target s | met | shares of time |",
+        "|---|---:|---:|---:|:-:|---|",
+        f"| encode at {s['bpp_target']:g} bpp (search included; reached on {e['reached']}/{s['images']}) | "
+        f"{e['median_s']:.3f} | {e['median_cpu_s']:.3f} | {TARGETS['encode_s']} | {ok(e['median_s'], TARGETS['encode_s'])} | "
+        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in e["shares"].items()) + " |",
+        f"| encode one pass at q = {s['one_pass_rate']:g} (no search; {o['median_bpp']:.3f} bpp) | {o['median_s']:.3f} | {o['median_cpu_s']:.3f} | | | "
+        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in o["shares"].items()) + " |",
+        f"| decode | {d['median_s']:.3f} | {d['median_cpu_s']:.3f} | {TARGETS['decode_s']} | {ok(d['median_s'], TARGETS['decode_s'])} | "
+        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in d["shares"].items()) + " |",
+        "",
+        f"Peak RSS: encode {rss['encode']:.0f} MB, decode {rss['decode']:.0f} MB (target {TARGETS['peak_rss_mb']} MB; "
+        f"after importing torch and loading the model: {rss['after_model_load']['encode']:.0f} MB).",
+        f"Rate search at {s['bpp_target']:g} bpp: median {e['median_probes']:g} probes and {e['median_real_encodes']:g} "
+        f"real encodes per image; one probe takes {s['median_probe_s']:.4f} s. Inside probes and real encodes "
+        "(median s per image): " + ", ".join(f"{k} {v:.3f}" for k, v in e["inside_probes_and_encodes_s"].items()) + ".",
+    ]
+    if "projected_encode_s" in s:
+        p = s["projected_encode_s"]
+        lines.append(f"Projected encode with a working search: {p['value']:.3f} s = {p['formula']} "
+                     f"(counts: {p['counts']['how']}).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bpp", type=float, default=0.25)
+    parser.add_argument("--rate", type=float, default=2.0, help="rate parameter of the one-pass encode (level 2 = 0.25 bpp)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--model", type=int, default=1)
+    parser.add_argument("--weights", type=Path, help="time this frozen file as model 1 (same architecture)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "speed")
+    parser.add_argument("--child", choices=["encode", "decode"], help=argparse.SUPPRESS)
+    parser.add_argument("--files", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        args.child_out.write_text(json.dumps(child(args.child, args, args.files)))
+        return 0
+    if not KODAK.is_dir():
+        parser.error(f"the Kodak images are not at {os.path.normpath(KODAK)}")
+    args.load_start = os.getloadavg()
+    passed = [f"--bpp={args.bpp}", f"--rate={args.rate}", f"--runs={args.runs}", f"--images={args.images}",
+              f"--model={args.model}", f"--threads={args.threads}"] + ([f"--weights={args.weights}"] if args.weights else [])
+    with tempfile.TemporaryDirectory(prefix="lcodec-speed-") as tmp:
+        enc = run_phase("encode", passed, Path(tmp))
+        dec = run_phase("decode", passed, Path(tmp))
+    reached = [r for r in enc["rows"] if r["bpp"]["status"] == "ok"]
+    counts = None
+    if not reached:
+        counts = reference_search_counts(args)
+    summary = summarize(enc, dec, args, counts)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "speed.md").write_text(markdown(summary))
+    print(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
