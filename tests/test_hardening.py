@@ -223,6 +223,9 @@ def test_unreadable_inputs_are_clean_errors(tmp_path):
 
 
 def test_decoding_is_identical_with_1_2_and_4_threads(tmp_path, shipped_file):
+    """Holds for these small files. A 1024x768 model-1 file decodes with +-1 differences in 0.0014% of
+    samples between 1 and 2 or 4 threads (float g_s; table selection stays exact): SPEC.md does not
+    yet say whether pixels must be bit-exact."""
     (tmp_path / "m1.lc").write_bytes(shipped_file)
     files = [str(GOLDEN / "v1_rgb_64x48.lc"), str(GOLDEN / "v1_gray_65x37.lc"), str(tmp_path / "m1.lc")]
     code = ("import sys, hashlib, torch; torch.set_num_threads(int(sys.argv[1])); from lcodec import engine\n"
