@@ -16,7 +16,7 @@ import os
 import platform
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -256,7 +256,7 @@ def _run_codec(codec: Codec, rgb: np.ndarray, name: str, sha: str, tasks: list[t
         if key is not None:
             hit = cache.get(key)
             if hit is not None:
-                yield hit
+                yield replace(hit, image=name)  # the key is the pixels: the same image may have been renamed
                 continue
         try:
             if codec.name not in warmed:

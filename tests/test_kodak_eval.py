@@ -133,6 +133,22 @@ def test_ycbcr_round_trip_is_within_one_level():
     assert np.abs(back.astype(int) - rgb).max() <= 2
 
 
+def test_any_png_becomes_8_bit_rgb(tmp_path):
+    from kodak_eval.bench import load_rgb
+
+    grey16 = (np.arange(12 * 10, dtype=np.uint16).reshape(10, 12) * 500).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    Image.fromarray(np.full((10, 12), 7, np.uint8)).save(tmp_path / "g8.png")
+    Image.fromarray(np.full((10, 12, 4), 9, np.uint8)).save(tmp_path / "rgba.png")
+    a, note = load_rgb(tmp_path / "g16.png")
+    assert a.shape == (10, 12, 3) and a.dtype == np.uint8 and a[-1, -1, 0] == round(119 * 500 * 255 / 65535)
+    assert "I;16" in note
+    a, note = load_rgb(tmp_path / "g8.png")
+    assert a.shape == (10, 12, 3) and (a == 7).all() and "mode L" in note
+    a, note = load_rgb(tmp_path / "rgba.png")
+    assert a.shape == (10, 12, 3) and "alpha dropped" in note
+
+
 def _images(folder: Path, sizes=((64, 48), (65, 49))) -> Path:
     folder.mkdir()
     rng = np.random.default_rng(0)
