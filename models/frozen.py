@@ -27,7 +27,7 @@ from torch import nn
 
 from ..bitstream.tables import CdfTables
 from ..errors import ModelMismatchError, ModelNotFrozenError
-from .integer_hyper import OUT_BITS, IntegerHyperSynthesis, table_index
+from .integer_hyper import OUT_BITS, ApproximateHyperSynthesis, IntegerHyperSynthesis, table_index
 from .networks import AnalysisTransform, HyperAnalysisTransform, ModelConfig, SynthesisTransform
 
 FROZEN_FORMAT = "lcodec-frozen-1"
@@ -91,6 +91,7 @@ class FrozenModel:
         self.synthesis = _load(SynthesisTransform(N, M), state["synthesis"])
         self.hyper_analysis = _load(HyperAnalysisTransform(N, M), state["hyper_analysis"])
         self.hyper_synthesis = IntegerHyperSynthesis(state["hyper_synthesis"])
+        self.approximate_hyper_synthesis = ApproximateHyperSynthesis(state["hyper_synthesis"])
         self.log_gain = state["log_gain"].float()
         self.log_inv_gain = state["log_inv_gain"].float()
         self.y_tables = _tables_from_state(state["y_tables"])
@@ -128,6 +129,13 @@ class FrozenModel:
         mean_int, scale_int = self.hyper_synthesis(z_int)
         mean = (mean_int.double() / 2**OUT_BITS).float()
         return mean, table_index(scale_int, self.scale_thresholds)
+
+    @torch.no_grad()
+    def approximate_entropy_parameters(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `entropy_parameters`, in float32: for the rate search's estimates only."""
+        mean_fixed, scale_fixed = self.approximate_hyper_synthesis(z_int)  # OUT_BITS fractional bits
+        scale_int = torch.floor(scale_fixed.double()).to(torch.int64)
+        return mean_fixed / 2**OUT_BITS, table_index(scale_int, self.scale_thresholds)
 
     @torch.no_grad()
     def synthesize(self, y_hat_gained: torch.Tensor, q: float) -> torch.Tensor:

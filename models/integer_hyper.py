@@ -106,6 +106,34 @@ class IntegerHyperSynthesis:
         return mean_int, scale_int
 
 
+class ApproximateHyperSynthesis:
+    """The same integer layers run in float32 without flooring, in the same fixed-point units
+    (outputs carry OUT_BITS fractional bits): much cheaper than the exact path and within a
+    rounding step of it. For rate estimates only, never for coding."""
+
+    def __init__(self, layers: list[dict]):
+        self.layers = []
+        for layer in layers:
+            scale = torch.exp2(-layer["shift"].double())
+            shape = [1, -1, 1, 1] if layer["transposed"] else [-1, 1, 1, 1]
+            # Fold the per-channel rescaling into the weights and bias.
+            self.layers.append({**layer, "weight": (layer["weight"].double() * scale.view(shape)).float(),
+                                "bias": (layer["bias"].double() * scale).float()})
+
+    def __call__(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = z_int.to("cpu", torch.float32)
+        for layer in self.layers:
+            if layer["transposed"]:
+                a = F.conv_transpose2d(a, layer["weight"], layer["bias"], stride=layer["stride"],
+                                       padding=layer["padding"], output_padding=layer["output_padding"])
+            else:
+                a = F.conv2d(a, layer["weight"], layer["bias"], stride=layer["stride"], padding=layer["padding"])
+            if layer["relu"]:
+                a = a.clamp(0, ACT_LIMIT)
+        mean_fixed, scale_fixed = a.chunk(2, dim=1)
+        return mean_fixed, scale_fixed
+
+
 def scale_thresholds(scales: torch.Tensor) -> torch.Tensor:
     """Integer thresholds t_k = floor(s_k * 2^OUT_BITS) of the scale table (int64)."""
     return torch.tensor([math.floor(float(s) * 2**OUT_BITS) for s in scales], dtype=torch.int64)

@@ -255,8 +255,6 @@ def test_smaller_g_s_tiles_decode_the_same_pixels(monkeypatch):
 # -- open bugs in files this suite does not own (see the module docstring) -------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="engine: rate_q far outside the model's rate range makes g_s output NaN, "
-                                       "and NaN -> uint8 is undefined (platform-dependent pixels)")
 def test_rate_parameter_outside_the_model_range_never_yields_nan_pixels(monkeypatch):
     nan_seen = []
     synthesize = frozen.FrozenModel.synthesize
