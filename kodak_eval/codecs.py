@@ -224,16 +224,19 @@ _YCC_TO_RGB = np.linalg.inv(_RGB_TO_YCC)
 
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """uint8 H x W x 3 RGB -> uint8 3 x H x W planes, BT.601 full range."""
-    ycc = np.tensordot(_RGB_TO_YCC, rgb.astype(np.float64), axes=([1], [2]))
+    h, w, _ = rgb.shape
+    ycc = _RGB_TO_YCC @ rgb.reshape(-1, 3).T.astype(np.float64)  # (3, H*W): a plain matmul, ~5x faster than tensordot
     ycc[1:] += 128.0
-    return np.clip(np.rint(ycc), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(ycc), 0, 255).astype(np.uint8).reshape(3, h, w)
 
 
 def ycbcr_to_rgb(planes: np.ndarray) -> np.ndarray:
-    ycc = planes.astype(np.float64)
+    """uint8 3 x H x W BT.601 full-range planes -> uint8 H x W x 3 RGB (part of the timed decode)."""
+    _, h, w = planes.shape
+    ycc = planes.reshape(3, -1).astype(np.float64)
     ycc[1:] -= 128.0
-    rgb = np.tensordot(ycc, _YCC_TO_RGB, axes=([0], [1]))
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    rgb = np.clip(np.rint(_YCC_TO_RGB @ ycc), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(rgb.T).reshape(h, w, 3)
 
 
 class HevcX265(PeerCodec):
@@ -288,7 +291,8 @@ class HevcX265(PeerCodec):
         data = self._encode_planes(np.full((3, 16, 16), 128, np.uint8), 30, info=1)
         start = data.find(b"x265 (build")  # "x265 (build 216) - 4.2+1-e444744:[Linux]..."
         x265 = data[start:start + 80].split(b":")[0].decode("ascii", "replace") if start >= 0 else "x265 (version unknown)"
-        return f"PyAV {av.__version__}; {x265}"
+        # "adapter 2": the YCbCr conversion became 5x faster; cached HEVC timings from adapter 1 are stale.
+        return f"PyAV {av.__version__}; {x265}; kodak_eval adapter 2"
 
     def settings(self) -> dict:
         return {"preset": self.preset, "tune": "ssim", "rate_control": "constant QP", "chroma": "4:4:4",
