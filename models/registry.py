@@ -36,7 +36,7 @@ MODELS: dict[int, ModelEntry] = {
     # test files pin the format and stay fast. Not for real use.
     0: ModelEntry(0, "tiny-test", "tiny-test.pt", "520e084ac735caff567529a5acf70ca59d5d1390792becfe1c972368257eb217"),
     # id 1: the shipped variable-rate mean-scale hyperprior (N=64, M=96); see weights/MODEL_CARD.md.
-    1: ModelEntry(1, "hp-64-96", "hp-64-96.pt", "a56aa906b9f488eef02908e4ea737e27891328e5c32939e9a0ecba112d2452ba"),
+    1: ModelEntry(1, "hp-64-96", "hp-64-96.pt", "3843751f3522cd80867d15bd05843b8d0f9413b18896cbb03ec60c92424a0279"),
 }
 
 DEFAULT_MODEL_ID = 1
