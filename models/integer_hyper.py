@@ -75,6 +75,14 @@ def quantize_hyper_synthesis(hs: nn.Sequential) -> list[dict]:
     return out
 
 
+def _apply_layer(layer: dict, a: torch.Tensor) -> torch.Tensor:
+    """One (transposed) convolution of a quantised layer, with its weights and bias as given."""
+    if layer["transposed"]:
+        return F.conv_transpose2d(a, layer["weight"], layer["bias"], stride=layer["stride"],
+                                  padding=layer["padding"], output_padding=layer["output_padding"])
+    return F.conv2d(a, layer["weight"], layer["bias"], stride=layer["stride"], padding=layer["padding"])
+
+
 class IntegerHyperSynthesis:
     """Runs the quantised h_s: integer ẑ (B, N, h, w) -> (mean_int, scale_int) (B, M, 4h, 4w),
     int64 with OUT_BITS fractional bits. Always on the CPU in float64 holding integers."""
@@ -94,12 +102,7 @@ class IntegerHyperSynthesis:
         if a.numel() and a.abs().max().item() > ACT_LIMIT:
             raise ValueError("hyper-latent out of range")
         for layer in self.layers:
-            if layer["transposed"]:
-                acc = F.conv_transpose2d(a, layer["weight"], layer["bias"], stride=layer["stride"],
-                                         padding=layer["padding"], output_padding=layer["output_padding"])
-            else:
-                acc = F.conv2d(a, layer["weight"], layer["bias"], stride=layer["stride"], padding=layer["padding"])
-            a = torch.floor(acc * layer["scale"])
+            a = torch.floor(_apply_layer(layer, a) * layer["scale"])
             if layer["relu"]:
                 a = a.clamp(0, ACT_LIMIT)
         mean_int, scale_int = a.to(torch.int64).chunk(2, dim=1)
@@ -123,11 +126,7 @@ class ApproximateHyperSynthesis:
     def __call__(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = z_int.to("cpu", torch.float32)
         for layer in self.layers:
-            if layer["transposed"]:
-                a = F.conv_transpose2d(a, layer["weight"], layer["bias"], stride=layer["stride"],
-                                       padding=layer["padding"], output_padding=layer["output_padding"])
-            else:
-                a = F.conv2d(a, layer["weight"], layer["bias"], stride=layer["stride"], padding=layer["padding"])
+            a = _apply_layer(layer, a)
             if layer["relu"]:
                 a = a.clamp(0, ACT_LIMIT)
         mean_fixed, scale_fixed = a.chunk(2, dim=1)
