@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .report import git_state
+
 ROOT = Path(__file__).resolve().parents[1]
 KODAK = ROOT / ".." / "shared" / "data" / "kodak"
 SIZES = {"2K": (2048, 1080), "4K": (3840, 2160), "8K": (7680, 4320)}  # width, height
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     summary: dict = {"model": args.model, "bpp": args.bpp, "cpus": os.cpu_count(), "machine": platform.platform(),
-                     "load_average_start": os.getloadavg(), "commit": _commit(), "sizes": {},
+                     "load_average_start": os.getloadavg(), "commit": git_state(ROOT)["commit"], "sizes": {},
                      "what": "wall-clock seconds and peak RSS (ru_maxrss) of one child process per phase; "
                              "bpp = 8 x file bytes / pixels; PSNR on RGB 0..255 over the whole image"}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -231,13 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(summary))
     return 0
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

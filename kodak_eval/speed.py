@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .report import git_state
+
 ROOT = Path(__file__).resolve().parents[1]
 KODAK = ROOT / ".." / "shared" / "data" / "kodak"
 TARGETS = {"encode_s": 1.0, "decode_s": 0.6, "peak_rss_mb": 1536}  # from the hardening issue
@@ -258,7 +260,7 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
         "model_id": args.model, "weights": str(args.weights) if args.weights else "installed",
         "torch_threads": enc["torch_threads"], "cpus": os.cpu_count(), "machine": platform.platform(),
         "load_average_start": args.load_start, "load_average_end": os.getloadavg(),
-        "commit": _commit(),
+        "commit": git_state(ROOT)["commit"],
         "encode_at_bpp": {
             "reached": len(bpp_ok), "unreachable": len(rows) - len(bpp_ok),
             "median_s": med([r["bpp"]["total"] for r in rows]),
@@ -302,13 +304,6 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
             "formula": f"g_a + {p:g} probes x {probe_s:.4f} s + {e:g} real encodes", "counts": search_counts}
     return summary
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def markdown(s: dict) -> str:
