@@ -35,6 +35,7 @@ HEADER_SIZE = _FIELDS.size  # 17
 CRC_SIZE = 4
 OVERHEAD_BYTES = HEADER_SIZE + CRC_SIZE  # 21: every byte of a file that is not payload
 DEFAULT_MAX_PIXELS = 8192 * 8192  # decompression-bomb limit; callers may raise it
+RATE_SCALE = 1024  # rate_q holds the rate parameter q in units of 1/1024
 MODES = ("L", "RGB")  # mode byte -> mode; the index is what the file stores
 
 assert HEADER_SIZE == 17

@@ -18,7 +18,7 @@ from typing import BinaryIO
 import click
 
 from . import __version__, api
-from .bitstream.container import DEFAULT_MAX_PIXELS, Header
+from .bitstream.container import DEFAULT_MAX_PIXELS, RATE_SCALE, Header
 from .errors import LcodecError
 from .models.registry import MODELS  # the model table only: no torch
 
@@ -165,7 +165,7 @@ def _describe(name: str, h: Header, size: int) -> str:
             f"  bits per pixel:  {8 * size / h.pixels:.4f}\n"
             f"  model:           {model}\n"
             f"  format version:  {h.version}\n"
-            f"  rate parameter:  {h.rate_q / 1024:.4f} (stored as {h.rate_q}, q x 1024)")
+            f"  rate parameter:  {h.rate_q / RATE_SCALE:.4f} (stored as {h.rate_q}, q x {RATE_SCALE})")
 
 
 # -- the work, one file at a time (top-level functions: worker processes import them) ------------

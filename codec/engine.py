@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from .bitstream import container, range_coder
+from .bitstream.container import RATE_SCALE
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
 from .models.frozen import PAD, FrozenModel
 from .models.registry import DEFAULT_MODEL_ID, MODELS
 from .ratecontrol import search
 
-RATE_SCALE = 1024  # the header stores q as a signed 16-bit integer in units of 1/1024
 OVERHEAD = container.OVERHEAD_BYTES
 
 
@@ -52,11 +52,17 @@ def model_info(model_id: int = DEFAULT_MODEL_ID) -> dict:
             "rate_range": model.rate_range}
 
 
-def _to_tensor(pixels: np.ndarray, mode: str) -> torch.Tensor:
+def _rate_bounds(model: FrozenModel) -> tuple[int, int]:
+    """The model's rate range as rate_q integers (both ends allowed)."""
+    lo, hi = model.rate_range
+    return round(lo * RATE_SCALE), round(hi * RATE_SCALE)
+
+
+def _check_pixels(pixels: np.ndarray, mode: str) -> None:
+    """Refuse what the encoder cannot take, before any work is done."""
     if mode == "L":
         if pixels.ndim != 2:
             raise UnsupportedImageError(f"mode L needs an (H, W) array, got shape {pixels.shape}")
-        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     elif mode != "RGB" or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise UnsupportedImageError(f"expected mode RGB with an (H, W, 3) array, got {mode} {pixels.shape}")
     if pixels.dtype != np.uint8:
@@ -66,6 +72,13 @@ def _to_tensor(pixels: np.ndarray, mode: str) -> torch.Tensor:
         raise UnsupportedImageError("the image is empty (0 pixels)")
     if h > 65535 or w > 65535:
         raise UnsupportedImageError(f"{w}x{h} is too large: width and height are limited to 65535")
+
+
+def _to_tensor(pixels: np.ndarray, mode: str) -> torch.Tensor:
+    """Checked pixels -> (1, 3, Hp, Wp) float in [0, 1], padded to multiples of PAD."""
+    if mode == "L":
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    h, w = pixels.shape[:2]
     x = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)[None].float() / 255.0
     hp, wp = math.ceil(h / PAD) * PAD, math.ceil(w / PAD) * PAD
     # Edge replication is cheaper to code than zeros; the decoder crops it away.
@@ -118,15 +131,16 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
     """
     if sum(v is not None for v in (bpp, size, rate)) != 1:
         raise ValueError("give exactly one of bpp, size or rate")
+    _check_pixels(pixels, mode)
+    height, width = pixels.shape[:2]
+    pixels_n = width * height
     model = load_model(model_id)
-    enc = _Encoder(model, model_id, pixels, mode)
-    pixels_n = enc.width * enc.height
-    lo, hi = (round(v * RATE_SCALE) for v in model.rate_range)
+    lo, hi = _rate_bounds(model)
     if rate is not None:
         rq = round(rate * RATE_SCALE)
         if not lo <= rq <= hi:
             raise RateError(f"rate parameter {rate} is outside the model's range {model.rate_range}")
-        data = enc.encode(rq)
+        data = _Encoder(model, model_id, pixels, mode).encode(rq)
         return EncodeResult(data, rq / RATE_SCALE, 8 * len(data) / pixels_n, None)
 
     if bpp is not None:
@@ -140,8 +154,9 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
         target = int(size)
         asked = f"{target} bytes ({8 * target / pixels_n:.4g} bpp)"
     if target <= OVERHEAD:
-        raise RateError(f"{asked} is too small for a {enc.width}x{enc.height} image: "
+        raise RateError(f"{asked} is too small for a {width}x{height} image: "
                         f"the .lc header alone takes {OVERHEAD} bytes")
+    enc = _Encoder(model, model_id, pixels, mode)  # runs g_a: only after the cheap checks
     found = search(enc.estimate_bytes, enc.encode, target, lo, hi)
     if found is None:
         smallest = len(enc.encode(lo))
@@ -166,7 +181,7 @@ def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS)
         raise ModelMismatchError(f"the file was made with other weights for model {entry.name!r} "
                                  f"(digest {header.weights_digest.hex()}, installed {entry.digest4.hex()})")
     model = load_model(header.model_id)
-    lo, hi = (round(v * RATE_SCALE) for v in model.rate_range)
+    lo, hi = _rate_bounds(model)
     if not lo <= header.rate_q <= hi:
         # The encoder never writes such a value; far outside it the gains overflow to inf/NaN.
         raise CorruptFileError(f"the file's rate parameter {header.rate_q / RATE_SCALE:g} is outside the range "

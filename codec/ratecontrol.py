@@ -10,6 +10,7 @@ real file is too big or more than `tolerance` too small.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,8 +30,6 @@ def largest_below(cost: Callable[[int], float], budget: float, lo: int, hi: int)
     interpolating log-costs converges in a few probes), falling back to
     bisection whenever interpolation stalls. Returns None if cost(lo) > budget.
     """
-    import math
-
     c_lo = cost(lo)
     if c_lo > budget:
         return None
@@ -95,7 +94,6 @@ def search(estimate_bytes: Callable[[int], float], encode: Callable[[int], bytes
             too_big_at = rq if too_big_at is None else min(too_big_at, rq)
             if rq == lo:
                 return None if best is None else SearchResult(best[0], best[1], len(cache), encodes)
-            aim = target_bytes * (1 - tolerance / 4)
             continue
         if best is None or size > len(best[1]):
             best = (rq, data)

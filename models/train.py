@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import random
 import time
 from pathlib import Path
 
@@ -204,7 +203,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = ModelConfig(arch=args.arch, N=args.N, M=args.M, levels=tuple(args.levels))
     torch.manual_seed(args.seed)
-    random.seed(args.seed)
     model = build_model(config).to(device)
     # The per-level gains are the only level-specific parameters: they must move much faster
     # than the shared weights, or every step drags the shared network between targets.
