@@ -139,6 +139,21 @@ def _integral(x: np.ndarray, y: np.ndarray, lo: float, hi: float, method: str) -
     raise ValueError(f"unknown BD interpolation {method!r}")
 
 
+def _mean_gap(x_anchor: np.ndarray, y_anchor: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+              method: str) -> float | None:
+    """Mean of (test - anchor) in y over the x range both curves cover; None when a curve has
+    too few distinct points (2, or 4 for "polynomial") or the ranges do not overlap."""
+    need = 4 if method == "polynomial" else 2
+    xa, ya = _monotone(x_anchor, y_anchor)
+    xt, yt = _monotone(x_test, y_test)
+    if len(xa) < need or len(xt) < need:
+        return None
+    lo, hi = max(xa.min(), xt.min()), min(xa.max(), xt.max())
+    if hi <= lo:
+        return None
+    return (_integral(xt, yt, lo, hi, method) - _integral(xa, ya, lo, hi, method)) / (hi - lo)
+
+
 def bd_rate(
     rate_anchor: Sequence[float],
     psnr_anchor: Sequence[float],
@@ -152,16 +167,9 @@ def bd_rate(
     either curve has fewer than 2 distinct points (4 for "polynomial") or the
     PSNR ranges do not overlap.
     """
-    need = 4 if method == "polynomial" else 2
-    da, ra = _monotone(np.asarray(psnr_anchor, float), np.log10(np.asarray(rate_anchor, float)))
-    dt, rt = _monotone(np.asarray(psnr_test, float), np.log10(np.asarray(rate_test, float)))
-    if len(da) < need or len(dt) < need:
-        return None
-    lo, hi = max(da.min(), dt.min()), min(da.max(), dt.max())
-    if hi <= lo:
-        return None
-    diff = (_integral(dt, rt, lo, hi, method) - _integral(da, ra, lo, hi, method)) / (hi - lo)
-    return (10.0**diff - 1.0) * 100.0
+    gap = _mean_gap(np.asarray(psnr_anchor, float), np.log10(np.asarray(rate_anchor, float)),
+                    np.asarray(psnr_test, float), np.log10(np.asarray(rate_test, float)), method)
+    return None if gap is None else (10.0**gap - 1.0) * 100.0
 
 
 def bd_psnr(
@@ -172,12 +180,5 @@ def bd_psnr(
     method: str = "pchip",
 ) -> float | None:
     """Bjontegaard delta PSNR (test minus anchor) in dB over the overlapping log-rate range."""
-    need = 4 if method == "polynomial" else 2
-    ra, da = _monotone(np.log10(np.asarray(rate_anchor, float)), np.asarray(psnr_anchor, float))
-    rt, dt = _monotone(np.log10(np.asarray(rate_test, float)), np.asarray(psnr_test, float))
-    if len(ra) < need or len(rt) < need:
-        return None
-    lo, hi = max(ra.min(), rt.min()), min(ra.max(), rt.max())
-    if hi <= lo:
-        return None
-    return (_integral(rt, dt, lo, hi, method) - _integral(ra, da, lo, hi, method)) / (hi - lo)
+    return _mean_gap(np.log10(np.asarray(rate_anchor, float)), np.asarray(psnr_anchor, float),
+                     np.log10(np.asarray(rate_test, float)), np.asarray(psnr_test, float), method)
