@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
             st.load_state(s)
         d_mean = ck["d_mean"]
         step = ck["step"]
-        gen.set_state(ck["generator"][rank] if isinstance(ck["generator"], list) else ck["generator"])
+        gens = ck["generator"] if isinstance(ck["generator"], list) else [ck["generator"]]
+        if rank < len(gens):
+            gen.set_state(gens[rank])
+        else:  # resumed with more processes than saved it: a fresh stream for this rank
+            gen.manual_seed(args.seed * 1000 + rank + 7919 * step)
         if is_main:
             print(f"resumed from {ckpt_path} at step {step}")
 

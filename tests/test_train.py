@@ -79,11 +79,14 @@ def test_quantized_rate_estimate_matches_rounded_latents():
 
 
 def test_distributed_training_with_two_gloo_processes(tiny_data, tmp_path):
+    """Two processes resume a one-process checkpoint (the second rank starts a fresh data stream)."""
     out = tmp_path / "ddp"
+    train.main(_args(tiny_data, out, 2))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "lcodec.models.train", *_args(tiny_data, out, 3)]
+           "-m", "lcodec.models.train", *_args(tiny_data, out, 4)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ck["step"] == 3
+    assert ck["step"] == 4
     assert len(ck["generator"]) == 2  # each rank's data stream is saved for resuming
