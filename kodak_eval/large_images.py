@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lcodec.models.registry import DEFAULT_MODEL_ID
+
 from .report import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="target bpp, or 'mid': the geometric mean of the model's smallest and largest "
                              "one-pass sizes for each image (a target the rate search can reach)")
     parser.add_argument("--rate", type=float, default=2.0, help="one-pass rate for the tiling check and fallbacks")
-    parser.add_argument("--model", type=int, default=1)
+    parser.add_argument("--model", type=int, default=DEFAULT_MODEL_ID)
     parser.add_argument("--sizes", default="2K,4K,8K")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child process")

@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lcodec.models.registry import DEFAULT_MODEL_ID
+
 from .report import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="rate parameter of the one-pass encode (level 2 = 0.25 bpp)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--images", type=int, default=24)
-    parser.add_argument("--model", type=int, default=1)
+    parser.add_argument("--model", type=int, default=DEFAULT_MODEL_ID)
     parser.add_argument("--weights", type=Path, help="time this frozen file as model 1 (same architecture)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "speed")
