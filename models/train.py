@@ -175,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--ckpt-minutes", type=float, default=5.0)
+    p.add_argument("--small-copy", type=Path, default=None,
+                   help="at every checkpoint also write here a copy without optimizer state and with fp16 "
+                        "weights (about a sixth of the size), to carry a run between machines; it resumes too")
     p.add_argument("--limit-images", type=int, default=None, help="use only the first K images (tests)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
@@ -219,8 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ModelConfig.from_dict(ck["config"]) != config:
             raise SystemExit(f"{ckpt_path} was trained with {ck['config']}, not {config.to_dict()}")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})
+        if "optimizer" in ck:  # a --small-copy has none: Adam restarts from zero moments
+            optimizer.load_state_dict(ck["optimizer"])
         for st, s in zip(level_losses, ck["level_losses"]):
             st.load_state(s)
         d_mean = ck["d_mean"]
@@ -248,10 +252,12 @@ def main(argv: list[str] | None = None) -> dict:
             gens = [None] * dist.get_world_size()
             dist.all_gather_object(gens, gen.get_state())
         if is_main:
-            save_atomic({"config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "level_losses": [s.state() for s in level_losses], "d_mean": d_mean, "step": step,
-                         "generator": gens, "args": vars(args) | {"data": str(args.data), "out": str(args.out),
-                                                                   "kodak": str(args.kodak)}}, ckpt_path)
+            state = {"config": config.to_dict(), "model": model.state_dict(),
+                     "level_losses": [s.state() for s in level_losses], "d_mean": d_mean, "step": step,
+                     "generator": gens, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+            save_atomic(state | {"optimizer": optimizer.state_dict()}, ckpt_path)
+            if args.small_copy:
+                save_atomic(state | {"model": {k: v.half() for k, v in state["model"].items()}}, args.small_copy)
 
     while step < args.steps:
         lr = args.lr * (0.1 if step >= args.lr_drop * args.steps else 1.0)

@@ -90,3 +90,19 @@ def test_distributed_training_with_two_gloo_processes(tiny_data, tmp_path):
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 4
     assert len(ck["generator"]) == 2  # each rank's data stream is saved for resuming
+
+
+def test_small_copy_resumes_without_optimizer_state(tiny_data, tmp_path):
+    """--small-copy (fp16 weights, no Adam moments) is what travels between machines; it resumes."""
+    out, small = tmp_path / "run", tmp_path / "small.pt"
+    train.main(_args(tiny_data, out, 2, ["--small-copy", str(small)]))
+    full, copy = (torch.load(p, weights_only=False) for p in (out / "checkpoint.pt", small))
+    assert "optimizer" not in copy and copy["step"] == 2
+    assert all(v.dtype == torch.float16 for v in copy["model"].values() if v.is_floating_point())
+    assert small.stat().st_size < (out / "checkpoint.pt").stat().st_size / 4
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "checkpoint.pt").write_bytes(small.read_bytes())
+    train.main(_args(tiny_data, moved, 4))
+    assert torch.load(moved / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert full["level_losses"] == copy["level_losses"]
