@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,17 @@ def test_small_copy_resumes_without_optimizer_state(tiny_data, tmp_path):
     train.main(_args(tiny_data, moved, 4))
     assert torch.load(moved / "checkpoint.pt", weights_only=False)["step"] == 4
     assert full["level_losses"] == copy["level_losses"]
+
+
+def test_committed_checkpoint_resumes(tiny_data, tmp_path):
+    """The checkpoint shipped in models/checkpoints/ is where the next training run starts: one more step."""
+    shipped = sorted((Path(train.__file__).parent / "checkpoints").glob("*.pt"))
+    assert shipped, "no committed training checkpoint"
+    ck = torch.load(shipped[-1], weights_only=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(shipped[-1].read_bytes())
+    args = _args(tiny_data, out, ck["step"] + 1)
+    args[args.index("--N") + 1], args[args.index("--M") + 1] = str(ck["config"]["N"]), str(ck["config"]["M"])
+    train.main(args)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == ck["step"] + 1
