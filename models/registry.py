@@ -35,8 +35,10 @@ MODELS: dict[int, ModelEntry] = {
     # id 0: a tiny model (N=8, M=12) trained for a few steps; it exists so that the golden
     # test files pin the format and stay fast. Not for real use.
     0: ModelEntry(0, "tiny-test", "tiny-test.pt", "520e084ac735caff567529a5acf70ca59d5d1390792becfe1c972368257eb217"),
-    # id 1: the shipped variable-rate mean-scale hyperprior (N=64, M=96); see weights/MODEL_CARD.md.
+    # id 1: the first variable-rate mean-scale hyperprior (N=64, M=96), 6000 steps; see weights/MODEL_CARD.md.
     1: ModelEntry(1, "hp-64-96", "hp-64-96.pt", "3843751f3522cd80867d15bd05843b8d0f9413b18896cbb03ec60c92424a0279"),
+    # id 2: the same architecture trained on to 18000 steps (from id 1's checkpoint); the default.
+    2: ModelEntry(2, "hp-64-96-v2", "hp-64-96-v2.pt", "d56266d48a504a8eac2e7361d230e6e0451c54293dce250ea279be44d56b9033"),
 }
 
-DEFAULT_MODEL_ID = 1
+DEFAULT_MODEL_ID = 2
