@@ -96,6 +96,8 @@ def plot_curves(log_path: Path, out_png: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    if not log_path.exists():  # a run resumed in a fresh folder that has not logged yet
+        return
     # A resumed run repeats the steps after its last checkpoint: keep the latest record per step.
     latest: dict[tuple[str, int], dict] = {}
     for line in log_path.read_text().splitlines():
