@@ -16,7 +16,7 @@ the SPEC.md check table with `struct` and `zlib` (not with lcodec's container), 
 a wrong error class or a wrong check order is a failure too.
 
 Cases are mutations of a corpus of valid files: the golden files plus fresh encodes
-with model 0 (the tiny test model, fast) and model 1 (the shipped model), made with
+with model 0 (the tiny test model, fast) and the default model (`--models` to choose), made with
 an explicit rate parameter so the corpus does not depend on rate control. The
 mutation classes (see `CLASSES`) come in three families:
 
@@ -61,6 +61,8 @@ from typing import Callable
 
 import numpy as np
 
+from lcodec.models.registry import DEFAULT_MODEL_ID  # no torch: the table only
+
 GOLDEN = Path(__file__).resolve().parent / "golden"
 MAGIC = b"lcod"
 HEADER = struct.Struct(">4sBB4sHHBh")  # SPEC.md: magic, version, model_id, digest, width, height, mode, rate_q
@@ -101,24 +103,25 @@ def smooth_image(height: int, width: int, seed: int, gray: bool = False) -> np.n
 
 
 # (model id, height, width, gray, rate q): small images, odd sizes, both modes, low and high rates.
+# (tiny, h, w, gray, q): tiny specs are coded with model 0, the others with each real model asked for.
 CORPUS_SPECS = (
-    (0, 1, 1, False, 4.0), (0, 16, 16, True, 0.0), (0, 37, 65, False, 2.0), (0, 64, 64, False, 8.0),
-    (0, 70, 130, True, 6.0), (0, 48, 64, False, -2.0),
-    (1, 1, 1, False, 4.0), (1, 48, 64, False, 2.0), (1, 37, 65, True, 5.0), (1, 64, 64, False, 8.0),
+    (True, 1, 1, False, 4.0), (True, 16, 16, True, 0.0), (True, 37, 65, False, 2.0), (True, 64, 64, False, 8.0),
+    (True, 70, 130, True, 6.0), (True, 48, 64, False, -2.0),
+    (False, 1, 1, False, 4.0), (False, 48, 64, False, 2.0), (False, 37, 65, True, 5.0), (False, 64, 64, False, 8.0),
 )
+DEFAULT_CORPUS_MODELS = (0, DEFAULT_MODEL_ID)
 
 
-def build_corpus(models: tuple[int, ...] = (0, 1)) -> list[Seed]:
+def build_corpus(models: tuple[int, ...] = DEFAULT_CORPUS_MODELS) -> list[Seed]:
     """The golden files, then fresh one-pass encodes (explicit rate: no rate search)."""
     from lcodec import engine
 
     seeds = [Seed(p.name, p.read_bytes()) for p in sorted(GOLDEN.glob("*.lc"))]
-    for k, (model_id, h, w, gray, q) in enumerate(CORPUS_SPECS):
-        if model_id not in models:
-            continue
+    for k, (tiny, h, w, gray, q) in enumerate(CORPUS_SPECS):
         pixels = smooth_image(h, w, seed=k, gray=gray)
-        data = engine.encode_array(pixels, "L" if gray else "RGB", rate=q, model_id=model_id).data
-        seeds.append(Seed(f"m{model_id}-{'L' if gray else 'RGB'}-{w}x{h}-q{q:g}", data))
+        for model_id in [m for m in models if (m == 0) == tiny]:
+            data = engine.encode_array(pixels, "L" if gray else "RGB", rate=q, model_id=model_id).data
+            seeds.append(Seed(f"m{model_id}-{'L' if gray else 'RGB'}-{w}x{h}-q{q:g}", data))
     return seeds
 
 
@@ -632,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rss-mb", type=float, default=2048, help="peak RSS per decoding process")
     parser.add_argument("--address-space-mb", type=int, default=8192,
                         help="RLIMIT_AS of the decoding process (0: none), so a blow-up fails instead of swapping")
-    parser.add_argument("--models", default="0,1", help="model ids of the fresh corpus files")
+    parser.add_argument("--models", default=",".join(map(str, DEFAULT_CORPUS_MODELS)),
+                        help="model ids of the fresh corpus files (default: the tiny test model and the default model)")
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--save-failures", type=Path, help="write every failing input here")
     parser.add_argument("--replay", type=Path, help="decode one saved input in this process and print the result")
