@@ -1,6 +1,7 @@
 """A few real training steps on tiny generated data: logging, resuming, two-process DDP."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,13 +112,11 @@ def test_small_copy_resumes_without_optimizer_state(tiny_data, tmp_path):
 
 def test_committed_checkpoint_resumes(tiny_data, tmp_path):
     """The checkpoint shipped in models/checkpoints/ is where the next training run starts: one more step."""
-    shipped = sorted((Path(train.__file__).parent / "checkpoints").glob("*.pt"))
-    assert shipped, "no committed training checkpoint"
-    ck = torch.load(shipped[-1], weights_only=False)
+    [shipped] = (Path(train.__file__).parent / "checkpoints").glob("*.pt")
     out = tmp_path / "run"
     out.mkdir()
-    (out / "checkpoint.pt").write_bytes(shipped[-1].read_bytes())
-    args = _args(tiny_data, out, ck["step"] + 1)
-    args[args.index("--N") + 1], args[args.index("--M") + 1] = str(ck["config"]["N"]), str(ck["config"]["M"])
-    train.main(args)
+    shutil.copyfile(shipped, out / "checkpoint.pt")
+    ck = torch.load(shipped, weights_only=False)
+    widths = ["--N", str(ck["config"]["N"]), "--M", str(ck["config"]["M"])]  # the later flag wins
+    train.main(_args(tiny_data, out, ck["step"] + 1, widths))
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == ck["step"] + 1
