@@ -102,8 +102,8 @@ def smooth_image(height: int, width: int, seed: int, gray: bool = False) -> np.n
     return img[:, :, 1].copy() if gray else img
 
 
-# (model id, height, width, gray, rate q): small images, odd sizes, both modes, low and high rates.
-# (tiny, h, w, gray, q): tiny specs are coded with model 0, the others with each real model asked for.
+# (tiny, height, width, gray, rate q): small images, odd sizes, both modes, low and high rates. Tiny specs
+# are coded with model 0, the others with each other model asked for.
 CORPUS_SPECS = (
     (True, 1, 1, False, 4.0), (True, 16, 16, True, 0.0), (True, 37, 65, False, 2.0), (True, 64, 64, False, 8.0),
     (True, 70, 130, True, 6.0), (True, 48, 64, False, -2.0),
