@@ -8,7 +8,9 @@ range decoder. So the frozen model runs h_s on integers only (after Ballé,
 Minnen & Johnston, "Integer networks for data compression", ICLR 2019):
 
 * weights are quantised per output channel c to W_int = round(W * 2^e_c) with
-  |W_int| < 2^14; biases to round(b * 2^(e_c + a_in));
+  |W_int| < 2^14; biases to round(b * 2^(e_c + a_in)), with e_c also capped so
+  that |b_int| <= 2^40 (a channel with tiny or zero weights would otherwise
+  get a huge e_c and an unrepresentable bias);
 * activations are integers in fixed point with `ACT_BITS` fractional bits
   (the input ẑ is an integer, 0 fractional bits);
 * after each layer, acc (an integer) is rescaled by floor(acc * 2^-(e_c + a_in - a_out)),
@@ -38,6 +40,7 @@ ACT_BITS = 8  # fractional bits of hidden activations
 OUT_BITS = 16  # fractional bits of the mean and scale outputs
 ACT_LIMIT = 2.0**24  # hidden activations and the input ẑ are within ±ACT_LIMIT
 EXACT_LIMIT = 2.0**52
+BIAS_LIMIT = 2.0**40  # |b_int| <= BIAS_LIMIT
 
 
 def quantize_hyper_synthesis(hs: nn.Sequential) -> list[dict]:
@@ -53,7 +56,9 @@ def quantize_hyper_synthesis(hs: nn.Sequential) -> list[dict]:
         b = layer.bias.detach().double()
         ch_dim = 1 if transposed else 0
         wmax = w.abs().transpose(0, ch_dim).reshape(w.shape[ch_dim], -1).amax(1).clamp_min(1e-30)
-        exps = torch.floor(torch.log2((2**WEIGHT_BITS - 1) / wmax)).clamp(0, 60)
+        exps = torch.floor(torch.log2((2**WEIGHT_BITS - 1) / wmax))
+        bias_room = torch.floor(torch.log2(BIAS_LIMIT / (b.abs() * 2.0**a_in).clamp_min(1e-30)))
+        exps = torch.minimum(exps, bias_room).clamp(0, 60)
         shape = [1, -1, 1, 1] if transposed else [-1, 1, 1, 1]
         w_int = torch.round(w * torch.exp2(exps).view(shape))
         b_int = torch.round(b * torch.exp2(exps + a_in))

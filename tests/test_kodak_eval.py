@@ -240,3 +240,18 @@ def test_cli_help_shows_an_example():
     assert res.exit_code == 0 and "python -m kodak_eval --quick" in res.output
     res = CliRunner().invoke(main, ["--codecs", "nope"])
     assert res.exit_code == 2 and "unknown codec" in res.output
+
+
+def test_latent_bound_grows_with_the_width_and_is_exact_at_full_width(tmp_path):
+    from kodak_eval.latent_bound import pca_bound
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"{i}.png"
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((64, 48), Image.BILINEAR).save(p)  # 12 smooth blocks each
+        paths.append(p)
+    bound = pca_bound(paths[:3], paths[3:], [4, 16, 64, 768])
+    assert bound[4] < bound[16] < bound[64]
+    assert bound[768] > 100  # every component kept: only float round-off is left

@@ -120,3 +120,41 @@ def test_committed_checkpoint_resumes(tiny_data, tmp_path):
     widths = ["--N", str(ck["config"]["N"]), "--M", str(ck["config"]["M"])]  # the later flag wins
     train.main(_args(tiny_data, out, ck["step"] + 1, widths))
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == ck["step"] + 1
+
+
+def test_widening_the_latent_keeps_the_reconstruction_and_trains_on(tiny_data, tmp_path):
+    """lcodec.models.widen: M 12 -> 20 reproduces x_hat, and training resumes from it."""
+    from lcodec.models import widen
+
+    out = tmp_path / "run"
+    train.main(_args(tiny_data, out, 2))
+    wide_dir = tmp_path / "wide"
+    widen.main([str(out / "checkpoint.pt"), str(wide_dir / "checkpoint.pt"), "--M", "20"])
+    old_ck, new_ck = (torch.load(p, weights_only=False) for p in (out / "checkpoint.pt", wide_dir / "checkpoint.pt"))
+    assert new_ck["config"]["M"] == 20 and new_ck["step"] == 2 and "optimizer" not in new_ck
+    models = []
+    for ck in (old_ck, new_ck):
+        m = MeanScaleHyperprior(ModelConfig.from_dict(ck["config"])).eval()
+        m.load_state_dict(ck["model"])
+        models.append(m)
+    x, q = torch.rand(1, 3, 64, 64), torch.tensor([7.0])
+    # The same function; only the float summation order of the wider convolutions differs.
+    torch.testing.assert_close(models[1].evaluate(x, q)["x_hat"], models[0].evaluate(x, q)["x_hat"], atol=1e-6, rtol=1e-5)
+    with pytest.raises(SystemExit, match="exists"):
+        widen.main([str(out / "checkpoint.pt"), str(wide_dir / "checkpoint.pt"), "--M", "20"])
+    assert train.main(_args(tiny_data, wide_dir, 3, ["--M", "20"]))["step"] == 3
+
+
+def test_integer_hyper_synthesis_survives_channels_with_zero_weights():
+    """A freshly widened h_s has output channels whose weights are all zero; their bias must stay exact."""
+    from lcodec.models.integer_hyper import BIAS_LIMIT, quantize_hyper_synthesis
+
+    model = MeanScaleHyperprior(ModelConfig(N=8, M=12))
+    with torch.no_grad():
+        model.hyper_synthesis[4].weight[3:5] = 0
+        model.hyper_synthesis[4].bias[3:5] = torch.tensor([0.7, -2.0])
+    layers = quantize_hyper_synthesis(model.hyper_synthesis)
+    last = layers[-1]
+    assert last["bias"].abs().max().item() <= BIAS_LIMIT
+    got = last["bias"][3:5].double() * torch.exp2(-last["shift"][3:5].double() - 16)  # back to float units
+    assert got.tolist() == pytest.approx([0.7, -2.0], abs=2**-16)
