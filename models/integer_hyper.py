@@ -71,7 +71,7 @@ def quantize_hyper_synthesis(hs: nn.Sequential) -> list[dict]:
             "stride": layer.stride[0],
             "padding": layer.padding[0],
             "output_padding": layer.output_padding[0] if transposed else 0,
-            "weight": w_int.to(torch.int32),
+            "weight": w_int.to(torch.int16),  # |W_int| < 2^14: half the file of int32
             "bias": b_int.to(torch.int64),
             "shift": (exps + a_in - a_out).to(torch.int32),  # rescale acc by 2^-shift per channel
             "relu": not last,
