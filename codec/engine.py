@@ -113,9 +113,13 @@ class _Encoder:
         bits = self.model.z_tables.cost_bits(z, self.z_index) + self.model.y_tables.cost_bits(sym, idx)
         return OVERHEAD + bits / 8
 
-    def encode(self, rq: int) -> bytes:
+    def payload(self, rq: int) -> bytes:
+        """The range-coded stream at rq (everything of the file but the header and CRC)."""
         z, sym, idx = self._symbols(rq)
-        payload = range_coder.encode([(z, self.z_index, self.model.z_tables), (sym, idx, self.model.y_tables)])
+        return range_coder.encode([(z, self.z_index, self.model.z_tables), (sym, idx, self.model.y_tables)])
+
+    def encode(self, rq: int) -> bytes:
+        payload = self.payload(rq)
         header = container.Header(
             version=container.FORMAT_VERSION, model_id=self.model_id, weights_digest=MODELS[self.model_id].digest4,
             width=self.width, height=self.height, mode=self.mode, rate_q=rq, payload_size=len(payload))
@@ -169,6 +173,14 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
                    + ("the model's highest rate is reached" if found.rq == hi else
                       "the rate steps of this small image are coarser than 3%"))
     return EncodeResult(data, found.rq / RATE_SCALE, 8 * len(data) / pixels_n, target, warning)
+
+
+def coded_sizes(model: FrozenModel, pixels: np.ndarray, mode: str, rates: list[float]) -> list[int]:
+    """Real file sizes in bytes (header included) of one-pass encodes at each rate q, for a
+    frozen model that need not be installed: training validation counts really coded bits."""
+    _check_pixels(pixels, mode)
+    enc = _Encoder(model, -1, pixels, mode)  # no model id: nothing here writes a header
+    return [OVERHEAD + len(enc.payload(round(q * RATE_SCALE))) for q in rates]
 
 
 def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import copy
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .losses import make_level_losses
-from .networks import DEFAULT_LEVELS, ModelConfig, build_model
+from .networks import DEFAULT_LEVELS, MeanScaleHyperprior, ModelConfig, build_model
 
 VALIDATION_IMAGES = ("kodim04.png", "kodim08.png", "kodim15.png", "kodim23.png")
 
@@ -68,23 +70,50 @@ def psnr(mse: float) -> float:
 
 
 def validate(model: torch.nn.Module, kodak: Path, device: torch.device) -> list[dict]:
-    """Per level: mean estimated bpp of the rounded latents and mean PSNR on a few Kodak images."""
+    """Per level, on a few Kodak images: the mean estimated bpp of the rounded latents, the mean
+    bpp of really coded files (the model frozen as the codec would ship it, one pass at the level,
+    header included; hyperprior only) and the mean PSNR of the rounded latents' reconstruction."""
     files = [kodak / f for f in VALIDATION_IMAGES if (kodak / f).exists()]
     if not files:
         return []
+    images = [np.array(Image.open(f).convert("RGB")) for f in files]
+    levels = model.config.levels
     model.eval()
+    coded = coded_bpp(model, images)
     rows = []
-    for i, r in enumerate(model.config.levels):
+    for i, r in enumerate(levels):
         bpps, psnrs = [], []
-        for f in files:
-            x = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
-            x = x.to(device)
+        for pixels in images:
+            x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().to(device) / 255
             out = model.evaluate(x, torch.tensor([float(i)], device=device))
             bpps.append(out["bits"].item() / (x.shape[2] * x.shape[3]))
             psnrs.append(psnr(torch.mean((out["x_hat"].clamp(0, 1) - x) ** 2).item()))
-        rows.append({"level": i, "target": r, "bpp_est": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))})
+        rows.append({"level": i, "target": r, "bpp_est": float(np.mean(bpps)),
+                     "bpp_coded": coded[i] if coded else None, "psnr": float(np.mean(psnrs))})
     model.train()
     return rows
+
+
+def coded_bpp(model: torch.nn.Module, images: list[np.ndarray]) -> list[float] | None:
+    """Mean real bpp per level of one-pass .lc files: freeze a copy of the model and code with it."""
+    if not isinstance(model, MeanScaleHyperprior):
+        return None
+    from .. import engine  # lazy: the codec is only needed here
+    from .freeze import freeze
+    from .frozen import FrozenModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "frozen.pt"
+        try:
+            freeze(copy.deepcopy(model).cpu(), path)
+        except ValueError as e:  # e.g. an h_s that integer arithmetic cannot hold exactly
+            tqdm.write(f"validation: cannot freeze this model ({e}); no coded rates")
+            return None
+        frozen = FrozenModel(path)
+    rates = [float(i) for i in range(len(model.config.levels))]
+    sizes = np.array([engine.coded_sizes(frozen, pixels, "RGB", rates) for pixels in images])  # images x levels
+    pixels_n = np.array([p.shape[0] * p.shape[1] for p in images])[:, None]
+    return (8 * sizes / pixels_n).mean(0).tolist()
 
 
 def small_copy(checkpoint: dict) -> dict:
