@@ -8,12 +8,19 @@ Why: with M = 96 the reconstruction of the *unquantised* latents saturates
 nothing. Ballé et al. widen M for high rates for the same reason. Training a
 wider model from scratch on 2 CPU cores would throw away every step so far.
 
-The new channels start "switched off" on the decoding side and alive on the
-encoding side, so the widened model reproduces the old one exactly and
-gradients reach every new weight from the first step:
+The new channels start nearly silent, so the widened model reproduces the old
+one closely, and gradients reach every new weight from the first step:
 
 * g_a: new output channels keep their fresh default initialisation;
-* g_s and h_a: weights *from* the new channels are zero;
+* g_s: weights from the new channels keep their fresh (small, random)
+  initialisation. The new channels' lower gain (below) makes nearly all of
+  their latents round to 0, so the output barely changes, but D has a
+  first-order gradient on g_a's new rows through the straight-through rounding.
+  With zero weights here both gradients are zero at the start (a saddle): a try
+  that way (M 96 -> 256, 1700 steps) squeezed the new channels out instead of
+  using them (their share of the top level's rate fell from 0.22 to 0.10 bpp
+  and the unquantised PSNR did not move);
+* h_a: weights from the new channels are zero (z is unchanged);
 * h_s: new hidden units get fresh incoming weights and zero outgoing weights;
   new mean outputs are 0, new scale outputs have zero weights and the mean of
   the old scale biases;
@@ -65,9 +72,8 @@ def widen_state(old: dict, old_config: ModelConfig, M: int, seed: int = 0) -> tu
     # g_a: the old output channels first, new ones keep their fresh weights.
     new["analysis.6.weight"][:M0] = old["analysis.6.weight"]
     new["analysis.6.bias"][:M0] = old["analysis.6.bias"]
-    # g_s (ConvTranspose weight is in x out): nothing flows from the new channels yet.
-    new["synthesis.0.weight"][:M0] = old["synthesis.0.weight"]
-    new["synthesis.0.weight"][M0:] = 0
+    # g_s (ConvTranspose weight is in x out).
+    new["synthesis.0.weight"][:M0] = old["synthesis.0.weight"]  # rows M0: keep their fresh weights
     # h_a (Conv weight is out x in): the new channels do not change z.
     new["hyper_analysis.0.weight"][:, :M0] = old["hyper_analysis.0.weight"]
     new["hyper_analysis.0.weight"][:, M0:] = 0
