@@ -16,9 +16,9 @@ gloo on CPU, nccl on GPUs).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
-import copy
 import os
 import tempfile
 import time
@@ -77,11 +77,10 @@ def validate(model: torch.nn.Module, kodak: Path, device: torch.device) -> list[
     if not files:
         return []
     images = [np.array(Image.open(f).convert("RGB")) for f in files]
-    levels = model.config.levels
     model.eval()
     coded = coded_bpp(model, images)
     rows = []
-    for i, r in enumerate(levels):
+    for i, r in enumerate(model.config.levels):
         bpps, psnrs = [], []
         for pixels in images:
             x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().to(device) / 255

@@ -1,7 +1,7 @@
-"""Widen the latent y of a trained hyperprior checkpoint (M -> a larger M) without
-changing what it computes, so that training can go on with a wider bottleneck.
+"""Widen the latent y of a trained hyperprior checkpoint (M -> a larger M) so that
+it computes nearly the same thing, and training can go on with a wider bottleneck.
 
-    python -m lcodec.models.widen runs/hp64c/checkpoint.pt runs/hp64w/checkpoint.pt --M 192
+    python -m lcodec.models.widen runs/hp64/checkpoint.pt runs/hp256/checkpoint.pt --M 256
 
 Why: with M = 96 the reconstruction of the *unquantised* latents saturates
 (about 27-32 dB on Kodak crops at every level), so bits above ~1 bpp buy almost
@@ -53,7 +53,8 @@ NEW_LOG_GAIN_OFFSET = 2.0
 
 
 def widen_state(old: dict, old_config: ModelConfig, M: int, seed: int = 0) -> tuple[dict, ModelConfig]:
-    """State dict of a MeanScaleHyperprior with latent width M that computes the same function."""
+    """State dict of a MeanScaleHyperprior with latent width M that computes nearly the same function
+    (exactly the same wherever the new latents round to 0)."""
     if old_config.arch != "hyperprior":
         raise ValueError("only the hyperprior model can be widened")
     M0, N = old_config.M, old_config.N
