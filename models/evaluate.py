@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .. import engine
 from ..errors import RateError
+from .registry import DEFAULT_MODEL_ID
 
 
 def rgb_psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -38,11 +39,11 @@ def ssim_pair(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return ssim(ta, tb, data_range=255).item(), ms_ssim(ta, tb, data_range=255).item()
 
 
-def evaluate(kodak: Path, limit: int | None = None) -> dict:
+def evaluate(kodak: Path, limit: int | None = None, model_id: int = DEFAULT_MODEL_ID) -> dict:
     files = sorted(kodak.glob("*.png"))[:limit]
     if not files:
         raise SystemExit(f"no PNG images in {kodak}")
-    info = engine.model_info()
+    info = engine.model_info(model_id)
     levels = info["levels"]
     one_pass = {i: [] for i in range(len(levels))}
     exact = {i: [] for i in range(len(levels))}
@@ -50,10 +51,10 @@ def evaluate(kodak: Path, limit: int | None = None) -> dict:
         img = np.asarray(Image.open(f).convert("RGB"))
         n = img.shape[0] * img.shape[1]
         for i, target in enumerate(levels):
-            r = engine.encode_array(img, "RGB", rate=float(i))
+            r = engine.encode_array(img, "RGB", rate=float(i), model_id=model_id)
             one_pass[i].append(8 * len(r.data) / n)
             try:
-                r = engine.encode_array(img, "RGB", bpp=target)
+                r = engine.encode_array(img, "RGB", bpp=target, model_id=model_id)
             except RateError:
                 exact[i].append(None)  # the model cannot go this low for this image
                 continue
@@ -106,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kodak", type=Path, default=Path("../shared/data/kodak"))
     p.add_argument("--out", type=Path, default=None, help="write the JSON here (and a .md beside it)")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--model-id", type=int, default=DEFAULT_MODEL_ID, help="a model of the registry (default: the default)")
     args = p.parse_args(argv)
-    result = evaluate(args.kodak, args.limit)
+    result = evaluate(args.kodak, args.limit, args.model_id)
     md = markdown(result)
     print(md)
     if args.out:

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from conftest import smooth_rgb
 from lcodec import engine
 from lcodec.errors import ModelMismatchError, RateError
 from lcodec.models.integer_hyper import ACT_BITS, IntegerHyperSynthesis, table_index
@@ -152,8 +154,6 @@ KODAK = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kodak"
 
 def _photo(name: str, h: int, w: int) -> np.ndarray:
     """A crop of a Kodak image, or the synthetic stand-in where ../shared is absent."""
-    from PIL import Image
-
     path = KODAK / name
     if not path.exists():
         return _natural(h, w)
@@ -208,3 +208,21 @@ def test_odd_sizes_round_trip(shape, mode):
     r = engine.encode_array(img, mode, rate=6.0, model_id=TINY)
     pixels, out_mode = engine.decode_array(r.data)
     assert pixels.shape == img.shape and out_mode == mode
+
+
+def test_model_card_table_measures_real_files(tmp_path):
+    """`python -m lcodec.models.evaluate`: one-pass rates are real file sizes, exact rates stay under target."""
+    from lcodec.models import evaluate
+
+    Image.fromarray(smooth_rgb(176, 192)).save(tmp_path / "a.png")  # MS-SSIM needs sides over 160
+    result = evaluate.evaluate(tmp_path, model_id=0)
+    assert result["model"]["model_id"] == 0 and result["images"] == 1
+    levels = result["model"]["levels"]
+    assert [r["target"] for r in result["rows"]] == levels
+    img = np.asarray(Image.open(tmp_path / "a.png"))
+    one_pass = 8 * len(engine.encode_array(img, "RGB", rate=0.0, model_id=0).data) / (176 * 192)
+    assert result["rows"][0]["one_pass_bpp"]["mean"] == pytest.approx(one_pass)
+    for row in result["rows"]:
+        if row["exact"] is not None:
+            assert row["exact"]["bpp"] <= row["target"]
+    assert "| target bpp |" in evaluate.markdown(result)
