@@ -48,7 +48,7 @@ def evaluate(kodak: Path, limit: int | None = None, model_id: int = DEFAULT_MODE
     one_pass = {i: [] for i in range(len(levels))}
     exact = {i: [] for i in range(len(levels))}
     for f in tqdm(files, desc="kodak"):
-        img = np.asarray(Image.open(f).convert("RGB"))
+        img = np.array(Image.open(f).convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
         n = img.shape[0] * img.shape[1]
         for i, target in enumerate(levels):
             r = engine.encode_array(img, "RGB", rate=float(i), model_id=model_id)
