@@ -591,7 +591,7 @@ class Watchdog:
 # -- decompression bombs within the cap ---------------------------------------------------------------
 
 
-def bombs(timeout: float) -> list[dict]:
+def bombs(timeout: float, model_ids: tuple[int, ...]) -> list[dict]:
     """What tiny, CRC-valid files that declare large (allowed) sizes cost to decode, one child each.
 
     A payload of zero bytes decodes: the range decoder reads missing words as zeros,
@@ -607,7 +607,7 @@ def bombs(timeout: float) -> list[dict]:
             "try:\n    p, m = engine.decode_array(data); out = 'image'\n"
             "except Exception as e:\n    out = type(e).__name__\n"
             "print(out, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    for model_id in (0, 1):
+    for model_id in model_ids:
         for side in (512, 1024, 2048, 4096, 8192):
             data = with_crc(HEADER.pack(MAGIC, 1, model_id, MODELS[model_id].digest4, side, side, 1, 0))
             try:
@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address-space-mb", type=int, default=8192,
                         help="RLIMIT_AS of the decoding process (0: none), so a blow-up fails instead of swapping")
     parser.add_argument("--models", default=",".join(map(str, DEFAULT_CORPUS_MODELS)),
-                        help="model ids of the fresh corpus files (default: the tiny test model and the default model)")
+                        help="model ids of the fresh corpus files and of --bombs (default: the tiny test model and the default model)")
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--save-failures", type=Path, help="write every failing input here")
     parser.add_argument("--replay", type=Path, help="decode one saved input in this process and print the result")
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"outcome: {result['outcome']}  problem: {result['problem']}\n{result['detail']}")
         return 0
     if args.bombs:
-        rows = bombs(timeout=300)
+        rows = bombs(timeout=300, model_ids=tuple(int(m) for m in args.models.split(",")))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
         return 0
