@@ -126,6 +126,23 @@ class _Encoder:
         return container.pack(header, payload)
 
 
+def _smallest_rate(enc: _Encoder, lo: int) -> int:
+    """The rq at or below level 0 with the smallest estimated file, walking up from `lo`.
+
+    Below level 0 the gains are extrapolated, and a channel whose gain falls from level 0
+    to level 1 gets a larger gain there: the size can grow again towards the bottom of the
+    range (model 3's does, from about q = -0.5 down). The search needs a range where the
+    size rises with rq, so it starts where the size stops falling."""
+    step = RATE_SCALE // 4
+    best, best_size = lo, enc.estimate_bytes(lo)
+    for rq in range(lo + step, 1, step):
+        size = enc.estimate_bytes(rq)
+        if size >= best_size:
+            break
+        best, best_size = rq, size
+    return best
+
+
 def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size: int | None = None,
                  rate: float | None = None, model_id: int = DEFAULT_MODEL_ID) -> EncodeResult:
     """Encode uint8 pixels ((H, W, 3) RGB or (H, W) L) to .lc bytes.
@@ -161,6 +178,7 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
         raise RateError(f"{asked} is too small for a {width}x{height} image: "
                         f"the .lc header alone takes {OVERHEAD} bytes")
     enc = _Encoder(model, model_id, pixels, mode)  # runs g_a: only after the cheap checks
+    lo = _smallest_rate(enc, lo)
     found = search(enc.estimate_bytes, enc.encode, target, lo, hi)
     if found is None:
         smallest = len(enc.encode(lo))
