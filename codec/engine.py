@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,7 +127,7 @@ class _Encoder:
         return container.pack(header, payload)
 
 
-def _smallest_rate(enc: _Encoder, lo: int) -> int:
+def _smallest_rate(estimate: Callable[[int], float], lo: int) -> int:
     """The rq at or below level 0 with the smallest estimated file, walking up from `lo`.
 
     Below level 0 the gains are extrapolated, and a channel whose gain falls from level 0
@@ -134,9 +135,9 @@ def _smallest_rate(enc: _Encoder, lo: int) -> int:
     range (model 3's does, from about q = -0.5 down). The search needs a range where the
     size rises with rq, so it starts where the size stops falling."""
     step = RATE_SCALE // 4
-    best, best_size = lo, enc.estimate_bytes(lo)
+    best, best_size = lo, estimate(lo)
     for rq in range(lo + step, 1, step):
-        size = enc.estimate_bytes(rq)
+        size = estimate(rq)
         if size >= best_size:
             break
         best, best_size = rq, size
@@ -178,8 +179,9 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
         raise RateError(f"{asked} is too small for a {width}x{height} image: "
                         f"the .lc header alone takes {OVERHEAD} bytes")
     enc = _Encoder(model, model_id, pixels, mode)  # runs g_a: only after the cheap checks
-    lo = _smallest_rate(enc, lo)
-    found = search(enc.estimate_bytes, enc.encode, target, lo, hi)
+    estimate = functools.cache(enc.estimate_bytes)  # the walk's probes are the search's too
+    lo = _smallest_rate(estimate, lo)
+    found = search(estimate, enc.encode, target, lo, hi)
     if found is None:
         smallest = len(enc.encode(lo))
         raise RateError(f"cannot reach {asked} for this {enc.width}x{enc.height} image: the smallest file "
