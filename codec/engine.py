@@ -127,21 +127,20 @@ class _Encoder:
         return container.pack(header, payload)
 
 
-def _smallest_rate(estimate: Callable[[int], float], lo: int) -> int:
-    """The rq at or below level 0 with the smallest estimated file, walking up from `lo`.
+def _search_start(estimate: Callable[[int], float], lo: int, below: float) -> int:
+    """Where the rate search starts: walking down from level 0 in quarter steps, the first rq
+    whose estimated file is at most `below` bytes, else the one with the smallest file.
 
     Below level 0 the gains are extrapolated, and a channel whose gain falls from level 0
     to level 1 gets a larger gain there: the size can grow again towards the bottom of the
     range (model 3's does, from about q = -0.5 down). The search needs a range where the
-    size rises with rq, so it starts where the size stops falling."""
+    size rises with rq, so the walk stops where the size stops falling. A target at or
+    above level 0's size costs no step at all (the search probes level 0 anyway)."""
     step = RATE_SCALE // 4
-    best, best_size = lo, estimate(lo)
-    for rq in range(lo + step, 1, step):
-        size = estimate(rq)
-        if size >= best_size:
-            break
-        best, best_size = rq, size
-    return best
+    rq = 0
+    while estimate(rq) > below and rq - step >= lo and estimate(rq - step) < estimate(rq):
+        rq -= step
+    return rq
 
 
 def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size: int | None = None,
@@ -180,10 +179,13 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
                         f"the .lc header alone takes {OVERHEAD} bytes")
     enc = _Encoder(model, model_id, pixels, mode)  # runs g_a: only after the cheap checks
     estimate = functools.cache(enc.estimate_bytes)  # the walk's probes are the search's too
-    lo = _smallest_rate(estimate, lo)
-    found = search(estimate, enc.encode, target, lo, hi)
+    start = _search_start(estimate, lo, target)
+    found = search(estimate, enc.encode, target, start, hi)
+    if found is None:  # under the target nowhere from start up: go on down to the smallest file
+        bottom = _search_start(estimate, lo, 0)
+        found = search(estimate, enc.encode, target, bottom, hi) if bottom < start else None
     if found is None:
-        smallest = len(enc.encode(lo))
+        smallest = len(enc.encode(bottom))
         raise RateError(f"cannot reach {asked} for this {enc.width}x{enc.height} image: the smallest file "
                         f"lcodec can make for it is {smallest} bytes ({8 * smallest / pixels_n:.4g} bpp)")
     data = found.data

@@ -229,11 +229,22 @@ def test_model_card_table_measures_real_files(tmp_path):
 
 
 def test_rate_search_starts_where_the_size_stops_falling():
-    """Extrapolated gains can make files grow again below level 0 (model 3 does): the search
-    starts at the smallest estimate, and where the size only rises it starts at the range's bottom."""
-    u_shaped = lambda rq: 1000 + (rq + 512) ** 2  # noqa: E731 - smallest at q = -0.5
-    assert engine._smallest_rate(u_shaped, -2 * engine.RATE_SCALE) == -512
+    """Extrapolated gains can make files grow again below level 0 (model 3 does): walking
+    down from level 0, the search starts at the first size under the target, else at the
+    smallest size; a target above level 0's size needs no walk at all."""
+    lo = -2 * engine.RATE_SCALE
+    calls = []
+
+    def u_shaped(rq):  # smallest at q = -0.5
+        calls.append(rq)
+        return 1000 + (rq + 512) ** 2
+
+    assert engine._search_start(u_shaped, lo, 0) == -512
+    assert engine._search_start(u_shaped, lo, 1000 + 256**2) == -256
+    calls.clear()
+    assert engine._search_start(u_shaped, lo, 1000 + 512**2) == 0
+    assert calls == [0]
     rising = lambda rq: 2000 + rq  # noqa: E731
-    assert engine._smallest_rate(rising, -2 * engine.RATE_SCALE) == -2 * engine.RATE_SCALE
+    assert engine._search_start(rising, lo, 0) == lo
     falling = lambda rq: 2000 - rq  # noqa: E731 - never rises below level 0: stop at level 0
-    assert engine._smallest_rate(falling, -2 * engine.RATE_SCALE) == 0
+    assert engine._search_start(falling, lo, 0) == 0
