@@ -179,8 +179,12 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
                         f"the .lc header alone takes {OVERHEAD} bytes")
     enc = _Encoder(model, model_id, pixels, mode)  # runs g_a: only after the cheap checks
     estimate = functools.cache(enc.estimate_bytes)  # the walk's probes are the search's too
+    # Where the levels' nominal rates put the target (log-linear between them): the
+    # search's first guess. Images differ from the levels' training crops by +-15% or so.
+    levels = np.log(model.levels)
+    guess = round(RATE_SCALE * np.interp(math.log(8 * target / pixels_n), levels, np.arange(len(levels))))
     start = _search_start(estimate, lo, target)
-    found = search(estimate, enc.encode, target, start, hi)
+    found = search(estimate, enc.encode, target, start, hi, guess=guess)
     if found is None:  # under the target nowhere from start up: go on down to the smallest file
         bottom = _search_start(estimate, lo, 0)
         found = search(estimate, enc.encode, target, bottom, hi) if bottom < start else None

@@ -23,13 +23,25 @@ class SearchResult:
     encodes: int  # real encodes
 
 
-def largest_below(cost: Callable[[int], float], budget: float, lo: int, hi: int) -> int | None:
+def largest_below(cost: Callable[[int], float], budget: float, lo: int, hi: int,
+                  guess: int | None = None, spread: int = 256) -> int | None:
     """Largest rq in [lo, hi] with cost(rq) <= budget, assuming cost rises with rq.
 
     False position on the bracket (the cost is close to exponential in q, so
     interpolating log-costs converges in a few probes), falling back to
-    bisection whenever interpolation stalls. Returns None if cost(lo) > budget.
+    bisection whenever interpolation stalls. With a `guess`, the bracket is
+    first narrowed to guess +- spread where those probes allow: the cost is
+    far from exponential across the whole range, close to it across a
+    quarter of a level. Returns None if cost(lo) > budget.
     """
+    if guess is not None:
+        for edge in (max(lo, guess - spread), min(hi, guess + spread)):
+            if lo < edge < hi:
+                if cost(edge) <= budget:
+                    lo = edge
+                else:
+                    hi = edge
+                    break
     c_lo = cost(lo)
     if c_lo > budget:
         return None
@@ -58,11 +70,14 @@ def largest_below(cost: Callable[[int], float], budget: float, lo: int, hi: int)
 
 
 def search(estimate_bytes: Callable[[int], float], encode: Callable[[int], bytes], target_bytes: int,
-           lo: int, hi: int, tolerance: float = 0.03, max_encodes: int = 5) -> SearchResult | None:
+           lo: int, hi: int, tolerance: float = 0.03, max_encodes: int = 5, guess: int | None = None
+           ) -> SearchResult | None:
     """Largest file <= target_bytes (and, where the model can, >= (1 - tolerance) * target).
 
     `estimate_bytes(rq)` predicts the file size, `encode(rq)` makes the real file.
-    Returns None when even rq = lo gives a file over the target.
+    `guess` is where the answer probably lies (it saves probes, not changes the
+    answer); later rounds guess the rq encoded last. Returns None when even
+    rq = lo gives a file over the target.
     """
     cache: dict[int, float] = {}
 
@@ -81,13 +96,14 @@ def search(estimate_bytes: Callable[[int], float], encode: Callable[[int], bytes
         low = lo if best is None else best[0]
         if top < low:
             break
-        rq = largest_below(lambda r: est(r) * ratio, aim, low, top)
+        rq = largest_below(lambda r: est(r) * ratio, aim, low, top, guess)
         if rq is None:
             rq = low
         if best is not None and rq == best[0]:
             break
         data = encode(rq)
         encodes += 1
+        guess = rq
         size = len(data)
         ratio = size / max(est(rq), 1.0)
         if size > target_bytes:
