@@ -136,48 +136,47 @@ class Decoder:
         table_idx = tables.check_table_idx(table_idx)
         self._check_usable()
         order, groups = _grouping(table_idx, tables.num_tables)
-        coded = np.empty(table_idx.size, dtype=np.int64)
-        try:
-            for t, start, end in groups:
-                coded[start:end] = self._decoder.decode(_model(tables, t), end - start)
-        except BaseException as e:
-            self._raise_corrupt(e)
-        used = np.array([t for t, _, _ in groups], dtype=np.int64)
-        sizes = np.array([end - start for _, start, end in groups], dtype=np.int64)
-        offsets = np.repeat(tables.offsets[used].astype(np.int64), sizes)
-        lengths = np.repeat(tables.lengths[used].astype(np.int64), sizes)
-        symbols = np.empty(table_idx.size, dtype=np.int64)
-        symbols[order] = coded + offsets
-        escaped = np.flatnonzero(coded == lengths)  # in coding order ...
+        # Group by group, straight into the output: a large image has a latent as big as its
+        # pixel count, so every full-size temporary here costs several bytes per pixel.
+        symbols = np.empty(table_idx.size, dtype=np.int32)
+        escaped = []
+        for t, start, end in groups:
+            coded = self._decode(_model(tables, t), end - start)
+            positions = order[start:end]
+            symbols[positions] = coded + tables.offsets[t]
+            escaped.append(positions[coded == tables.lengths[t]])
+        del order
+        escaped = np.sort(np.concatenate(escaped)) if escaped else np.empty(0, dtype=np.int64)  # position order
         if escaped.size:
-            escaped = escaped[np.argsort(order[escaped])]  # ... and now in position order
             values = self._decode_escapes(escaped.size)
-            lo, n = offsets[escaped], lengths[escaped]
+            t = table_idx[escaped]
+            lo, n = tables.offsets[t].astype(np.int64), tables.lengths[t].astype(np.int64)
             if np.any((values >= lo) & (values < lo + n)):
                 self._fail("an escaped value lies inside its table's range")
-            symbols[order[escaped]] = values
-        return symbols.astype(np.int32)
+            symbols[escaped] = values  # |value| < 2**ESCAPE_MAX_BITS: fits in int32
+        return symbols
 
-    def _decode_escapes(self, count: int) -> np.ndarray:
+    def _decode(self, model, *args) -> np.ndarray:
+        """One vectorised constriction decode; CorruptFileError if the stream does not decode."""
         try:
-            n = self._decoder.decode(_ESCAPE_LENGTH_MODEL, count).astype(np.int64)
+            return self._decoder.decode(model, *args)
         except BaseException as e:
             self._raise_corrupt(e)
+
+    def _decode_escapes(self, count: int) -> np.ndarray:
+        n = self._decode(_ESCAPE_LENGTH_MODEL, count).astype(np.int64)
         if n.max() > ESCAPE_MAX_BITS:
             self._fail(f"an escaped value has {int(n.max())} bits (at most {ESCAPE_MAX_BITS} are allowed)")
         magnitude = np.zeros(count, dtype=np.int64)
         magnitude[n > 0] = 1 << (n[n > 0] - 1)
         negative = np.zeros(count, dtype=bool)
-        try:
-            nonzero = n > 0
-            if nonzero.any():
-                negative[nonzero] = self._decoder.decode(_SIGN_MODEL, int(nonzero.sum())) == 1
-            wide = n >= 2
-            if wide.any():
-                sizes = (1 << (n[wide] - 1)).astype(np.int32)
-                magnitude[wide] += self._decoder.decode(_LOW_BITS_FAMILY, sizes)
-        except BaseException as e:
-            self._raise_corrupt(e)
+        nonzero = n > 0
+        if nonzero.any():
+            negative[nonzero] = self._decode(_SIGN_MODEL, int(nonzero.sum())) == 1
+        wide = n >= 2
+        if wide.any():
+            sizes = (1 << (n[wide] - 1)).astype(np.int32)
+            magnitude[wide] += self._decode(_LOW_BITS_FAMILY, sizes)
         return np.where(negative, -magnitude, magnitude)
 
     def finish(self) -> None:

@@ -157,20 +157,23 @@ class CdfTables:
                    lengths=np.asarray(d["lengths"]), precision=int(precision))
 
     def check_table_idx(self, table_idx: np.ndarray) -> np.ndarray:
-        """table_idx as int64; ValueError unless it is a 1-D integer array with values in 0..T-1."""
+        """table_idx, as int64 only if its own integer type does not fit in it (no copy of an
+        int32 index array of a large image); ValueError unless it is a 1-D integer array with
+        values in 0..T-1."""
         table_idx = np.asarray(table_idx)
         if table_idx.ndim != 1:
             raise ValueError(f"table_idx must be 1-D, got shape {table_idx.shape}")
         if table_idx.size and not np.issubdtype(table_idx.dtype, np.integer):
             raise ValueError(f"table_idx must be integers, got {table_idx.dtype}")
-        table_idx = table_idx.astype(np.int64, copy=False)
+        if not np.can_cast(table_idx.dtype, np.int64):  # uint64: huge values turn negative and fail below
+            table_idx = table_idx.astype(np.int64)
         if table_idx.size and (table_idx.min() < 0 or table_idx.max() >= self.num_tables):
             raise ValueError(f"table indices must be in 0..{self.num_tables - 1}, "
                              f"got {table_idx.min()}..{table_idx.max()}")
         return table_idx
 
     def check_symbols(self, symbols: np.ndarray, table_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(symbols, table_idx) as int64; ValueError unless they are 1-D integer arrays of equal
+        """(symbols as int64, table_idx as `check_table_idx` gives it); ValueError unless they are 1-D integer arrays of equal
         length, every index is in 0..T-1 and every value has |value| < 2**24 (the escape bound)."""
         table_idx = self.check_table_idx(table_idx)
         symbols = np.asarray(symbols)

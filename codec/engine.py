@@ -233,7 +233,9 @@ def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS)
     mean, idx = model.entropy_parameters(z)
     sym = dec.decode(idx.numpy().ravel(), model.y_tables)
     dec.finish()
-    y_hat = torch.from_numpy(sym.astype(np.float32)).view(1, M, zh * 4, zw * 4) + mean
+    del idx
+    y_hat = torch.from_numpy(sym.astype(np.float32)).view(1, M, zh * 4, zw * 4).add_(mean)
+    del sym, mean
     x = model.synthesize(y_hat, header.rate_q / RATE_SCALE)[0, :, :header.height, :header.width]
     # In place: at 8K each full-size float temporary would cost 400 MB of peak memory.
     pixels = x.nan_to_num_(nan=0.0).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()

@@ -146,4 +146,4 @@ def scale_thresholds(scales: torch.Tensor) -> torch.Tensor:
 def table_index(scale_int: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Index of the smallest table scale >= the predicted scale: #{k < K-1 : t_k < scale_int}.
     Integer comparisons only, so encoder and decoder always agree."""
-    return torch.searchsorted(thresholds[:-1].contiguous(), scale_int.contiguous(), right=False)
+    return torch.searchsorted(thresholds[:-1].contiguous(), scale_int.contiguous(), right=False, out_int32=True)
