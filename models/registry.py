@@ -39,8 +39,10 @@ MODELS: dict[int, ModelEntry] = {
     1: ModelEntry(1, "hp-64-96", "hp-64-96.pt", "3843751f3522cd80867d15bd05843b8d0f9413b18896cbb03ec60c92424a0279"),
     # id 2: the same architecture trained on to 18000 steps (from id 1's checkpoint).
     2: ModelEntry(2, "hp-64-96-v2", "hp-64-96-v2.pt", "d56266d48a504a8eac2e7361d230e6e0451c54293dce250ea279be44d56b9033"),
-    # id 3: N=64, M=256: id 2's run widened at step 21273 (models/widen.py) and trained on to 33000 steps; the default.
+    # id 3: N=64, M=256: id 2's run widened at step 21273 (models/widen.py) and trained on to 33000 steps.
     3: ModelEntry(3, "hp-64-256", "hp-64-256.pt", "fa928472a3422b693c95b7d6c728d7a997470ca13a1cf9b94c51edb3439bedee"),
+    # id 4: id 3's run trained on to 39200 steps (lr 2e-4 from 33000, 2e-5 from 37800); the default.
+    4: ModelEntry(4, "hp-64-256-v2", "hp-64-256-v2.pt", "b02e01289b449f73b9990d0546860878d68da8654e7e9a105c64eff564f7e104"),
 }
 
-DEFAULT_MODEL_ID = 3
+DEFAULT_MODEL_ID = 4
