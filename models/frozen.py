@@ -157,7 +157,7 @@ class FrozenModel:
     def entropy_parameters(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From ẑ alone: the mean (float32) and the y table index (int32) of every latent.
         Exact: both sides compute the same values bit for bit."""
-        mean_int, scale_int = _tiled_pair(self.hyper_synthesis, z_int)
+        mean_int, scale_int = _tiled(self.hyper_synthesis, z_int).chunk(2, dim=1)
         mean = mean_int.double().div_(2**OUT_BITS).float()
         del mean_int
         return mean, table_index(scale_int, self.scale_thresholds)
@@ -165,7 +165,7 @@ class FrozenModel:
     @torch.no_grad()
     def approximate_entropy_parameters(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As `entropy_parameters`, in float32: for the rate search's estimates only."""
-        mean_fixed, scale_fixed = _tiled_pair(self.approximate_hyper_synthesis, z_int)  # OUT_BITS fractional bits
+        mean_fixed, scale_fixed = _tiled(self.approximate_hyper_synthesis, z_int).chunk(2, dim=1)  # OUT_BITS fractional bits
         scale_int = torch.floor(scale_fixed.double()).to(torch.int64)
         return mean_fixed / 2**OUT_BITS, table_index(scale_int, self.scale_thresholds)
 
@@ -179,13 +179,12 @@ class FrozenModel:
         return x.clamp_(0, 1)
 
 
-def _tiled_pair(hyper_synthesis, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """h_s (which returns mean and scale) tile by tile. Run on a whole large image, its float64
-    convolutions peak at about 130 bytes per pixel (9 GB for a 21-byte file declaring
-    8192 x 8192, model 3); per tile the peak is bounded, and the integer h_s gives the same
-    integers either way, since every tile sees all of its receptive field."""
-    both = run_tiled(lambda t: torch.cat(hyper_synthesis(t), dim=1), z, 4, HYPER_TILE, HYPER_HALO, inverse=True)
-    return both.chunk(2, dim=1)
+def _tiled(hyper_synthesis, z: torch.Tensor) -> torch.Tensor:
+    """h_s tile by tile. Run on a whole large image, its float64 convolutions peak at about
+    130 bytes per pixel (9 GB for a 21-byte file declaring 8192 x 8192, model 3); per tile
+    the peak is bounded, and the integer h_s gives the same integers either way, since
+    every tile sees all of its receptive field."""
+    return run_tiled(hyper_synthesis, z, 4, HYPER_TILE, HYPER_HALO, inverse=True)
 
 
 def _load(module: nn.Module, state: dict) -> nn.Module:

@@ -89,8 +89,9 @@ def _apply_layer(layer: dict, a: torch.Tensor) -> torch.Tensor:
 
 
 class IntegerHyperSynthesis:
-    """Runs the quantised h_s: integer ẑ (B, N, h, w) -> (mean_int, scale_int) (B, M, 4h, 4w),
-    int64 with OUT_BITS fractional bits. Always on the CPU in float64 holding integers."""
+    """Runs the quantised h_s: integer ẑ (B, N, h, w) -> (B, 2M, 4h, 4w) int64 with OUT_BITS
+    fractional bits, mean_int then scale_int along channels (as the float h_s of training).
+    Always on the CPU in float64 holding integers."""
 
     def __init__(self, layers: list[dict]):
         self.layers = []
@@ -102,7 +103,7 @@ class IntegerHyperSynthesis:
                 "scale": torch.exp2(-layer["shift"].double()).view(1, -1, 1, 1),
             })
 
-    def __call__(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, z_int: torch.Tensor) -> torch.Tensor:
         a = z_int.to("cpu", torch.float64)
         if a.numel() and a.abs().max().item() > ACT_LIMIT:
             raise ValueError("hyper-latent out of range")
@@ -110,8 +111,7 @@ class IntegerHyperSynthesis:
             a = torch.floor(_apply_layer(layer, a) * layer["scale"])
             if layer["relu"]:
                 a = a.clamp(0, ACT_LIMIT)
-        mean_int, scale_int = a.to(torch.int64).chunk(2, dim=1)
-        return mean_int, scale_int
+        return a.to(torch.int64)
 
 
 class ApproximateHyperSynthesis:
@@ -128,14 +128,13 @@ class ApproximateHyperSynthesis:
             self.layers.append({**layer, "weight": (layer["weight"].double() * scale.view(shape)).float(),
                                 "bias": (layer["bias"].double() * scale).float()})
 
-    def __call__(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, z_int: torch.Tensor) -> torch.Tensor:
         a = z_int.to("cpu", torch.float32)
         for layer in self.layers:
             a = _apply_layer(layer, a)
             if layer["relu"]:
                 a = a.clamp(0, ACT_LIMIT)
-        mean_fixed, scale_fixed = a.chunk(2, dim=1)
-        return mean_fixed, scale_fixed
+        return a
 
 
 def scale_thresholds(scales: torch.Tensor) -> torch.Tensor:

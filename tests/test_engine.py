@@ -87,7 +87,7 @@ def test_integer_hyper_synthesis_is_exact_against_an_int64_reference():
     state = torch.load(engine.MODELS[TINY].path, weights_only=True)
     rng = np.random.default_rng(1)
     z = rng.integers(-40, 41, (1, model.config.N, 3, 5))
-    mean_int, scale_int = model.hyper_synthesis(torch.from_numpy(z))
+    mean_int, scale_int = model.hyper_synthesis(torch.from_numpy(z)).chunk(2, dim=1)
     ref = _reference_hyper_synthesis(state["hyper_synthesis"], z)
     M = model.config.M
     np.testing.assert_array_equal(mean_int[0].numpy(), ref[:M])
@@ -152,7 +152,7 @@ def test_coded_bits_match_the_model_estimate(q):
     img = _natural(128, 192)
     enc = engine._Encoder(model, engine.DEFAULT_MODEL_ID, img, "RGB")
     z, sym, idx = enc._symbols(round(q * engine.RATE_SCALE))
-    mean_int, scale_int = model.hyper_synthesis(torch.from_numpy(z).view(1, model.config.N, 2, 3))
+    mean_int, scale_int = model.hyper_synthesis(torch.from_numpy(z).view(1, model.config.N, 2, 3)).chunk(2, dim=1)
     scale = scale_int.double().ravel() / 2**16
     ideal_y = -torch.log2(gaussian_likelihood(torch.from_numpy(sym).double(), torch.zeros(1), scale)).sum().item()
     ideal = ideal_y + model.z_tables.cost_bits(z, enc.z_index)
@@ -266,6 +266,7 @@ def test_rate_search_starts_where_the_size_stops_falling():
     assert engine._search_start(rising, lo, 0) == lo
     falling = lambda rq: 2000 - rq  # noqa: E731 - never rises below level 0: stop at level 0
     assert engine._search_start(falling, lo, 0) == 0
+
 
 def test_a_guess_saves_rate_probes_without_changing_the_answer():
     """largest_below gives the same rq with a guess as without, and fewer probes over many
