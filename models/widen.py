@@ -1,7 +1,18 @@
-"""Widen the latent y of a trained hyperprior checkpoint (M -> a larger M) so that
-it computes nearly the same thing, and training can go on with a wider bottleneck.
+"""Widen or narrow the latent y of a trained hyperprior checkpoint (M -> another M) so
+that it computes nearly the same thing, and training can go on at the new width.
 
     python -m lcodec.models.widen runs/hp64/checkpoint.pt runs/hp256/checkpoint.pt --M 256
+    python -m lcodec.models.widen runs/hp256/checkpoint.pt runs/hp96/checkpoint.pt --M 96 \
+        --data ../shared/data/train
+
+Narrowing keeps the M channels of y that carry the most bits on training images
+(summed over the levels) and, in h_s, the hidden units whose activity times
+outgoing weights matter most for what is kept; everything else is cut. It is
+meant for channels that training has left unused: id 4's run, widened from 96
+to 256, still coded 0.06 of 1.97 bpp in channels 96-255 at the top level after
+18000 steps, and cutting them (and h_s's 400 hidden units added with them)
+changed PSNR by at most 0.05 dB on four Kodak crops, while a step at M = 96
+costs about 0.5 s against 0.86 s.
 
 Why: with M = 96 the reconstruction of the *unquantised* latents saturates
 (about 27-32 dB on Kodak crops at every level), so bits above ~1 bpp buy almost
@@ -47,7 +58,9 @@ from pathlib import Path
 
 import torch
 
+from .entropy_models import gaussian_likelihood
 from .networks import MeanScaleHyperprior, ModelConfig
+from .train import load_images
 
 NEW_LOG_GAIN_OFFSET = 2.0
 
@@ -102,21 +115,81 @@ def widen_state(old: dict, old_config: ModelConfig, M: int, seed: int = 0) -> tu
     return new, config
 
 
+@torch.no_grad()
+def narrow_state(old: dict, old_config: ModelConfig, M: int, images: torch.Tensor) -> tuple[dict, ModelConfig]:
+    """State dict of a MeanScaleHyperprior with latent width M < old M: the channels of y that carry
+    the most bits on `images` (uint8, n x 3 x H x W) over all levels, and the h_s hidden units that
+    contribute most to the kept outputs. Exactly the same function where the cut parts are silent."""
+    if old_config.arch != "hyperprior":
+        raise ValueError("only the hyperprior model can be narrowed")
+    M0 = old_config.M
+    if not 0 < M < M0:
+        raise ValueError(f"cannot narrow M from {M0} to {M}")
+    config = ModelConfig(arch="hyperprior", N=old_config.N, M=M, levels=old_config.levels)
+    old = {k: v.float() for k, v in old.items()}
+    model = MeanScaleHyperprior(old_config).eval()
+    model.load_state_dict(old)
+    hs = model.hyper_synthesis
+    x = images.float() / 255
+    bits = torch.zeros(M0)
+    act1 = torch.zeros(hs[0].out_channels)
+    act2 = torch.zeros(hs[2].out_channels)
+    for q in range(len(old_config.levels)):
+        gain, _ = model.gains(torch.full((len(x),), float(q)))
+        y = model.analysis(x) * gain
+        z_hat = torch.round(model.hyper_analysis(y))
+        h1 = hs[1](hs[0](z_hat))
+        h2 = hs[3](hs[2](h1))
+        mean, scale = hs[4](h2).chunk(2, dim=1)
+        y_hat = torch.round(y - mean) + mean
+        bits += -torch.log2(gaussian_likelihood(y_hat, mean, scale)).sum((0, 2, 3))
+        act1 += h1.mean((0, 2, 3))
+        act2 += h2.mean((0, 2, 3))
+    keep = bits.topk(M).indices.sort().values
+    out_rows = torch.cat([keep, M0 + keep])  # the kept channels' means and scales
+    w4 = old["hyper_synthesis.4.weight"][out_rows]  # out x in
+    keep2 = (act2 * w4.flatten(2).norm(dim=(0, 2))).topk(M * 3 // 2).indices.sort().values
+    w2 = old["hyper_synthesis.2.weight"][:, keep2]  # ConvTranspose: in x out
+    keep1 = (act1 * w2.flatten(2).norm(dim=(1, 2))).topk(M).indices.sort().values
+
+    new = dict(old)
+    new["analysis.6.weight"], new["analysis.6.bias"] = old["analysis.6.weight"][keep], old["analysis.6.bias"][keep]
+    new["synthesis.0.weight"] = old["synthesis.0.weight"][keep]
+    new["hyper_analysis.0.weight"] = old["hyper_analysis.0.weight"][:, keep]
+    new["hyper_synthesis.0.weight"] = old["hyper_synthesis.0.weight"][:, keep1]
+    new["hyper_synthesis.0.bias"] = old["hyper_synthesis.0.bias"][keep1]
+    new["hyper_synthesis.2.weight"] = old["hyper_synthesis.2.weight"][keep1][:, keep2]
+    new["hyper_synthesis.2.bias"] = old["hyper_synthesis.2.bias"][keep2]
+    new["hyper_synthesis.4.weight"] = w4[:, keep2]
+    new["hyper_synthesis.4.bias"] = old["hyper_synthesis.4.bias"][out_rows]
+    new["gains.log_gain"] = old["gains.log_gain"][:, keep]
+    new["gains.log_inv_gain"] = old["gains.log_inv_gain"][:, keep]
+    return {k: v.contiguous() for k, v in new.items()}, config
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="a training checkpoint (full or --small-copy)")
     p.add_argument("out", type=Path, help="where to write the widened checkpoint")
     p.add_argument("--M", type=int, required=True, help="the new latent width")
+    p.add_argument("--data", type=Path, help="training images to rank the channels by (to narrow)")
+    p.add_argument("--images", type=int, default=32, help="how many of them (the first, sorted by name)")
     args = p.parse_args(argv)
     if args.out.exists():
         raise SystemExit(f"{args.out} exists; refusing to overwrite a checkpoint")
     ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    state, config = widen_state(ck["model"], ModelConfig.from_dict(ck["config"]), args.M)
+    old_config = ModelConfig.from_dict(ck["config"])
+    if args.M < old_config.M:
+        if args.data is None:
+            raise SystemExit("narrowing ranks the channels on training images: give --data")
+        state, config = narrow_state(ck["model"], old_config, args.M, load_images(args.data, args.images))
+    else:
+        state, config = widen_state(ck["model"], old_config, args.M)
     out = {k: v for k, v in ck.items() if k != "optimizer"}
     out["config"], out["model"] = config.to_dict(), state
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, args.out)
-    print(f"widened M {ck['config']['M']} -> {args.M} at step {ck['step']}: {args.out}")
+    print(f"M {ck['config']['M']} -> {args.M} at step {ck['step']}: {args.out}")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,47 @@ def test_widening_the_latent_keeps_the_reconstruction_and_trains_on(tiny_data, t
     assert train.main(_args(tiny_data, wide_dir, 3, ["--M", "20"]))["step"] == 3
 
 
+def test_narrowing_the_latent_cuts_silent_channels_and_trains_on(tiny_data, tmp_path):
+    """lcodec.models.widen with a smaller M: the channels of y and the h_s hidden units that do nothing
+    are the ones cut, the narrow model computes the same x_hat and bits, and training resumes from it."""
+    from lcodec.models import widen
+
+    out = tmp_path / "run"
+    train.main(_args(tiny_data, out, 2))
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = ck["model"]
+    silent, silent1, silent2 = [1, 4, 6, 11], [0, 3, 5, 9], [2, 4, 8, 10, 13, 17]  # 12 -> 8: cut 4, 4 and 6
+    kept = [c for c in range(12) if c not in silent]
+    with torch.no_grad():
+        state["gains.log_gain"][:, kept] += 3.0  # loud: many bits at every level, even untrained
+        state["gains.log_gain"][:, silent] = -40.0  # y rounds to 0 at every level
+        for c in silent:  # their mean and scale: 0 (the scale's lower bound), so they cost no bits
+            for row in (c, 12 + c):
+                state["hyper_synthesis.4.weight"][row] = 0
+                state["hyper_synthesis.4.bias"][row] = 0
+        state["hyper_synthesis.2.weight"][silent1] = 0  # hidden units nothing reads
+        state["hyper_synthesis.4.weight"][:, silent2] = 0
+    torch.save(ck, out / "checkpoint.pt")
+    narrow = tmp_path / "narrow" / "checkpoint.pt"
+    with pytest.raises(SystemExit, match="--data"):
+        widen.main([str(out / "checkpoint.pt"), str(narrow), "--M", "8"])
+    widen.main([str(out / "checkpoint.pt"), str(narrow), "--M", "8", "--data", str(tiny_data)])
+    new_ck = torch.load(narrow, weights_only=False)
+    assert new_ck["config"]["M"] == 8 and new_ck["step"] == 2
+    torch.testing.assert_close(new_ck["model"]["gains.log_gain"], state["gains.log_gain"][:, kept])
+    models = []
+    for c in (ck, new_ck):
+        m = MeanScaleHyperprior(ModelConfig.from_dict(c["config"])).eval()
+        m.load_state_dict(c["model"])
+        models.append(m)
+    x = torch.rand(1, 3, 64, 64)
+    for q in (0.0, 7.0):
+        a, b = (m.evaluate(x, torch.tensor([q])) for m in models)
+        torch.testing.assert_close(b["x_hat"], a["x_hat"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b["bits"], a["bits"], atol=0.01, rtol=1e-4)
+    assert train.main(_args(tiny_data, narrow.parent, 3, ["--M", "8"]))["step"] == 3
+
+
 def test_integer_hyper_synthesis_survives_channels_with_zero_weights():
     """A freshly widened h_s has output channels whose weights are all zero; their bias must stay exact."""
     from lcodec.models.integer_hyper import BIAS_LIMIT, quantize_hyper_synthesis
