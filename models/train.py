@@ -115,6 +115,17 @@ def coded_bpp(model: torch.nn.Module, images: list[np.ndarray]) -> list[float] |
     return (8 * sizes / pixels_n).mean(0).tolist()
 
 
+def drop_log_after(log_path: Path, step: int) -> None:
+    """Remove the log records of steps after `step`: a run stopped between two checkpoints logged
+    steps that the resumed run does again, and each step should appear once in the log."""
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        log_path.write_text("".join(kept))
+
+
 def small_copy(checkpoint: dict) -> dict:
     """The `--small-copy` form of a checkpoint: fp16 weights and no optimizer state (about a sixth of the
     size), to carry a run between machines; it resumes (Adam's moments restart from zero)."""
@@ -273,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             gen.manual_seed(args.seed * 1000 + rank + 7919 * step)
         if is_main:
             print(f"resumed from {ckpt_path} at step {step}")
+            drop_log_after(log_path, step)
 
     images = load_images(args.data, args.limit_images)
     train_model = torch.compile(model) if args.compile else model

@@ -44,7 +44,10 @@ def test_training_logs_every_level_quantity_and_resumes(tiny_data, tmp_path):
     assert {"bpp_noisy", "bpp_quantized", "r_param", "target", "beta"} <= level.keys()
     assert level["bpp_noisy"] > 0 and level["bpp_quantized"] > 0
 
-    # Running the same command with more steps continues from the checkpoint.
+    # Running the same command with more steps continues from the checkpoint. A record logged after
+    # the checkpoint (a run killed between two checkpoints) is dropped: the step is trained again.
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(recs[-1] | {"step": 6}) + "\n")
     result = train.main(_args(tiny_data, out, 6))
     assert result["step"] == 6
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
