@@ -91,9 +91,11 @@ def use_weights(path: Path) -> None:
     from lcodec.models import registry
     from lcodec.models.frozen import sha256_file
 
+    weights_file = path  # a class body does not see a name of the enclosing function that it redefines
+
     @dataclass(frozen=True)
     class External(registry.ModelEntry):
-        location: Path = path
+        location: Path = weights_file
 
         @property
         def path(self) -> Path:

@@ -255,3 +255,19 @@ def test_latent_bound_grows_with_the_width_and_is_exact_at_full_width(tmp_path):
     bound = pca_bound(paths[:3], paths[3:], [4, 16, 64, 768])
     assert bound[4] < bound[16] < bound[64]
     assert bound[768] > 100  # every component kept: only float round-off is left
+
+
+def test_speed_can_time_a_frozen_file_as_model_1(monkeypatch):
+    """`python -m kodak_eval.speed --weights F` times a frozen file that is not installed."""
+    from kodak_eval import speed
+    from lcodec import engine
+    from lcodec.models import registry
+
+    tiny = registry.MODELS[0].path
+    monkeypatch.setitem(registry.MODELS, 1, registry.MODELS[1])  # put back after the test
+    try:
+        speed.use_weights(tiny)
+        assert registry.MODELS[1].path == tiny
+        assert engine.load_model(1).config.M == 12  # the tiny model, digest checked on load
+    finally:
+        engine.load_model.cache_clear()
