@@ -91,18 +91,16 @@ def use_weights(path: Path) -> None:
     from lcodec.models import registry
     from lcodec.models.frozen import sha256_file
 
-    weights_file = path  # a class body does not see a name of the enclosing function that it redefines
-
     @dataclass(frozen=True)
     class External(registry.ModelEntry):
-        location: Path = weights_file
+        location: Path
 
         @property
         def path(self) -> Path:
             return self.location
 
     entry = registry.MODELS[1]
-    registry.MODELS[1] = External(1, f"{entry.name} (timed with {path.name})", path.name, sha256_file(path))
+    registry.MODELS[1] = External(1, f"{entry.name} (timed with {path.name})", path.name, sha256_file(path), path)
     engine.load_model.cache_clear()
 
 

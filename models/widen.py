@@ -134,9 +134,10 @@ def narrow_state(old: dict, old_config: ModelConfig, M: int, images: torch.Tenso
     bits = torch.zeros(M0)
     act1 = torch.zeros(hs[0].out_channels)
     act2 = torch.zeros(hs[2].out_channels)
+    y0 = model.analysis(x)  # the same at every level: only the gain changes
     for q in range(len(old_config.levels)):
         gain, _ = model.gains(torch.full((len(x),), float(q)))
-        y = model.analysis(x) * gain
+        y = y0 * gain
         z_hat = torch.round(model.hyper_analysis(y))
         h1 = hs[1](hs[0](z_hat))
         h2 = hs[3](hs[2](h1))

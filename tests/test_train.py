@@ -125,6 +125,12 @@ def test_committed_checkpoint_resumes(tiny_data, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == ck["step"] + 1
 
 
+def _model(checkpoint: dict) -> MeanScaleHyperprior:
+    model = MeanScaleHyperprior(ModelConfig.from_dict(checkpoint["config"])).eval()
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
 def test_widening_the_latent_keeps_the_reconstruction_and_trains_on(tiny_data, tmp_path):
     """lcodec.models.widen: M 12 -> 20 reproduces x_hat, and training resumes from it."""
     from lcodec.models import widen
@@ -135,11 +141,7 @@ def test_widening_the_latent_keeps_the_reconstruction_and_trains_on(tiny_data, t
     widen.main([str(out / "checkpoint.pt"), str(wide_dir / "checkpoint.pt"), "--M", "20"])
     old_ck, new_ck = (torch.load(p, weights_only=False) for p in (out / "checkpoint.pt", wide_dir / "checkpoint.pt"))
     assert new_ck["config"]["M"] == 20 and new_ck["step"] == 2 and "optimizer" not in new_ck
-    models = []
-    for ck in (old_ck, new_ck):
-        m = MeanScaleHyperprior(ModelConfig.from_dict(ck["config"])).eval()
-        m.load_state_dict(ck["model"])
-        models.append(m)
+    models = [_model(ck) for ck in (old_ck, new_ck)]
     x, q = torch.rand(1, 3, 64, 64), torch.tensor([7.0])
     # The same function; only the float summation order of the wider convolutions differs.
     torch.testing.assert_close(models[1].evaluate(x, q)["x_hat"], models[0].evaluate(x, q)["x_hat"], atol=1e-6, rtol=1e-5)
@@ -176,11 +178,7 @@ def test_narrowing_the_latent_cuts_silent_channels_and_trains_on(tiny_data, tmp_
     new_ck = torch.load(narrow, weights_only=False)
     assert new_ck["config"]["M"] == 8 and new_ck["step"] == 2
     torch.testing.assert_close(new_ck["model"]["gains.log_gain"], state["gains.log_gain"][:, kept])
-    models = []
-    for c in (ck, new_ck):
-        m = MeanScaleHyperprior(ModelConfig.from_dict(c["config"])).eval()
-        m.load_state_dict(c["model"])
-        models.append(m)
+    models = [_model(c) for c in (ck, new_ck)]
     x = torch.rand(1, 3, 64, 64)
     for q in (0.0, 7.0):
         a, b = (m.evaluate(x, torch.tensor([q])) for m in models)
