@@ -28,12 +28,20 @@ its own R_param,t, EMA and β, and is updated only on steps that trained it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 # Thesis Table 5.3(a), parametric architecture: β per target rate (D on 0..255 MSE scale).
 THESIS_BETA = {0.06: 60000.0, 0.12: 55000.0, 0.25: 30000.0, 0.5: 9000.0, 0.75: 6500.0, 1.0: 5500.0, 1.5: 5000.0, 2.0: 2500.0}
+
+
+def thesis_beta(r_target: float) -> float:
+    """β of Table 5.3(a) for a target rate; for a rate the thesis did not train, that of the
+    nearest one in log rate."""
+    nearest = min(THESIS_BETA, key=lambda r: abs(math.log(r / r_target)))
+    return THESIS_BETA[nearest]
 
 
 def decayed_target(r_target: float, t: int, T: int, r_max: float = 3.0, b: float = 50.0) -> float:
@@ -185,7 +193,7 @@ def make_level_losses(kind: str, levels: tuple[float, ...], total_steps: int,
     decay_fraction sets T of eq. 6.14 relative to the run: the thesis used
     T = 150k of 750k steps, i.e. 0.2.
     """
-    betas = [THESIS_BETA.get(r, 5000.0) * beta_scale for r in levels]
+    betas = [thesis_beta(r) * beta_scale for r in levels]
     if kind == "baseline":
         return [TargetBaseline(r, b) for r, b in zip(levels, betas)]
     if kind == "adaptive":

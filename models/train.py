@@ -159,28 +159,31 @@ def plot_curves(log_path: Path, out_png: Path) -> None:
     ax[0, 0].set(title="normalised loss", xlabel="step", yscale="log")
     ax[0, 1].plot(steps, [r["psnr"] for r in train], color="k", lw=0.8)
     ax[0, 1].set(title="PSNR (dB)", xlabel="step")
-    nlev = len(train[-1]["levels"])
+    # Curves by target rate, not by level index: a level added during the run (`widen --add-level`)
+    # shifts the indices of the levels above it.
+    targets = sorted({lv["target"] for r in train for lv in r["levels"]})
     cmap = plt.get_cmap("viridis")
-    for lv in range(nlev):
-        col = cmap(lv / max(1, nlev - 1))
-        pts = [(r["step"], r["levels"][lv]) for r in train if r["levels"][lv]["n"] > 0]
+    colour = {t: cmap(k / max(1, len(targets) - 1)) for k, t in enumerate(targets)}
+    for t in targets:
+        pts = [(r["step"], lv) for r in train for lv in r["levels"] if lv["target"] == t and lv["n"] > 0]
         if not pts:
             continue
         s = [p[0] for p in pts]
-        ax[1, 0].plot(s, [p[1]["bpp_noisy"] for p in pts], color=col, lw=0.6)
-        ax[1, 0].plot(s, [p[1]["r_param"] for p in pts], color=col, ls="--", lw=0.8)
-        ax[1, 1].plot(s, [p[1]["bpp_noisy"] - p[1]["bpp_quantized"] for p in pts], color=col, lw=0.6,
-                      label=f"{pts[0][1]['target']:g}")
+        ax[1, 0].plot(s, [p[1]["bpp_noisy"] for p in pts], color=colour[t], lw=0.6)
+        ax[1, 0].plot(s, [p[1]["r_param"] for p in pts], color=colour[t], ls="--", lw=0.8)
+        ax[1, 1].plot(s, [p[1]["bpp_noisy"] - p[1]["bpp_quantized"] for p in pts], color=colour[t], lw=0.6,
+                      label=f"{t:g}")
     ax[1, 0].set(title="R̃ (solid) and R_param,t (dashed), bpp", xlabel="step", yscale="log")
     ax[1, 1].set(title="mean rate shift R̃ − R̂ (bpp)", xlabel="step")
     ax[1, 1].legend(fontsize=7, title="target")
     if val:
-        for lv in range(nlev):
-            pts = [(r["step"], r["rows"][lv]) for r in val if len(r["rows"]) > lv]
-            ax[0, 1].plot([p[0] for p in pts], [p[1]["psnr"] for p in pts], color=cmap(lv / max(1, nlev - 1)),
-                          marker=".", lw=0.8)
-        ax[0, 1].legend(["training batches (all levels)"] + [f"Kodak val {t:g}" for t in train[-1]["levels"] and
-                         [lv["target"] for lv in train[-1]["levels"]]], fontsize=6)
+        labels = ["training batches (all levels)"]
+        for t in targets:
+            pts = [(r["step"], row["psnr"]) for r in val for row in r["rows"] if row["target"] == t]
+            if pts:
+                ax[0, 1].plot([p[0] for p in pts], [p[1] for p in pts], color=colour[t], marker=".", lw=0.8)
+                labels.append(f"Kodak val {t:g}")
+        ax[0, 1].legend(labels, fontsize=6)
     fig.tight_layout()
     tmp = out_png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)

@@ -187,6 +187,33 @@ def test_narrowing_the_latent_cuts_silent_channels_and_trains_on(tiny_data, tmp_
     assert train.main(_args(tiny_data, narrow.parent, 3, ["--M", "8"]))["step"] == 3
 
 
+def test_adding_a_level_keeps_the_others_and_starts_it_where_the_gains_put_its_rate(tiny_data, tmp_path):
+    """lcodec.models.widen --add-level: the old levels keep their gains and loss states, the new one
+    starts at the rate parameter that log-linear interpolation of the targets gives, training resumes."""
+    from lcodec.models import widen
+
+    out = tmp_path / "run"
+    train.main(_args(tiny_data, out, 2))
+    old_ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    added = tmp_path / "nine" / "checkpoint.pt"
+    widen.main([str(out / "checkpoint.pt"), str(added), "--add-level", "0.03"])
+    new_ck = torch.load(added, weights_only=False)
+    assert list(new_ck["config"]["levels"]) == [0.03, 0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
+    assert new_ck["level_losses"][1:] == old_ck["level_losses"] and new_ck["d_mean"][1:] == old_ck["d_mean"]
+    assert new_ck["d_mean"][0] is None and new_ck["level_losses"][0]["ema"] is None
+    old_model, new_model = _model(old_ck), _model(new_ck)
+    torch.testing.assert_close(new_model.gains.log_gain[1:], old_model.gains.log_gain)
+    for q_new, q_old in ((0.0, -1.0), (1.0, 0.0), (8.0, 7.0)):  # 0.03 bpp is one level below 0.06
+        for a, b in zip(new_model.gains(torch.tensor([q_new])), old_model.gains(torch.tensor([q_old]))):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(SystemExit, match="cannot add a level"):
+        widen.main([str(added), str(tmp_path / "again.pt"), "--add-level", "0.12"])
+    with pytest.raises(SystemExit, match="one of"):
+        widen.main([str(added), str(tmp_path / "again.pt")])
+    levels = ["--levels", *map(str, new_ck["config"]["levels"])]
+    assert train.main(_args(tiny_data, added.parent, 6, levels))["step"] == 6
+
+
 def test_integer_hyper_synthesis_survives_channels_with_zero_weights():
     """A freshly widened h_s has output channels whose weights are all zero; their bias must stay exact."""
     from lcodec.models.integer_hyper import BIAS_LIMIT, quantize_hyper_synthesis
