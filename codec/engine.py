@@ -179,17 +179,18 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
                         f"the .lc header alone takes {OVERHEAD} bytes")
     enc = _Encoder(model, model_id, pixels, mode)  # runs g_a: only after the cheap checks
     estimate = functools.cache(enc.estimate_bytes)  # the walk's probes are the search's too
+    encode = functools.cache(enc.encode)  # the error below reports a file the search has made
     # Where the levels' nominal rates put the target (log-linear between them): the
     # search's first guess. Images differ from the levels' training crops by +-15% or so.
     levels = np.log(model.levels)
     guess = round(RATE_SCALE * np.interp(math.log(8 * target / pixels_n), levels, np.arange(len(levels))))
     start = _search_start(estimate, lo, target)
-    found = search(estimate, enc.encode, target, start, hi, guess=guess)
+    found = search(estimate, encode, target, start, hi, guess=guess)
     if found is None:  # under the target nowhere from start up: go on down to the smallest file
         bottom = _search_start(estimate, lo, 0)
-        found = search(estimate, enc.encode, target, bottom, hi) if bottom < start else None
+        found = search(estimate, encode, target, bottom, hi) if bottom < start else None
     if found is None:
-        smallest = len(enc.encode(bottom))
+        smallest = len(encode(bottom))
         raise RateError(f"cannot reach {asked} for this {enc.width}x{enc.height} image: the smallest file "
                         f"lcodec can make for it is {smallest} bytes ({8 * smallest / pixels_n:.4g} bpp)")
     data = found.data
