@@ -41,8 +41,11 @@ MODELS: dict[int, ModelEntry] = {
     2: ModelEntry(2, "hp-64-96-v2", "hp-64-96-v2.pt", "d56266d48a504a8eac2e7361d230e6e0451c54293dce250ea279be44d56b9033"),
     # id 3: N=64, M=256: id 2's run widened at step 21273 (models/widen.py) and trained on to 33000 steps.
     3: ModelEntry(3, "hp-64-256", "hp-64-256.pt", "fa928472a3422b693c95b7d6c728d7a997470ca13a1cf9b94c51edb3439bedee"),
-    # id 4: id 3's run trained on to 39200 steps (lr 2e-4 from 33000, 2e-5 from 37800); the default.
+    # id 4: id 3's run trained on to 39200 steps (lr 2e-4 from 33000, 2e-5 from 37800).
     4: ModelEntry(4, "hp-64-256-v2", "hp-64-256-v2.pt", "b02e01289b449f73b9990d0546860878d68da8654e7e9a105c64eff564f7e104"),
+    # id 5: id 4's run narrowed back to M=96 at step 40290, a ninth level (0.04 bpp) added at 50500, trained on
+    # to 63000 steps; the default.
+    5: ModelEntry(5, "hp-64-96-v3", "hp-64-96-v3.pt", "5560e388cdaac252f6275d262e4dda74dc5d437b309cef2df5debee2d64635aa"),
 }
 
-DEFAULT_MODEL_ID = 4
+DEFAULT_MODEL_ID = 5
