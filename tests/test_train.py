@@ -120,8 +120,9 @@ def test_committed_checkpoint_resumes(tiny_data, tmp_path):
     out.mkdir()
     shutil.copyfile(shipped, out / "checkpoint.pt")
     ck = torch.load(shipped, weights_only=False)
-    widths = ["--N", str(ck["config"]["N"]), "--M", str(ck["config"]["M"])]  # the later flag wins
-    train.main(_args(tiny_data, out, ck["step"] + 1, widths))
+    shape = ["--N", str(ck["config"]["N"]), "--M", str(ck["config"]["M"]),  # the later flag wins
+             "--levels", *map(str, ck["config"]["levels"])]
+    train.main(_args(tiny_data, out, ck["step"] + 1, shape))
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == ck["step"] + 1
 
 
