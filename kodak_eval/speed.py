@@ -35,6 +35,7 @@ import argparse
 import collections
 import functools
 import json
+import math
 import os
 import platform
 import resource
@@ -142,7 +143,9 @@ def child(phase: str, args: argparse.Namespace, files: Path) -> dict:
     if phase == "encode":
         shim.wrap(FrozenModel, "hyper_latent", "h_a")
         shim.wrap(CdfTables, "cost_bits", "table_costs")
-    engine.load_model(args.model)
+    model = engine.load_model(args.model)
+    if args.rate is None:  # the level whose target is nearest --bpp (in log rate)
+        args.rate = float(min(range(len(model.levels)), key=lambda i: abs(math.log(model.levels[i] / args.bpp))))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     images = sorted(KODAK.glob("kodim*.png"))[: args.images]
@@ -188,7 +191,7 @@ def child(phase: str, args: argparse.Namespace, files: Path) -> dict:
         rows.append(row)
         print(f"{phase} {path.name}: " + json.dumps({k: v.get("total") for k, v in row.items()
                                                       if isinstance(v, dict)}), file=sys.stderr, flush=True)
-    return {"rows": rows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"rows": rows, "one_pass_rate": args.rate, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_after_model_load_mb": base_rss, "torch_threads": torch.get_num_threads()}
 
 
@@ -258,7 +261,7 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
     one_pass = [r["one_pass"] for r in rows]
     summary = {
         "what": "wall-clock seconds per image (median of --runs runs after one warm-up), peak RSS per phase process",
-        "images": len(rows), "runs": args.runs, "bpp_target": args.bpp, "one_pass_rate": args.rate,
+        "images": len(rows), "runs": args.runs, "bpp_target": args.bpp, "one_pass_rate": enc["one_pass_rate"],
         "model_id": args.model, "weights": str(args.weights) if args.weights else "installed",
         "torch_threads": enc["torch_threads"], "cpus": os.cpu_count(), "machine": platform.platform(),
         "load_average_start": args.load_start, "load_average_end": os.getloadavg(),
@@ -345,7 +348,8 @@ def markdown(s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bpp", type=float, default=0.25)
-    parser.add_argument("--rate", type=float, default=2.0, help="rate parameter of the one-pass encode (level 2 = 0.25 bpp)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="rate parameter of the one-pass encode (default: the level trained for the rate nearest --bpp)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--model", type=int, default=DEFAULT_MODEL_ID)
@@ -362,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if not KODAK.is_dir():
         parser.error(f"the Kodak images are not at {os.path.normpath(KODAK)}")
     args.load_start = os.getloadavg()
-    passed = [f"--bpp={args.bpp}", f"--rate={args.rate}", f"--runs={args.runs}", f"--images={args.images}",
+    passed = [f"--bpp={args.bpp}"] + ([f"--rate={args.rate}"] if args.rate is not None else []) + [f"--runs={args.runs}", f"--images={args.images}",
               f"--model={args.model}", f"--threads={args.threads}"] + ([f"--weights={args.weights}"] if args.weights else [])
     with tempfile.TemporaryDirectory(prefix="lcodec-speed-") as tmp:
         enc = run_phase("encode", passed, Path(tmp))
