@@ -35,7 +35,6 @@ import argparse
 import collections
 import functools
 import json
-import math
 import os
 import platform
 import resource
@@ -145,7 +144,9 @@ def child(phase: str, args: argparse.Namespace, files: Path) -> dict:
         shim.wrap(CdfTables, "cost_bits", "table_costs")
     model = engine.load_model(args.model)
     if args.rate is None:  # the level whose target is nearest --bpp (in log rate)
-        args.rate = float(min(range(len(model.levels)), key=lambda i: abs(math.log(model.levels[i] / args.bpp))))
+        from .evaluate import nearest_levels
+
+        args.rate = float(nearest_levels(model.levels, [args.bpp])[0])
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     images = sorted(KODAK.glob("kodim*.png"))[: args.images]
@@ -366,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     if not KODAK.is_dir():
         parser.error(f"the Kodak images are not at {os.path.normpath(KODAK)}")
     args.load_start = os.getloadavg()
-    passed = [f"--bpp={args.bpp}"] + ([f"--rate={args.rate}"] if args.rate is not None else []) + [f"--runs={args.runs}", f"--images={args.images}",
-              f"--model={args.model}", f"--threads={args.threads}"] + ([f"--weights={args.weights}"] if args.weights else [])
+    passed = [f"--bpp={args.bpp}", f"--runs={args.runs}", f"--images={args.images}", f"--model={args.model}",
+              f"--threads={args.threads}"] + ([f"--rate={args.rate}"] if args.rate is not None else []) + (
+              [f"--weights={args.weights}"] if args.weights else [])
     with tempfile.TemporaryDirectory(prefix="lcodec-speed-") as tmp:
         enc = run_phase("encode", passed, Path(tmp))
         dec = run_phase("decode", passed, Path(tmp))

@@ -19,7 +19,6 @@ and at decode time ŷ = (s + mean) × inv_gain(q) ─► g_s ─crop─► x̂.
 from __future__ import annotations
 
 import hashlib
-import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 from ..bitstream.tables import CdfTables
 from ..errors import ModelMismatchError, ModelNotFrozenError
 from .integer_hyper import OUT_BITS, ApproximateHyperSynthesis, IntegerHyperSynthesis, table_index
-from .networks import AnalysisTransform, HyperAnalysisTransform, ModelConfig, SynthesisTransform
+from .networks import AnalysisTransform, HyperAnalysisTransform, ModelConfig, SynthesisTransform, interpolate_levels
 
 FROZEN_FORMAT = "lcodec-frozen-1"
 PAD = 64  # g_a downsamples by 16 and h_a by 4 more
@@ -137,11 +136,7 @@ class FrozenModel:
 
     def gains(self, q: float) -> tuple[torch.Tensor, torch.Tensor]:
         """gain(q), inv_gain(q) as (1, M, 1, 1): log-linear inter/extrapolation of the levels."""
-        L = self.log_gain.shape[0]
-        i = min(max(math.floor(q), 0), L - 2)
-        t = q - i
-        lg = (1 - t) * self.log_gain[i] + t * self.log_gain[i + 1]
-        lig = (1 - t) * self.log_inv_gain[i] + t * self.log_inv_gain[i + 1]
+        lg, lig = interpolate_levels(self.log_gain, q), interpolate_levels(self.log_inv_gain, q)
         return lg.exp().view(1, -1, 1, 1), lig.exp().view(1, -1, 1, 1)
 
     @torch.no_grad()

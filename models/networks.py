@@ -23,6 +23,7 @@ entropy-decoding path (h_s sees only ẑ), so q only changes how y is scaled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -86,6 +87,14 @@ class HyperSynthesisTransform(nn.Sequential):
     def __init__(self, N: int, M: int):
         mid = M * 3 // 2
         super().__init__(deconv(N, M), nn.ReLU(), deconv(M, mid), nn.ReLU(), conv(mid, 2 * M, 3, 1))
+
+
+def interpolate_levels(table: torch.Tensor, q: float) -> torch.Tensor:
+    """Row q of a per-level table (L, ...): linear between the two nearest levels, extrapolated
+    past the ends. `RateGains` applies the same rule to a batch of q."""
+    i = min(max(math.floor(q), 0), table.shape[0] - 2)
+    t = q - i
+    return (1 - t) * table[i] + t * table[i + 1]
 
 
 class RateGains(nn.Module):

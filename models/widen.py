@@ -71,7 +71,7 @@ import torch
 
 from .entropy_models import gaussian_likelihood
 from .losses import make_level_losses
-from .networks import MeanScaleHyperprior, ModelConfig
+from .networks import MeanScaleHyperprior, ModelConfig, interpolate_levels
 from .train import load_images
 
 NEW_LOG_GAIN_OFFSET = 2.0
@@ -190,15 +190,13 @@ def add_level(checkpoint: dict, rate: float) -> dict:
     levels = config.levels
     if rate <= 0 or any(math.isclose(rate, r) for r in levels):
         raise ValueError(f"cannot add a level at {rate} bpp to levels {levels}")
-    logs = [math.log(r) for r in levels]
-    i = min(max(sum(lr < math.log(rate) for lr in logs) - 1, 0), len(levels) - 2)  # the two levels it lies by
-    t = (math.log(rate) - logs[i]) / (logs[i + 1] - logs[i])
     at = sum(r < rate for r in levels)  # its index among the new levels
+    i = min(max(at - 1, 0), len(levels) - 2)  # the two old levels it lies between, or nearest to
+    q = i + math.log(rate / levels[i]) / math.log(levels[i + 1] / levels[i])  # its position among the old levels
     state = dict(checkpoint["model"])
     for key in ("gains.log_gain", "gains.log_inv_gain"):
         g = state[key].float()
-        row = (1 - t) * g[i] + t * g[i + 1]
-        state[key] = torch.cat([g[:at], row[None], g[at:]]).to(state[key].dtype)
+        state[key] = torch.cat([g[:at], interpolate_levels(g, q)[None], g[at:]]).to(state[key].dtype)
     new_config = ModelConfig(arch=config.arch, N=config.N, M=config.M, levels=levels[:at] + (rate,) + levels[at:])
     args = checkpoint["args"]
     fresh = make_level_losses(args["loss"], (rate,), args["steps"], args["beta_scale"], args["decay_fraction"])[0]
