@@ -44,8 +44,10 @@ MODELS: dict[int, ModelEntry] = {
     # id 4: id 3's run trained on to 39200 steps (lr 2e-4 from 33000, 2e-5 from 37800).
     4: ModelEntry(4, "hp-64-256-v2", "hp-64-256-v2.pt", "b02e01289b449f73b9990d0546860878d68da8654e7e9a105c64eff564f7e104"),
     # id 5: id 4's run narrowed back to M=96 at step 40290, a ninth level (0.04 bpp) added at 50500, trained on
-    # to 63000 steps; the default.
+    # to 63000 steps.
     5: ModelEntry(5, "hp-64-96-v3", "hp-64-96-v3.pt", "5560e388cdaac252f6275d262e4dda74dc5d437b309cef2df5debee2d64635aa"),
+    # id 6: id 5's run trained on to 75500 steps; the default.
+    6: ModelEntry(6, "hp-64-96-v4", "hp-64-96-v4.pt", "f89554407887dafa92299f583f77ec29d3529cdca8dcaa910cc4feb36fa6b806"),
 }
 
-DEFAULT_MODEL_ID = 5
+DEFAULT_MODEL_ID = 6
