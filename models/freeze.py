@@ -25,7 +25,7 @@ import torch
 from ..bitstream.tables import gaussian_tables, pmf_tables
 from .frozen import FROZEN_FORMAT, sha256_file
 from .integer_hyper import quantize_hyper_synthesis, scale_thresholds
-from .networks import MeanScaleHyperprior, ModelConfig
+from .networks import MeanScaleHyperprior, ModelConfig, build_model
 
 SCALE_TABLE = np.exp(np.linspace(math.log(0.11), math.log(256.0), 64))
 Z_SUPPORT = 255  # the z prior is tabulated on -255..255 before trimming its tails
@@ -51,7 +51,8 @@ def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None) -> s
         "format": FROZEN_FORMAT,
         "config": model.config.to_dict(),
         "analysis": _fp16(model.analysis),
-        "synthesis": _fp16(model.synthesis),
+        # The lifting model's g_s is its g_a run backwards: nothing more to store.
+        "synthesis": {} if model.config.arch == "lifting" else _fp16(model.synthesis),
         "hyper_analysis": _fp16(model.hyper_analysis),
         "hyper_synthesis": quantize_hyper_synthesis(model.hyper_synthesis),
         "log_gain": model.gains.log_gain.detach().half(),
@@ -73,10 +74,10 @@ def load_checkpoint(path: Path) -> tuple[MeanScaleHyperprior, dict]:
     """The model of a training checkpoint (see `lcodec.models.train`), plus its metadata."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
     config = ModelConfig.from_dict(ck["config"])
-    if config.arch != "hyperprior":
-        raise SystemExit("only the mean-scale hyperprior can be frozen for the codec")
-    model = MeanScaleHyperprior(config)
-    model.load_state_dict(ck["model"])
+    if config.arch not in ("hyperprior", "lifting"):
+        raise SystemExit("only the mean-scale hyperprior models can be frozen for the codec")
+    model = build_model(config)
+    model.load_state_dict({k: v.float() for k, v in ck["model"].items()})
     meta = {"step": int(ck["step"]), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in ck["args"].items()}}
     return model, meta
 

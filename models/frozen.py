@@ -29,12 +29,14 @@ from torch import nn
 from ..bitstream.tables import CdfTables
 from ..errors import ModelMismatchError, ModelNotFrozenError
 from .integer_hyper import OUT_BITS, ApproximateHyperSynthesis, IntegerHyperSynthesis, table_index
+from .lifting import InverseLifting, LiftingTransform
 from .networks import AnalysisTransform, HyperAnalysisTransform, ModelConfig, SynthesisTransform, interpolate_levels
 
 FROZEN_FORMAT = "lcodec-frozen-1"
 PAD = 64  # g_a downsamples by 16 and h_a by 4 more
 TILE_LATENTS = 64  # g_a and g_s run on tiles of 64x64 latents (1024x1024 pixels) ...
 HALO_LATENTS = 4  # ... each read with 4 extra latents (64 pixels) of context on every side
+LIFTING_HALO_LATENTS = 12  # the lifting transform reaches further (see test_lifting_tiles_are_exact)
 HYPER_TILE = 32  # h_s runs on tiles of 32x32 hyper-latents (2048x2048 pixels) ...
 HYPER_HALO = 3  # ... with 3 of context: a hyper-latent reaches 2 of them (measured), so tiling is exact
 
@@ -117,8 +119,14 @@ class FrozenModel:
             raise ModelNotFrozenError(f"{path} is not a frozen lcodec model; run `python -m lcodec.models.freeze` first")
         self.config = ModelConfig.from_dict(state["config"])
         N, M = self.config.N, self.config.M
-        self.analysis = _load(AnalysisTransform(N, M), state["analysis"])
-        self.synthesis = _load(SynthesisTransform(N, M), state["synthesis"])
+        if self.config.arch == "lifting":
+            self.analysis = _load(LiftingTransform(), state["analysis"])
+            self.synthesis = InverseLifting(self.analysis)
+            self.halo_latents = LIFTING_HALO_LATENTS
+        else:
+            self.analysis = _load(AnalysisTransform(N, M), state["analysis"])
+            self.synthesis = _load(SynthesisTransform(N, M), state["synthesis"])
+            self.halo_latents = HALO_LATENTS
         self.hyper_analysis = _load(HyperAnalysisTransform(N, M), state["hyper_analysis"])
         self.hyper_synthesis = IntegerHyperSynthesis(state["hyper_synthesis"])
         self.approximate_hyper_synthesis = ApproximateHyperSynthesis(state["hyper_synthesis"])
@@ -140,9 +148,10 @@ class FrozenModel:
         return lg.exp().view(1, -1, 1, 1), lig.exp().view(1, -1, 1, 1)
 
     @torch.no_grad()
-    def analyze(self, x: torch.Tensor) -> torch.Tensor:
-        """x (1, 3, H, W) in [0, 1], H and W multiples of 64 -> y before the gain."""
-        return run_tiled(self.analysis, x, 16, TILE_LATENTS * 16, HALO_LATENTS * 16, inverse=False)
+    def analyze(self, x: torch.Tensor, *, tile_latents: int = TILE_LATENTS) -> torch.Tensor:
+        """x (1, 3, H, W) in [0, 1], H and W multiples of 64 -> y before the gain, on tiles of
+        `tile_latents` latents."""
+        return run_tiled(self.analysis, x, 16, tile_latents * 16, self.halo_latents * 16, inverse=False)
 
     @torch.no_grad()
     def hyper_latent(self, y_gained: torch.Tensor) -> torch.Tensor:
@@ -165,12 +174,12 @@ class FrozenModel:
         return mean_fixed / 2**OUT_BITS, table_index(scale_int, self.scale_thresholds)
 
     @torch.no_grad()
-    def synthesize(self, y_hat_gained: torch.Tensor, q: float) -> torch.Tensor:
-        """ŷ in the gained domain -> x̂ (1, 3, Hp, Wp), clamped to [0, 1]."""
+    def synthesize(self, y_hat_gained: torch.Tensor, q: float, *, tile_latents: int = TILE_LATENTS) -> torch.Tensor:
+        """ŷ in the gained domain -> x̂ (1, 3, Hp, Wp), clamped to [0, 1], on tiles of `tile_latents` latents."""
         _, inv_gain = self.gains(q)
         y = y_hat_gained * inv_gain
         with one_thread_per_operation() as threads:
-            x = run_tiled(self.synthesis, y, 16, TILE_LATENTS, HALO_LATENTS, inverse=True, workers=threads)
+            x = run_tiled(self.synthesis, y, 16, tile_latents, self.halo_latents, inverse=True, workers=threads)
         return x.clamp_(0, 1)
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from .entropy_models import FactorizedDensity, gaussian_likelihood
 from .layers import GDN, conv, deconv
+from .lifting import LATENT_CHANNELS, InverseLifting, LiftingTransform
 
 # The thesis's eight target rates (bpp), also JPEG AI's.
 DEFAULT_LEVELS = (0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -40,7 +41,7 @@ DEFAULT_LEVELS = (0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 class ModelConfig:
     """Everything that fixes the shape of a model; stored with the weights."""
 
-    arch: str = "hyperprior"  # "hyperprior" (parametric) or "factorized" (non-parametric)
+    arch: str = "hyperprior"  # "hyperprior" (parametric), "lifting" (hyperprior over lifting) or "factorized"
     N: int = 64
     M: int = 96
     levels: tuple[float, ...] = DEFAULT_LEVELS
@@ -81,12 +82,13 @@ class HyperSynthesisTransform(nn.Sequential):
     """h_s: ẑ (N, h/4, w/4) -> (mean, scale) (2M, h, w).
 
     ReLU and (transposed) convolutions only, so that the frozen model can run it
-    in exact integer arithmetic (see `lcodec.models.freeze`).
+    in exact integer arithmetic (see `lcodec.models.freeze`). The hidden widths are
+    M and 3M/2 by default (Minnen et al. 2018).
     """
 
-    def __init__(self, N: int, M: int):
-        mid = M * 3 // 2
-        super().__init__(deconv(N, M), nn.ReLU(), deconv(M, mid), nn.ReLU(), conv(mid, 2 * M, 3, 1))
+    def __init__(self, N: int, M: int, hidden: tuple[int, int] | None = None, last_kernel: int = 3):
+        h1, h2 = hidden or (M, M * 3 // 2)
+        super().__init__(deconv(N, h1), nn.ReLU(), deconv(h1, h2), nn.ReLU(), conv(h2, 2 * M, last_kernel, 1))
 
 
 def interpolate_levels(table: torch.Tensor, q: float) -> torch.Tensor:
@@ -212,9 +214,75 @@ class FactorizedPrior(nn.Module):
         return {"x_hat": self.synthesis(y_hat * inv_gain), "bits": bits}
 
 
+class LiftingHyperprior(MeanScaleHyperprior):
+    """The mean-scale hyperprior over an exactly invertible lifting transform.
+
+    g_a is `LiftingTransform` (colour transform + four levels of CDF 9/7 lifting with
+    learned predict/update steps, y = 768 channels at H/16) and g_s is the same
+    transform run backwards with the same weights, so without quantisation x̂ = x
+    at every step of training. h_s is narrower than M (hidden widths N and 3N/2,
+    a 1x1 output layer): it predicts 1536 channels from ẑ at H/64.
+
+    The gains start from the transform's synthesis norms (`init_gains`): at gain
+    g·‖s_c‖ for channel c a rounding error costs the same MSE in every channel, as
+    uniform quantisation of an orthonormal transform would.
+    """
+
+    def __init__(self, config: ModelConfig):
+        if config.M != LATENT_CHANNELS:
+            raise ValueError(f"the lifting transform has M = {LATENT_CHANNELS} latent channels, not {config.M}")
+        nn.Module.__init__(self)
+        self.config = config
+        N, M = config.N, config.M
+        self.analysis = LiftingTransform()
+        self.synthesis = InverseLifting(self.analysis)
+        self.hyper_analysis = HyperAnalysisTransform(N, M)
+        self.hyper_synthesis = HyperSynthesisTransform(N, M, hidden=(N, N * 3 // 2), last_kernel=1)
+        # The predicted mean starts at zero, so that rounding at step 0 is plain uniform
+        # quantisation of the wavelet coefficients (a random mean would bias every one of them).
+        with torch.no_grad():
+            self.hyper_synthesis[-1].weight[:M].zero_()
+            self.hyper_synthesis[-1].bias[:M].zero_()
+        self.hyper_prior = FactorizedDensity(N)
+        self.gains = RateGains(config.levels, M)
+
+    @torch.no_grad()
+    def init_gains(self, x: torch.Tensor) -> list[float]:
+        """Set every level's gains to g_l·‖s_c‖ (see the class), g_l chosen so that the
+        zeroth-order entropy of round(y·gain) per channel on the images `x` (B, 3, H, W)
+        is the level's target. A hyperprior codes the same latents in fewer bits, so the
+        rates start below their targets and training raises the gains. Returns the g_l."""
+        norms = self.analysis.synthesis_norms()
+        y = self.analysis(x).transpose(0, 1).flatten(1)  # (M, samples)
+        pixels = x.shape[0] * x.shape[2] * x.shape[3]
+
+        def bpp(log_g: float) -> float:
+            v = torch.round(y * (norms[:, None] * math.exp(log_g)))
+            bits = 0.0
+            for row in v:
+                _, counts = torch.unique(row, return_counts=True)
+                p = counts.double() / row.numel()
+                bits += -(counts.double() * torch.log2(p)).sum().item()
+            return bits / pixels
+
+        found = []
+        for target in self.config.levels:
+            lo, hi = -2.0, 10.0
+            for _ in range(18):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if bpp(mid) < target else (lo, mid)
+            found.append((lo + hi) / 2)
+        log_gain = torch.tensor(found).view(-1, 1) + norms.log().view(1, -1)
+        self.gains.log_gain.copy_(log_gain)
+        self.gains.log_inv_gain.copy_(-log_gain)
+        return [math.exp(v) for v in found]
+
+
 def build_model(config: ModelConfig) -> nn.Module:
     if config.arch == "hyperprior":
         return MeanScaleHyperprior(config)
+    if config.arch == "lifting":
+        return LiftingHyperprior(config)
     if config.arch == "factorized":
         return FactorizedPrior(config)
     raise ValueError(f"unknown architecture {config.arch!r}")

@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .losses import make_level_losses
+from .lifting import LATENT_CHANNELS
 from .networks import DEFAULT_LEVELS, MeanScaleHyperprior, ModelConfig, build_model
 
 VALIDATION_IMAGES = ("kodim04.png", "kodim08.png", "kodim15.png", "kodim23.png")
@@ -202,9 +203,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=Path("../shared/data/train"))
     p.add_argument("--kodak", type=Path, default=Path("../shared/data/kodak"), help="validation only")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--arch", choices=["hyperprior", "factorized"], default="hyperprior")
+    p.add_argument("--arch", choices=["hyperprior", "lifting", "factorized"], default="hyperprior")
     p.add_argument("--N", type=int, default=64)
-    p.add_argument("--M", type=int, default=96)
+    p.add_argument("--M", type=int, default=None, help="default 96; the lifting architecture has M = 768")
+    p.add_argument("--freeze-transform", action="store_true",
+                   help="train only the entropy model and the gains (g_a and g_s stay as they are)")
     p.add_argument("--levels", type=float, nargs="+", default=list(DEFAULT_LEVELS))
     p.add_argument("--loss", choices=["best", "adaptive", "baseline", "lambda"], default="best")
     p.add_argument("--beta-scale", type=float, default=1.0, help="multiplies thesis Table 5.3(a) β")
@@ -255,13 +258,18 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_path = args.out / "checkpoint.pt"
     log_path = args.out / "log.jsonl"
 
+    if args.M is None:
+        args.M = LATENT_CHANNELS if args.arch == "lifting" else 96
     config = ModelConfig(arch=args.arch, N=args.N, M=args.M, levels=tuple(args.levels))
     torch.manual_seed(args.seed)
     model = build_model(config).to(device)
+    if args.freeze_transform:
+        model.analysis.requires_grad_(False)
+        model.synthesis.requires_grad_(False)
     # The per-level gains are the only level-specific parameters: they must move much faster
     # than the shared weights, or every step drags the shared network between targets.
     gain_params = list(model.gains.parameters())
-    other_params = [p for n, p in model.named_parameters() if not n.startswith("gains.")]
+    other_params = [p for n, p in model.named_parameters() if not n.startswith("gains.") and p.requires_grad]
     optimizer = torch.optim.Adam([{"params": other_params, "lr_scale": 1.0},
                                   {"params": gain_params, "lr_scale": args.gain_lr_scale}], lr=args.lr)
     level_losses = make_level_losses(args.loss, config.levels, args.steps, args.beta_scale, args.decay_fraction)
@@ -275,7 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{ckpt_path} was trained with {ck['config']}, not {config.to_dict()}")
         model.load_state_dict({k: v.float() for k, v in ck["model"].items()})
         if "optimizer" in ck:  # a --small-copy has none: Adam restarts from zero moments
-            optimizer.load_state_dict(ck["optimizer"])
+            try:
+                optimizer.load_state_dict(ck["optimizer"])
+            except ValueError:  # other trainable parameters (--freeze-transform changed): Adam restarts
+                print("the optimizer state does not fit the trainable parameters; Adam restarts")
         for st, s in zip(level_losses, ck["level_losses"]):
             st.load_state(s)
         d_mean = ck["d_mean"]
@@ -290,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
             drop_log_after(log_path, step)
 
     images = load_images(args.data, args.limit_images)
+    if step == 0 and hasattr(model, "init_gains"):
+        sample = random_batch(images, 32, args.crop, torch.Generator().manual_seed(args.seed))
+        model.init_gains(sample.to(device))
     train_model = torch.compile(model) if args.compile else model
     if distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)

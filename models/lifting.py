@@ -1,0 +1,175 @@
+"""An exactly invertible analysis transform: a colour transform and CDF 9/7 lifting with
+learned lifting steps added (after iWave, Ma et al., IEEE TMM 2020, and Dardouri et al.,
+arXiv:2402.18761, which keep the fixed 9/7 steps and let small networks add to them).
+
+One level splits a (3, H, W) band into LL and three detail bands (HL, LH, HH), each
+(3, H/2, W/2), with the separable 9/7 lifting (rows, then columns), then applies two
+learned 2-D lifting steps::
+
+    details += P_l(LL)        (predict: small CNN, 3 -> 9 channels)
+    LL      += U_l(details)   (update:  small CNN, 9 -> 3 channels)
+
+Each step adds a function of the other half, so running the steps backwards with the
+same weights undoes them exactly (up to float rounding): the synthesis *is* the analysis
+run backwards, sharing every weight. The last layer of every learned step starts at zero,
+so an untrained transform is the 9/7 wavelet itself.
+
+Four levels; the bands are moved onto the grid of the coarsest one (H/16) by
+space-to-depth, so the latent y is one (768, H/16, W/16) tensor::
+
+    channels   0..2     LL4                     (3 colours)
+               3..11    level-4 details          (3 bands x 3 colours)
+              12..47    level-3 details, 2x2 positions each
+              48..191   level-2 details, 4x4 positions each
+             192..767   level-1 details, 8x8 positions each
+
+and everything downstream of g_a (gains, hyperprior, tables, tiling) is that of the
+other hyperprior models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# CDF 9/7 lifting coefficients (Daubechies & Sweldens 1998; JPEG 2000 Part 1, Annex F).
+ALPHA = -1.586134342059924
+BETA = -0.052980118572961
+GAMMA = 0.882911075530934
+DELTA = 0.443506852043971
+KAPPA = 1.230174104914001  # the DC gain of the unscaled low band
+LOW_SCALE = math.sqrt(2) / KAPPA  # scaled so that both bands are close to orthonormal
+HIGH_SCALE = KAPPA / math.sqrt(2)
+WAVELET_LEVELS = 4
+DOWNSAMPLING = 2**WAVELET_LEVELS
+LATENT_CHANNELS = 3 + sum(9 * 4**k for k in range(WAVELET_LEVELS))  # 768
+
+# RGB -> YCbCr (ITU-R BT.601), the colour transform's starting point; x is centred at 0.5 first.
+YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
+def _next(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """v[n+1] along dim, with the last sample repeated (whole-sample symmetric extension)."""
+    n = v.shape[dim]
+    return torch.cat([v.narrow(dim, 1, n - 1), v.narrow(dim, n - 1, 1)], dim)
+
+
+def _prev(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """v[n-1] along dim, with the first sample repeated."""
+    n = v.shape[dim]
+    return torch.cat([v.narrow(dim, 0, 1), v.narrow(dim, 0, n - 1)], dim)
+
+
+def dwt97_1d(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 9/7 analysis step along `dim` (even length): (low, high), orthonormal-scaled."""
+    s = x.unflatten(dim, (-1, 2))
+    low, high = s.select(dim + 1, 0), s.select(dim + 1, 1)
+    high = high + ALPHA * (low + _next(low, dim))
+    low = low + BETA * (high + _prev(high, dim))
+    high = high + GAMMA * (low + _next(low, dim))
+    low = low + DELTA * (high + _prev(high, dim))
+    return low * LOW_SCALE, high * HIGH_SCALE
+
+
+def idwt97_1d(low: torch.Tensor, high: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of `dwt97_1d`."""
+    low = low / LOW_SCALE
+    high = high / HIGH_SCALE
+    low = low - DELTA * (high + _prev(high, dim))
+    high = high - GAMMA * (low + _next(low, dim))
+    low = low - BETA * (high + _prev(high, dim))
+    high = high - ALPHA * (low + _next(low, dim))
+    return torch.stack([low, high], dim + 1).flatten(dim, dim + 1)
+
+
+def dwt97_2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) -> LL (B, C, H/2, W/2) and the details (B, 3C, H/2, W/2) as [HL, LH, HH]."""
+    low, high = dwt97_1d(x, 3)  # along rows
+    ll, lh = dwt97_1d(low, 2)  # along columns
+    hl, hh = dwt97_1d(high, 2)
+    return ll, torch.cat([hl, lh, hh], 1)
+
+
+def idwt97_2d(ll: torch.Tensor, details: torch.Tensor) -> torch.Tensor:
+    """The inverse of `dwt97_2d`."""
+    hl, lh, hh = details.chunk(3, 1)
+    return idwt97_1d(idwt97_1d(ll, lh, 2), idwt97_1d(hl, hh, 2), 3)
+
+
+class LiftingStep(nn.Sequential):
+    """A learned lifting operator: conv 3x3 -> ReLU -> conv 3x3, the last layer zero at start."""
+
+    def __init__(self, cin: int, cout: int, hidden: int):
+        super().__init__(nn.Conv2d(cin, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, cout, 3, padding=1))
+        nn.init.zeros_(self[2].weight)
+        nn.init.zeros_(self[2].bias)
+
+
+class LiftingTransform(nn.Module):
+    """g_a (`forward`) and g_s (`inverse`) in one module: colour transform, then
+    `WAVELET_LEVELS` levels of 9/7 lifting with a learned predict and update step each.
+
+    x (B, 3, H, W) in [0, 1], H and W multiples of 16 -> y (B, 768, H/16, W/16), and back.
+    The learned steps see their input divided by 2^level (the 9/7 low band's DC gain), so
+    that every level's CNN sees values of the same order.
+    """
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.colour = nn.Parameter(torch.tensor(YCBCR))
+        self.predict = nn.ModuleList(LiftingStep(3, 9, hidden) for _ in range(WAVELET_LEVELS))
+        self.update = nn.ModuleList(LiftingStep(9, 3, hidden) for _ in range(WAVELET_LEVELS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        band = torch.einsum("ij,bjhw->bihw", self.colour, x - 0.5)
+        parts = []
+        for level in range(WAVELET_LEVELS):
+            band, details = dwt97_2d(band)
+            s = 2.0**(level + 1)
+            details = details + self.predict[level](band / s) * s
+            band = band + self.update[level](details / s) * s
+            parts.append(details)
+        out = [band]
+        for level in reversed(range(WAVELET_LEVELS)):
+            out.append(F.pixel_unshuffle(parts[level], 2**(WAVELET_LEVELS - 1 - level)))
+        return torch.cat(out, 1)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        band, rest = y[:, :3], y[:, 3:]
+        for level in reversed(range(WAVELET_LEVELS)):
+            r = 2**(WAVELET_LEVELS - 1 - level)
+            n = 9 * r * r
+            details, rest = F.pixel_shuffle(rest[:, :n], r), rest[:, n:]
+            s = 2.0**(level + 1)
+            band = band - self.update[level](details / s) * s
+            details = details - self.predict[level](band / s) * s
+            band = idwt97_2d(band, details)
+        inverse_colour = torch.linalg.inv(self.colour.double()).to(y.dtype)
+        return torch.einsum("ij,bjhw->bihw", inverse_colour, band) + 0.5
+
+    @torch.no_grad()
+    def synthesis_norms(self) -> torch.Tensor:
+        """Per latent channel, the L2 norm (over RGB pixels in [0, 1]) of what a unit
+        coefficient draws: the MSE a quantisation error of 1 in that channel adds, square-rooted.
+        Measured on a grid of 8x8 latents with the coefficient in the middle."""
+        M = LATENT_CHANNELS
+        y = torch.zeros(M, M, 8, 8)
+        y[torch.arange(M), torch.arange(M), 4, 4] = 1.0
+        zero = self.inverse(torch.zeros(1, M, 8, 8))
+        x = self.inverse(y) - zero
+        return x.flatten(1).norm(dim=1)
+
+
+class InverseLifting(nn.Module):
+    """g_s as a module of its own, for the code that runs g_s alone: `transform.inverse`
+    without registering the transform twice (it belongs to the analysis side's state)."""
+
+    def __init__(self, transform: LiftingTransform):
+        super().__init__()
+        self._transform = [transform]  # a list, so that nn.Module does not register it
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self._transform[0].inverse(y)

@@ -1,0 +1,113 @@
+"""The lifting model: an exactly invertible g_a, the 9/7 wavelet at step 0, gains balanced
+across subbands, tiles without seams, and a transform that stays invertible while it trains."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lcodec.models import lifting, train
+from lcodec.models.frozen import LIFTING_HALO_LATENTS, run_tiled
+from lcodec.models.networks import LiftingHyperprior, ModelConfig
+
+# CDF 9/7 analysis low-pass taps (JPEG 2000 Part 1, Table F.4), normalised to a DC gain of 1.
+CDF97_LOW = (0.602949018236358, 0.266864118442872, -0.078223266528988, -0.016864118442875, 0.026748757410810)
+
+
+def _perturbed(seed=0, std=0.1) -> lifting.LiftingTransform:
+    """A transform whose learned steps are far from zero, as after training."""
+    torch.manual_seed(seed)
+    t = lifting.LiftingTransform().double()
+    with torch.no_grad():
+        for step in [*t.predict, *t.update]:
+            for p in step.parameters():
+                p.normal_(0, std)
+        t.colour.add_(torch.randn(3, 3, dtype=torch.double) * 0.05)
+    return t
+
+
+def test_the_transform_is_exactly_invertible_with_learned_steps():
+    t = _perturbed(std=0.05).float()
+    x = torch.rand(2, 3, 96, 160)
+    y = t(x)
+    assert y.shape == (2, lifting.LATENT_CHANNELS, 6, 10)
+    assert (t.inverse(y) - x).abs().max().item() * 255 < 1e-3
+
+
+def test_an_untrained_transform_is_the_97_wavelet():
+    t = lifting.LiftingTransform().double()
+    # One level along rows on a 1-D impulse: the low band's response is the 9/7 low-pass filter.
+    signal = torch.zeros(1, 1, 1, 64, dtype=torch.double)
+    signal[..., 32] = 1.0
+    low, _ = lifting.dwt97_1d(signal, 3)
+    taps = low[0, 0, 0, 14:19] / np.sqrt(2)  # samples 28, 30, 32, 34, 36 of the input grid
+    expected = [CDF97_LOW[2 * abs(k)] for k in (-2, -1, 0, 1, 2)]
+    assert torch.allclose(taps, torch.tensor(expected, dtype=torch.double), atol=1e-9)
+    # A constant picture leaves every detail band at zero: all its energy is in LL4.
+    y = t(torch.full((1, 3, 64, 64), 0.8, dtype=torch.double))
+    assert y[:, 3:].abs().max().item() < 1e-9
+    assert y[:, :3].abs().max().item() > 1
+
+
+def test_initial_gains_balance_the_rounding_error_across_subbands():
+    model = LiftingHyperprior(ModelConfig(arch="lifting", N=16, M=lifting.LATENT_CHANNELS, levels=(0.1, 1.0)))
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((4, 3, 64, 64))).float()
+    steps = model.init_gains(x)
+    assert steps[0] < steps[1]
+    norms = model.analysis.synthesis_norms().log()
+    offsets = model.gains.log_gain.detach() - norms
+    assert torch.allclose(offsets, offsets[:, :1].expand_as(offsets), atol=1e-5)
+    assert torch.equal(model.gains.log_inv_gain, -model.gains.log_gain)
+
+
+@pytest.mark.parametrize("side", ["analysis", "synthesis"])
+def test_tiles_give_the_whole_image_transform(side):
+    t = _perturbed(seed=1, std=0.05).float()
+    x = torch.rand(1, 3, 512, 384)
+    if side == "analysis":
+        whole = t(x)
+        tiled = run_tiled(t, x, 16, 8 * 16, LIFTING_HALO_LATENTS * 16, inverse=False)
+    else:
+        y = t(x)
+        whole = t.inverse(y)
+        tiled = run_tiled(lifting.InverseLifting(t), y, 16, 8, LIFTING_HALO_LATENTS, inverse=True)
+    assert (tiled - whole).abs().max().item() < 1e-4
+
+
+def test_training_the_whole_model_keeps_it_invertible(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "run"
+    train.main(["--arch", "lifting", "--data", str(data), "--kodak", str(data / "none"), "--out", str(out),
+                "--N", "8", "--steps", "6", "--batch", "2", "--crop", "64", "--lr", "1e-2", "--log-every", "2",
+                "--levels", "0.25", "1", "--no-progress", "--threads", "1"])
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    model = LiftingHyperprior(ModelConfig.from_dict(ck["config"]))
+    model.load_state_dict(ck["model"])
+    learned = [p for step in model.analysis.predict for p in step.parameters()]
+    assert any(p.abs().max() > 0 for p in learned[-2:]), "the learned steps moved off zero"
+    x = torch.from_numpy(rng.random((1, 3, 64, 128))).float()
+    with torch.no_grad():
+        assert (model.synthesis(model.analysis(x)) - x).abs().max().item() * 255 < 1e-3
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 6
+
+
+def test_the_frozen_transform_can_train_only_the_entropy_model(tmp_path):
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "run"
+    train.main(["--arch", "lifting", "--data", str(data), "--kodak", str(data / "none"), "--out", str(out),
+                "--N", "8", "--steps", "2", "--batch", "2", "--crop", "64", "--lr", "1e-2", "--freeze-transform",
+                "--levels", "0.25", "1", "--no-progress", "--threads", "1"])
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    assert all(state[k].abs().max() == 0 for k in state if k.startswith("analysis.predict") and k.endswith("2.weight"))
+    assert torch.allclose(state["analysis.colour"], torch.tensor(lifting.YCBCR))
