@@ -14,15 +14,23 @@ Rate targets (exactly one per encode):
 Files are written atomically -- through a temporary file in the destination's
 directory that is renamed into place -- so a failure or Ctrl-C never leaves a
 partial output, and an existing file is never replaced unless ``force=True``.
+The temporary file is created before the (slow) coding starts, so an output
+that cannot be written (no such directory, no permission, a directory in the
+way) is an error at once rather than after the work.
+
+Errors name this module's keyword arguments (``force=True``, ``max_pixels=``);
+the command line rewords them for its options.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import math
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -32,7 +40,7 @@ from PIL import Image
 
 from .bitstream import container
 from .bitstream.container import DEFAULT_MAX_PIXELS, Header
-from .errors import LcodecError, OutputExistsError, UnsupportedImageError
+from .errors import LcodecError, OutputExistsError, RateError, UnsupportedImageError
 from .imageio import ImageSource, load_image, pixels_from_array, pixels_from_image
 
 PathLike = str | os.PathLike
@@ -62,6 +70,7 @@ class DecodedFile:
     width: int
     height: int
     mode: str  # "RGB" or "L", as encoded
+    warning: str | None = None  # e.g. the format is lossy: the file does not hold the decoded pixels exactly
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,7 @@ def encode(image: Image.Image | np.ndarray, *, bpp: float | None = None, size: i
 
     >>> data = lcodec.encode(Image.open("photo.png"), bpp=0.5)   # doctest: +SKIP
     """
-    _check_one_target(bpp, size, rate)
+    _check_target(bpp, size, rate)
     return _engine().encode_array(*_pixels(image), bpp=bpp, size=size, rate=rate).data
 
 
@@ -109,18 +118,19 @@ def encode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, bpp
     `src` is a path or a binary file object; `dst` a path, a binary file
     object, or None for `src` with the suffix ``.lc``. An existing `dst` is an
     `OutputExistsError` unless `force`; it is checked before the (slow)
-    encode and again, atomically, when the file is put in place.
+    encode and again, atomically, when the file is put in place. An image of
+    more than `max_pixels` pixels is an `ImageTooLargeError`, checked from its
+    header before its pixels are read.
     """
-    _check_one_target(bpp, size, rate)
+    _check_target(bpp, size, rate)
     dst = _default_output(src, dst, ".lc")
-    if not _is_stream(dst):
-        _check_writable(src, Path(dst), force)
-    pixels, mode = load_image(src, max_pixels=max_pixels)
-    with _named(src):
-        result = _engine().encode_array(pixels, mode, bpp=bpp, size=size, rate=rate)
-    path = _write(dst, lambda f: f.write(result.data), force)
+    with _output(src, dst, force) as out:
+        pixels, mode = load_image(src, max_pixels=max_pixels)
+        with _named(src):
+            result = _engine().encode_array(pixels, mode, bpp=bpp, size=size, rate=rate)
+        out.write(result.data)
     height, width = pixels.shape[:2]
-    return EncodedFile(path, len(result.data), width, height, mode, result.bpp, result.rate,
+    return EncodedFile(_path_of(dst), len(result.data), width, height, mode, result.bpp, result.rate,
                        result.target_bytes, result.warning)
 
 
@@ -130,8 +140,15 @@ def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, for
 
     `src` is a path or a binary file object; `dst` a path, a binary file
     object (PNG unless `format` names another Pillow format), or None for
-    `src` with the suffix ``.png``. Nothing is written unless the whole file
-    decodes, and an existing `dst` is an `OutputExistsError` unless `force`.
+    `src` with the suffix ``.png``. A path without an extension is an
+    `UnsupportedImageError` unless `format` is given. Nothing is written
+    unless the whole file decodes, and an existing `dst` is an
+    `OutputExistsError` unless `force`.
+
+    A format that does not keep 8-bit pixels exactly with Pillow's default
+    settings (JPEG, WebP, AVIF, RGB as GIF...) is written anyway, and the
+    result's `warning` says so: the file holds the decoded picture compressed
+    again, not the decoded pixels.
     """
     dst = _default_output(src, dst, ".png")
     if format is not None:
@@ -139,13 +156,19 @@ def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, for
         _check_can_save(fmt, format)
     else:
         fmt = "PNG" if _is_stream(dst) else _format_for(Path(dst))
-    if not _is_stream(dst):
-        _check_writable(src, Path(dst), force)
-    data = _read_bytes(src)
-    with _named(src):
-        image = decode(data, max_pixels=max_pixels)
-    path = _write(dst, lambda f: image.save(f, format=fmt), force)
-    return DecodedFile(path, fmt, image.width, image.height, image.mode)
+    with _output(src, dst, force) as out:
+        data = _read_bytes(src)
+        with _named(src):
+            image = decode(data, max_pixels=max_pixels)
+        try:
+            image.save(out, format=fmt)
+        except ValueError as e:  # what Pillow raises for a mode this format cannot store
+            raise UnsupportedImageError(f"cannot write {_name(dst)} as {fmt}: {e}") from None
+    warning = None
+    if image.mode not in _EXACT_FORMATS.get(fmt, ()):
+        warning = (f"{fmt} changes the decoded pixels (Pillow writes it at its default settings, which are lossy "
+                   "here); name the output .png to keep them exactly")
+    return DecodedFile(_path_of(dst), fmt, image.width, image.height, image.mode, warning)
 
 
 def read_header(source: PathLike | BinaryIO | bytes | bytearray | memoryview) -> Header:
@@ -187,10 +210,17 @@ def _pixels(image: Image.Image | np.ndarray) -> tuple[np.ndarray, str]:
     raise UnsupportedImageError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
 
 
-def _check_one_target(bpp: float | None, size: int | None, rate: float | None) -> None:
+def _check_target(bpp: float | None, size: int | None, rate: float | None) -> None:
+    """Exactly one target, and a usable value for it (checked here, before any pixel is touched)."""
     given = [name for name, v in (("bpp", bpp), ("size", size), ("rate", rate)) if v is not None]
     if len(given) != 1:
         raise TypeError(f"give exactly one of bpp, size or rate (got {', '.join(given) or 'none'})")
+    if bpp is not None and not (bpp > 0 and math.isfinite(bpp)):
+        raise RateError(f"bpp must be a positive number, got {bpp}")
+    if size is not None and not (size > 0 and float(size).is_integer()):
+        raise RateError(f"size must be a positive whole number of bytes, got {size}")
+    if rate is not None and not math.isfinite(rate):
+        raise RateError(f"rate must be a finite number, got {rate}")
 
 
 @contextlib.contextmanager
@@ -221,8 +251,14 @@ def _default_output(src: ImageSource, dst: PathLike | BinaryIO | None, suffix: s
     return Path(src).with_suffix(suffix)
 
 
+def _path_of(dst: PathLike | BinaryIO) -> Path | None:
+    return None if _is_stream(dst) else Path(dst)
+
+
 def _check_writable(src: ImageSource, dst: Path, force: bool) -> None:
-    """Refuse early (before the slow part) to clobber an existing file or the input itself."""
+    """Refuse early (before the slow part) to clobber an existing file, a directory or the input itself."""
+    if os.path.isdir(dst):
+        raise LcodecError(f"cannot write {dst}: it is a directory")
     if not _is_stream(src) and os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
         raise OutputExistsError(f"{dst} is the input file itself; choose another output name")
     if not force and os.path.lexists(dst):
@@ -230,13 +266,22 @@ def _check_writable(src: ImageSource, dst: Path, force: bool) -> None:
 
 
 def _exists(path: Path) -> OutputExistsError:
-    return OutputExistsError(f"{path} already exists; choose another output name or overwrite it with --force")
+    return OutputExistsError(f"{path} already exists; choose another output name or pass force=True to overwrite it")
+
+
+# Formats whose Pillow writer, at its default settings, stores these modes' 8-bit pixels exactly.
+_EXACT_FORMATS: dict[str, tuple[str, ...]] = {
+    fmt: ("RGB", "L") for fmt in ("PNG", "BMP", "DIB", "TIFF", "PPM", "TGA", "SGI", "PCX", "DDS", "JPEG2000")
+} | {"QOI": ("RGB",), "GIF": ("L",)}
 
 
 def _format_for(dst: Path) -> str:
     """The Pillow format that writes files named like `dst` (by extension)."""
+    if not dst.suffix:
+        raise UnsupportedImageError(
+            f"{dst} has no extension to choose the image format by; name it .png, .bmp, .tif, .webp or .jpg")
     fmt = Image.registered_extensions().get(dst.suffix.lower())  # (loads all of Pillow's plugins)
-    _check_can_save(fmt, dst.suffix or dst.name)
+    _check_can_save(fmt, dst.suffix)
     return fmt
 
 
@@ -261,37 +306,48 @@ def _read_bytes(source: PathLike | BinaryIO) -> bytes:
         raise LcodecError(f"{_name(source)}: cannot read it: {e.strerror or e}") from None
 
 
-def _write(dst: PathLike | BinaryIO, write: Callable[[BinaryIO], object], force: bool) -> Path | None:
-    """Write through `write(f)` to a stream, or atomically to a path; returns the path."""
+@contextlib.contextmanager
+def _output(src: ImageSource, dst: PathLike | BinaryIO, force: bool) -> Iterator[BinaryIO]:
+    """A file object whose content becomes `dst` whole, when the block ends without an exception.
+
+    For a path, the checks of `_check_writable` and the creation of the
+    temporary file (see `_atomic_file`) come first, so a block that does
+    slow work fails at once for an output that cannot be written. For a
+    stream, the content is collected and written in one go at the end: a
+    failure writes nothing.
+    """
     if _is_stream(dst):
-        buffer = io.BytesIO()  # the whole output first: a failure writes nothing
-        write(buffer)
+        buffer = io.BytesIO()
+        yield buffer
         dst.write(buffer.getvalue())
         dst.flush()
-        return None
+        return
     path = Path(dst)
-    _write_atomically(path, write, force)
-    return path
+    _check_writable(src, path, force)
+    with _atomic_file(path, force) as f:
+        yield f
 
 
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object], force: bool) -> None:
+@contextlib.contextmanager
+def _atomic_file(path: Path, force: bool) -> Iterator[BinaryIO]:
     """Create `path` whole or not at all, and never replace an existing file unless `force`.
 
     The data goes to a temporary file in the same directory (so the final
-    rename stays on one file system and is atomic), which is removed on any
-    failure, KeyboardInterrupt included. Without `force` the temporary file is
-    hard-linked into place, which fails if `path` appeared meanwhile; where
-    hard links are not supported, an existence check and a rename do.
+    rename stays on one file system and is atomic), created on entry and
+    removed on any failure, KeyboardInterrupt included. Without `force` the
+    temporary file is hard-linked into place, which fails if `path` appeared
+    meanwhile; where hard links are not supported, an existence check and a
+    rename do.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     try:
         # Mode 0o666 less the umask, as for any new file (mkstemp would make it 0o600).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as e:
-        raise LcodecError(f"cannot write {path}: {e.strerror or e}") from None
+        raise _cannot_write(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         if force:
@@ -306,7 +362,17 @@ def _write_atomically(path: Path, write: Callable[[BinaryIO], object], force: bo
                 raise _exists(path) from None
             os.replace(tmp, path)
     except OSError as e:
-        raise LcodecError(f"cannot write {path}: {e.strerror or e}") from None
+        raise _cannot_write(path, e) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _cannot_write(path: Path, e: OSError) -> LcodecError:
+    if e.errno == errno.ENOENT:
+        why = f"there is no directory {path.parent}"
+    elif e.errno == errno.ENOTDIR:
+        why = f"{path.parent} is not a directory"
+    else:
+        why = e.strerror or str(e)
+    return LcodecError(f"cannot write {path}: {why}")

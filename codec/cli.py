@@ -3,13 +3,17 @@
 Every `LcodecError` becomes one ``Error: <message>`` line on stderr and exit
 status 1 (usage errors: 2, as click does); Ctrl-C exits with 130 and leaves no
 partial file. With several inputs, a failed one is reported and the others
-still run; the exit status is 1 if any failed.
+still run; the exit status is 1 if any failed. The library's messages name its
+keyword arguments (``force=True``, ``max_pixels=``); `_in_cli_words` turns
+those into the options here.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,7 +37,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except LcodecError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(str(_in_cli_words(e))) from None
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
@@ -47,7 +51,7 @@ def main() -> None:
     \b
     Examples:
       lcodec encode photo.png --bpp 0.5       # photo.lc, at most 0.5 bits per pixel
-      lcodec encode *.png --size 20000 -o out/ -j 2
+      lcodec encode *.png --size 20000 -o out/ -j 2   # out/ is created if missing
       lcodec decode photo.lc -o decoded.png
       lcodec info photo.lc
 
@@ -55,18 +59,27 @@ def main() -> None:
     """
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="IN...")
-@click.option("--bpp", type=click.FloatRange(min=0, min_open=True), metavar="B",
+@click.option("--bpp", type=click.FloatRange(min=0, min_open=True), callback=_finite, metavar="B",
               help="Largest file as bits per pixel: 8 x file bytes (header included) / (width x height).")
 @click.option("--size", type=click.IntRange(min=1), metavar="BYTES", help="Largest file size in bytes.")
 @click.option("-o", "--output", metavar="OUT",
-              help="Output file, existing directory, or - for stdout. Default: each input with the suffix .lc.")
+              help="Output file, directory (a name ending in / is created if missing), or - for stdout. "
+                   "Default: each input with the suffix .lc.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              metavar="N", help="Refuse images with more pixels than this (read from the image's header).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Encode several inputs in N worker processes.")
 def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output: str | None, force: bool,
-           jobs: int) -> None:
+           max_pixels: int, jobs: int) -> None:
     """Encode images to .lc files no larger than --bpp or --size asks.
 
     Give exactly one of --bpp and --size. Inputs are PNG, JPEG, TIFF, WebP or
@@ -77,6 +90,7 @@ def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output:
     Examples:
       lcodec encode photo.png --bpp 0.5            # writes photo.lc
       lcodec encode a.png b.jpg --size 20000 -o out/ -j 2
+      lcodec encode huge.tif --bpp 0.1 --max-pixels 100000000
       cat photo.png | lcodec encode - --bpp 0.25 -o - > photo.lc
     """
     if (bpp is None) == (size is None):
@@ -87,14 +101,14 @@ def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output:
     def report(src: str, dst: str, r: api.EncodedFile) -> str:
         return f"{_shown(src, 'in')} -> {_shown(dst, 'out')}: {r.size:,} bytes, {r.bpp:.4f} bpp ({target})"
 
-    _run(plan, _encode_one, dict(bpp=bpp, size=size, force=force), report, jobs)
+    _run(plan, _encode_one, dict(bpp=bpp, size=size, force=force, max_pixels=max_pixels), report, jobs)
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="IN.lc...")
 @click.option("-o", "--output", metavar="OUT",
-              help="Output image (format by extension), existing directory, or - for PNG on stdout. "
-                   "Default: each input with the suffix .png.")
+              help="Output image (format by extension), directory (a name ending in / is created if missing), "
+                   "or - for PNG on stdout. Default: each input with the suffix .png.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               metavar="N", help="Refuse files whose header declares more pixels than this.")
@@ -103,9 +117,12 @@ def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output:
 def decode(inputs: tuple[str, ...], output: str | None, force: bool, max_pixels: int, jobs: int) -> None:
     """Decode .lc files to PNG or other image files.
 
-    The output is PNG unless its extension names another format Pillow
-    writes (.webp, .tif, .bmp, .jpg...). A file that does not decode completely leaves no output behind. IN may be
-    - to read stdin.
+    The output's extension picks its format: .png (the default), .tif, .bmp
+    or any other that Pillow writes; a lossy one (.jpg, .webp...) compresses
+    the decoded picture again at Pillow's default settings, and a warning says
+    so. An output name without an extension is an error; stdout gets PNG. A
+    file that does not decode completely leaves no output behind. IN may be -
+    to read stdin.
 
     \b
     Examples:
@@ -182,18 +199,22 @@ def _decode_one(src: str, dst: str, **options) -> api.DecodedFile:
 
 
 def _plan(inputs: Sequence[str], output: str | None, suffix: str) -> list[tuple[str, str]]:
-    """(input, output) pairs, or a usage error for an -o that cannot serve these inputs."""
+    """(input, output) pairs, or a usage error for an -o that cannot serve these inputs.
+
+    An -o ending in / names a directory, made (with its parents) if missing,
+    once every other check has passed.
+    """
     if STDIO in inputs and len(inputs) > 1:
         raise click.UsageError("- (stdin) must be the only input")
-    if output is not None and output != STDIO and Path(output).is_dir():
+    make_dir = output is not None and output.endswith(("/", os.sep))
+    if output is not None and output != STDIO and (make_dir or Path(output).is_dir()):
         if STDIO in inputs:
             raise click.UsageError("stdin has no file name to put in a directory: give -o FILE or -o -")
         pairs = [(src, str(Path(output) / (Path(src).stem + suffix))) for src in inputs]
     elif output is not None:
         if len(inputs) > 1:
-            raise click.UsageError("with several inputs, -o must be an existing directory")
-        if output.endswith(("/", os.sep)):
-            raise click.UsageError(f"-o {output}: no such directory")
+            raise click.UsageError(f"with several inputs, -o must be a directory: {output} is not one "
+                                   f"(end it with / to create it)")
         pairs = [(inputs[0], output)]
     else:
         pairs = [(src, STDIO if src == STDIO else str(Path(src).with_suffix(suffix))) for src in inputs]
@@ -202,8 +223,13 @@ def _plan(inputs: Sequence[str], output: str | None, suffix: str) -> list[tuple[
         if dst in seen:
             raise click.UsageError(f"{seen[dst]} and {src} would both be written to {dst}")
         seen[dst] = src
-    if any(dst == STDIO for _, dst in pairs) and click.get_binary_stream("stdout").isatty():
+    if any(dst == STDIO for _, dst in pairs) and _stdout().isatty():
         raise click.UsageError("refusing to write binary data to a terminal: redirect stdout or give -o FILE")
+    if make_dir:
+        try:
+            os.makedirs(output, exist_ok=True)
+        except OSError as e:
+            raise click.ClickException(f"cannot create the directory {output}: {e.strerror or e}") from None
     return pairs
 
 
@@ -265,7 +291,23 @@ def _attempt(work: Callable, src: str, dst: str, options: dict):
     try:
         return work(src, dst, **options)
     except LcodecError as e:
-        return e
+        return _in_cli_words(e)
+
+
+# The library's advice names its keyword arguments; here the same advice names the options.
+_CLI_WORDS = (
+    (re.compile(r"\bpass force=True\b"), "use --force"),
+    (re.compile(r"\bpass max_pixels=(\d+)"), r"give --max-pixels \1"),
+    (re.compile(r"\bpass a larger max_pixels\b"), "give a larger --max-pixels"),
+)
+
+
+def _in_cli_words(e: LcodecError) -> LcodecError:
+    """`e` (same type) with the library's advice worded for the command line."""
+    message = str(e)
+    for pattern, words in _CLI_WORDS:
+        message = pattern.sub(words, message)
+    return e if message == str(e) else type(e)(message)
 
 
 _stop = None  # in a worker: the main process's Ctrl-C event
@@ -316,7 +358,7 @@ def _shown(name: str, direction: str) -> str:
 
 
 def _stdin_bytes() -> bytes:
-    return click.get_binary_stream("stdin").read()
+    return sys.stdin.buffer.read()
 
 
 def _stdin_file() -> BinaryIO:
@@ -326,4 +368,4 @@ def _stdin_file() -> BinaryIO:
 
 
 def _stdout() -> BinaryIO:
-    return click.get_binary_stream("stdout")
+    return sys.stdout.buffer

@@ -89,7 +89,8 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         width, height = im.size
         if width * height > max_pixels:
             raise ImageTooLargeError(
-                f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}")
+                f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}; "
+                f"pass max_pixels={width * height} (or more) to accept it")
         try:
             im.load()
         except Image.DecompressionBombError as e:

@@ -340,7 +340,8 @@ class LcodecCodec(Codec):
             return f"cannot import lcodec ({exc})"
         missing = [f for f in ("encode", "decode", "model_info") if not hasattr(lcodec, f)]
         if missing:
-            return f"lcodec has no {', '.join(missing)} yet (its library API is not built)"
+            return (f"the installed lcodec has no {', '.join(missing)}: it is older than this checkout "
+                    "(pip install -e .)")
         try:
             lcodec.model_info()
         except Exception as exc:  # noqa: BLE001 - any failure to load the model means "not available"

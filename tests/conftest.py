@@ -8,6 +8,8 @@ second; the one natural photo (a Kodak crop, for rate accuracy) is read from
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,16 @@ def save(path: Path, image: Image.Image | np.ndarray, **params) -> Path:
         image = Image.fromarray(image)
     image.save(path, **params)
     return path
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with almost no pixel data behind it."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 def quick_lc(pixels: np.ndarray) -> bytes:

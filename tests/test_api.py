@@ -15,8 +15,9 @@ from PIL import Image
 import lcodec
 from conftest import ANY_SIZE, quick_lc, save, smooth_rgb
 from lcodec.bitstream.container import OVERHEAD_BYTES
+from lcodec import engine
 from lcodec.errors import (CorruptFileError, ImageTooLargeError, LcodecError, NotAnLcFileError, OutputExistsError,
-                           UnsupportedImageError)
+                           RateError, UnsupportedImageError)
 
 
 def test_import_does_not_import_torch():
@@ -68,6 +69,21 @@ def test_exactly_one_target():
         lcodec.encode(smooth_rgb(8, 8), bpp=1, size=100)
 
 
+@pytest.mark.parametrize("target, fragment", [
+    ({"bpp": 0}, "bpp must be a positive number"), ({"bpp": -1.0}, "bpp must be a positive number"),
+    ({"bpp": float("nan")}, "bpp must be a positive number"), ({"bpp": float("inf")}, "bpp must be a positive"),
+    ({"size": 0}, "size must be a positive whole number"), ({"size": 100.5}, "size must be a positive whole"),
+    ({"rate": float("nan")}, "rate must be a finite number"),
+])
+def test_bad_target_values_are_rate_errors_in_the_apis_words(target, fragment, tmp_path):
+    src = save(tmp_path / "a.png", smooth_rgb(8, 8))
+    for call in (lambda: lcodec.encode(smooth_rgb(8, 8), **target), lambda: lcodec.encode_file(src, **target)):
+        with pytest.raises(RateError, match=fragment) as caught:
+            call()
+        assert "--" not in str(caught.value)  # no command-line flags in the library's errors
+    assert not (tmp_path / "a.lc").exists()
+
+
 def test_transparent_image_is_refused():
     rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 128))
     with pytest.raises(UnsupportedImageError, match="transparen"):
@@ -97,8 +113,9 @@ def test_encode_file_writes_input_name_with_lc(tmp_path):
 def test_encode_file_never_overwrites_without_force(tmp_path, no_leftovers):
     src = save(tmp_path / "photo.png", smooth_rgb(16, 16))
     (tmp_path / "photo.lc").write_bytes(b"precious")
-    with pytest.raises(OutputExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match="force=True") as caught:
         lcodec.encode_file(src, size=ANY_SIZE)
+    assert "--" not in str(caught.value)
     assert (tmp_path / "photo.lc").read_bytes() == b"precious"
     lcodec.encode_file(src, size=ANY_SIZE, force=True)
     assert (tmp_path / "photo.lc").read_bytes()[:4] == b"lcod"
@@ -120,6 +137,79 @@ def test_decode_file_png_by_default_and_format_by_extension(tmp_path):
     bmp = lcodec.decode_file(lc, tmp_path / "out.bmp")
     assert Image.open(bmp.path).format == "BMP"
     np.testing.assert_array_equal(np.asarray(Image.open(bmp.path)), np.asarray(Image.open(result.path)))
+
+
+def test_encode_file_max_pixels(tmp_path):
+    src = save(tmp_path / "photo.png", smooth_rgb(48, 64))
+    with pytest.raises(ImageTooLargeError, match="over the limit of 3,071; pass max_pixels=3072") as caught:
+        lcodec.encode_file(src, size=ANY_SIZE, max_pixels=64 * 48 - 1)
+    assert "--" not in str(caught.value)
+    assert lcodec.encode_file(src, size=ANY_SIZE, max_pixels=64 * 48).size > 0
+
+
+@pytest.mark.parametrize("function", ["encode_file", "decode_file"])
+def test_an_unwritable_output_fails_before_any_coding(tmp_path, monkeypatch, no_leftovers, function):
+    src = save(tmp_path / "photo.png", smooth_rgb(16, 16))
+    if function == "decode_file":
+        src.unlink()
+        src = tmp_path / "photo.lc"
+        src.write_bytes(quick_lc(smooth_rgb(16, 16)))
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("coded before the output was checked")
+
+    monkeypatch.setattr(engine, "encode_array", too_late)
+    monkeypatch.setattr(engine, "decode_array", too_late)
+    run = (lambda dst, **kw: lcodec.encode_file(src, dst, size=ANY_SIZE, **kw)) if function == "encode_file" else \
+        (lambda dst, **kw: lcodec.decode_file(src, dst, **kw))
+    with pytest.raises(LcodecError, match="cannot write .*: there is no directory"):
+        run(tmp_path / "missing" / "out.bmp")
+    (tmp_path / "dir.bmp").mkdir()
+    with pytest.raises(LcodecError, match="cannot write .*dir.bmp: it is a directory"):
+        run(tmp_path / "dir.bmp", force=True)
+    no_leftovers(tmp_path, src.name, "dir.bmp")
+
+
+def test_decode_file_warns_when_the_format_changes_the_pixels(tmp_path):
+    pixels = smooth_rgb(24, 40)
+    lc = tmp_path / "x.lc"
+    lc.write_bytes(quick_lc(pixels))
+    exact = np.asarray(lcodec.decode(lc.read_bytes()))
+    for name in ("x.jpg", "x.webp"):
+        result = lcodec.decode_file(lc, tmp_path / name)
+        assert result.warning and "changes the decoded pixels" in result.warning and ".png" in result.warning
+        assert not np.array_equal(np.asarray(Image.open(result.path).convert("RGB")), exact)  # the warning is true
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".dib", ".tif", ".ppm", ".tga", ".sgi", ".pcx", ".dds", ".jp2",
+                                 ".qoi", ".gif"])
+def test_formats_written_without_a_warning_keep_the_pixels_exactly(tmp_path, mode, ext):
+    pixels = smooth_rgb(24, 40) if mode == "RGB" else smooth_rgb(24, 40)[:, :, 0]
+    lc = tmp_path / "x.lc"
+    lc.write_bytes(quick_lc(pixels))
+    decoded = lcodec.decode(lc.read_bytes())
+    try:
+        result = lcodec.decode_file(lc, tmp_path / f"x{ext}")
+    except UnsupportedImageError as e:  # Pillow cannot store this mode in this format
+        assert (ext, mode) == (".qoi", "L"), e
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["x.lc"]
+        return
+    if result.warning is not None:
+        assert (ext, mode) == (".gif", "RGB"), result.warning
+        return
+    with Image.open(result.path) as im:
+        np.testing.assert_array_equal(np.asarray(im.convert(mode)), np.asarray(decoded))
+
+
+def test_decode_file_needs_an_extension_or_a_format(tmp_path, no_leftovers):
+    lc = tmp_path / "x.lc"
+    lc.write_bytes(quick_lc(smooth_rgb(8, 8)))
+    with pytest.raises(UnsupportedImageError, match="noext has no extension"):
+        lcodec.decode_file(lc, tmp_path / "noext")
+    no_leftovers(tmp_path, "x.lc")
+    assert lcodec.decode_file(lc, tmp_path / "noext", format="png").format == "PNG"
+    assert Image.open(tmp_path / "noext").format == "PNG"
 
 
 def test_outputs_get_the_usual_permissions(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import subprocess
@@ -13,7 +14,9 @@ import pytest
 from PIL import Image
 
 import lcodec
-from conftest import ANY_SIZE, quick_lc, save, smooth_rgb
+from conftest import ANY_SIZE, png_claiming, quick_lc, save, smooth_rgb
+from lcodec import engine
+from lcodec.bitstream.container import DEFAULT_MAX_PIXELS
 
 LINE = re.compile(r"^(?P<src>\S+) -> (?P<dst>\S+): (?P<bytes>[\d,]+) bytes, (?P<bpp>\d+\.\d{4}) bpp \(target (?P<target>[^)]+)\)$")
 
@@ -88,7 +91,9 @@ def test_bad_inputs_are_clean_errors(cli, tmp_path, content, fragment, no_leftov
 def test_existing_output_needs_force(cli, rgb_png, tmp_path):
     out = tmp_path / "photo.lc"
     out.write_bytes(b"keep me")
-    assert_clean_error(cli("encode", rgb_png, "--size", ANY_SIZE), 1, "already exists", "--force")
+    result = cli("encode", rgb_png, "--size", ANY_SIZE)
+    assert_clean_error(result, 1, "already exists", "--force")
+    assert "force=True" not in result.stderr  # the library's words are translated
     assert out.read_bytes() == b"keep me"
     assert cli("encode", rgb_png, "--size", ANY_SIZE, "--force").exit_code == 0
     assert out.read_bytes()[:4] == b"lcod"
@@ -233,7 +238,120 @@ def test_several_inputs_into_a_directory(cli, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a.lc", "b.lc"]
     assert len(result.stdout.splitlines()) == 2
     result = cli("encode", a, b, "--size", ANY_SIZE, "-o", tmp_path / "single.lc")
-    assert result.exit_code == 2 and "existing directory" in result.stderr
+    assert result.exit_code == 2 and "must be a directory" in result.stderr and "end it with /" in result.stderr
+    assert not (tmp_path / "single.lc").exists()
+
+
+@pytest.mark.parametrize("command", ["encode", "decode"])
+def test_an_output_directory_ending_in_slash_is_created(cli, tmp_path, command):
+    src = save(tmp_path / "a.png", smooth_rgb(16, 16))
+    if command == "decode":
+        src.with_suffix(".lc").write_bytes(quick_lc(smooth_rgb(16, 16)))
+        src = src.with_suffix(".lc")
+    options = ["--size", ANY_SIZE] if command == "encode" else []
+    result = cli(command, src, *options, "-o", f"{tmp_path}/new/deeper/")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == ["a.lc" if command == "encode" else "a.png"]
+    (tmp_path / "file").write_text("in the way")
+    assert_clean_error(cli(command, src, *options, "-o", f"{tmp_path}/file/"), 1, "cannot create the directory")
+
+
+@pytest.mark.parametrize("command", ["encode", "decode"])
+@pytest.mark.parametrize("case", ["no such directory", "a directory in the way", "a file for a directory",
+                                  "no permission"])
+def test_an_unwritable_output_is_reported_before_coding(cli, tmp_path, monkeypatch, no_leftovers, command, case):
+    """The output is checked first (as an existing one is): no time is spent on an encode or decode that
+    cannot be saved."""
+    src = save(tmp_path / "in.png", smooth_rgb(16, 16))
+    if command == "decode":
+        src.unlink()
+        src = tmp_path / "in.lc"
+        src.write_bytes(quick_lc(smooth_rgb(16, 16)))
+    suffix = ".lc" if command == "encode" else ".png"
+    left = {src.name}
+    if case == "no such directory":
+        out, fragment = tmp_path / "missing" / f"out{suffix}", "no directory"
+    elif case == "a directory in the way":
+        out, fragment = tmp_path / f"in{suffix}", "is a directory"  # the default output name
+        out.mkdir()
+        left.add(out.name)
+    elif case == "a file for a directory":
+        (tmp_path / "notes").write_text("a file")
+        out, fragment = tmp_path / "notes" / f"out{suffix}", "not a directory"
+        left.add("notes")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root may write anywhere: a read-only directory does not stop it")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        out, fragment = locked / f"out{suffix}", "ermission denied"
+        left.add("locked")
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("coded before the output was checked")
+
+    monkeypatch.setattr(engine, "encode_array", too_late)
+    monkeypatch.setattr(engine, "decode_array", too_late)
+    options = ["--size", ANY_SIZE] if command == "encode" else []
+    args = [] if case == "a directory in the way" else ["-o", out]
+    for force in ([], ["--force"]):
+        assert_clean_error(cli(command, src, *options, *args, *force), 1, "cannot write", str(out), fragment)
+    no_leftovers(tmp_path, *left)
+
+
+def test_encode_max_pixels(cli, tmp_path, rgb_png):
+    """encode refuses an image over --max-pixels (from its header, before reading its pixels) and says
+    which value would accept it; the default is the decoder's."""
+    result = cli("encode", rgb_png, "--size", ANY_SIZE, "--max-pixels", 64 * 48 - 1)
+    assert_clean_error(result, 1, str(rgb_png), "over the limit of 3,071", "--max-pixels 3072")
+    assert "max_pixels=" not in result.stderr  # the library's words are translated
+    assert cli("encode", rgb_png, "--size", ANY_SIZE, "--max-pixels", 64 * 48).exit_code == 0
+
+    big = tmp_path / "big.png"
+    big.write_bytes(png_claiming(10392, 6928))  # a 72-megapixel camera's picture (its header only)
+    result = cli("encode", big, "--bpp", "0.5")
+    assert_clean_error(result, 1, "over the limit of 67,108,864", "--max-pixels 71995776")
+    assert f"[default: {DEFAULT_MAX_PIXELS};" in " ".join(cli("encode", "--help").stdout.split())
+
+
+def test_decode_max_pixels_message_names_the_option(cli, tmp_path):
+    (tmp_path / "x.lc").write_bytes(quick_lc(smooth_rgb(16, 16)))
+    result = cli("decode", tmp_path / "x.lc", "--max-pixels", 255)
+    assert_clean_error(result, 1, "over the limit", "a larger --max-pixels")
+    assert " max_pixels" not in result.stderr  # the library's words are translated
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_bpp_must_be_a_positive_finite_number(cli, rgb_png, value):
+    result = cli("encode", rgb_png, "--bpp", value)
+    assert result.exit_code == 2 and "--bpp" in result.stderr and "Traceback" not in result.output
+
+
+def test_decoding_to_a_lossy_format_warns(cli, tmp_path):
+    (tmp_path / "x.lc").write_bytes(quick_lc(smooth_rgb(16, 16)))
+    for name in ("x.jpg", "x.webp"):
+        result = cli("decode", tmp_path / "x.lc", "-o", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        warning = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+        assert len(warning) == 1 and "changes the decoded pixels" in warning[0] and ".png" in warning[0]
+    result = cli("decode", tmp_path / "x.lc", "-o", tmp_path / "x.tif")
+    assert result.exit_code == 0 and "Warning" not in result.stderr
+
+
+def test_decode_output_without_an_extension_is_a_clean_error(cli, tmp_path, no_leftovers):
+    (tmp_path / "x.lc").write_bytes(quick_lc(smooth_rgb(16, 16)))
+    result = cli("decode", tmp_path / "x.lc", "-o", tmp_path / "noext")
+    assert_clean_error(result, 1, "noext", "no extension", ".png")
+    no_leftovers(tmp_path, "x.lc")
+
+
+def test_real_pipes(rgb_png):
+    """`cat photo.png | lcodec encode - --bpp B -o - > photo.lc`, in a real process with real pipes."""
+    proc = subprocess.run([sys.executable, "-m", "lcodec", "encode", "-", "--size", str(ANY_SIZE), "-o", "-"],
+                          input=rgb_png.read_bytes(), capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    assert lcodec.decode(proc.stdout).size == (64, 48)
+    assert b"<stdin> -> <stdout>" in proc.stderr
 
 
 def test_one_failed_input_does_not_stop_the_others(cli, tmp_path):
@@ -246,11 +364,13 @@ def test_one_failed_input_does_not_stop_the_others(cli, tmp_path):
 
 
 def test_worker_processes(cli, tmp_path):
-    """-j 2: spawned workers (each imports torch once) give the same bytes as one process."""
+    """-j 2: spawned workers (each imports torch once) give the same bytes as one process.
+
+    As in the README's `lcodec encode *.png --bpp 0.5 -o out/ -j 2`, out/ need not exist yet.
+    """
     srcs = [save(tmp_path / f"{i}.png", smooth_rgb(16, 16, seed=i)) for i in range(3)]
     out = tmp_path / "out"
-    out.mkdir()
-    result = cli("encode", *srcs, "--size", ANY_SIZE, "-o", out, "-j", "2")
+    result = cli("encode", *srcs, "--size", ANY_SIZE, "-o", f"{out}/", "-j", "2")
     assert result.exit_code == 0, result.output
     for src in srcs:
         assert (out / f"{src.stem}.lc").read_bytes() == lcodec.encode(Image.open(src), size=ANY_SIZE)

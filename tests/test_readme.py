@@ -1,17 +1,21 @@
 """The README's commands are the real ones: CI runs its test command, and its
 lcodec commands work as written."""
 
+import importlib.util
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-KODAK = ROOT.parent / "shared" / "data" / "kodak"
+SAMPLE = ROOT / "examples" / "sample.png"
 
 
 def _bash_blocks() -> list[str]:
@@ -29,16 +33,48 @@ def _lcodec_steps(line: str) -> list[list[str]]:
     return [shlex.split(part) for part in line.split("&&") if part.strip().startswith("lcodec ")]
 
 
-@pytest.mark.skipif(not (KODAK / "kodim23.png").exists(), reason="../shared/data/kodak is not present")
 def test_readme_quickstart_commands_run(tmp_path):
+    """The first command's lcodec steps, verbatim, in a copy of what a fresh clone has: the sample only.
+
+    Run twice, as a user may: `--force` makes the second run overwrite.
+    """
     setup = next(line for block in _bash_blocks() for line in block.splitlines() if "lcodec encode" in line)
-    for argv in _lcodec_steps(setup):
-        argv = [str(KODAK / "kodim23.png") if a.startswith("../shared/data/kodak/") else a for a in argv]
-        proc = subprocess.run([sys.executable, "-m", "lcodec", *argv[1:]], cwd=tmp_path, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-    lc = tmp_path / "kodim23.lc"
-    assert lc.stat().st_size <= 0.25 * 768 * 512 / 8
-    assert (tmp_path / "kodim23.png").stat().st_size > 0
+    inputs = {a for argv in _lcodec_steps(setup) for a in argv if a.startswith("examples/")}
+    assert inputs == {"examples/sample.png"}  # nothing from outside the repository
+    (tmp_path / "examples").mkdir()
+    shutil.copy(SAMPLE, tmp_path / "examples")
+    for _ in range(2):
+        for argv in _lcodec_steps(setup):
+            proc = subprocess.run([sys.executable, "-m", "lcodec", *argv[1:]], cwd=tmp_path, capture_output=True,
+                                  text=True)
+            assert proc.returncode == 0, proc.stderr
+    width, height = Image.open(SAMPLE).size
+    size = (tmp_path / "out" / "sample.lc").stat().st_size
+    assert 0.97 * 0.25 * width * height / 8 <= size <= 0.25 * width * height / 8
+    assert Image.open(tmp_path / "out" / "sample.png").size == (width, height)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["examples", "out"]  # the outputs go to out/ only
+    assert "/out/" in (ROOT / ".gitignore").read_text().splitlines()  # and git ignores them
+
+
+def test_sample_is_what_its_script_draws():
+    """examples/sample.png is the committed output of examples/make_sample.py (so its licence is the repo's)."""
+    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "examples" / "make_sample.py")
+    make_sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_sample)
+    drawn = make_sample.sample_pixels().astype(int)
+    committed = np.asarray(Image.open(SAMPLE).convert("RGB")).astype(int)
+    assert committed.shape == drawn.shape
+    assert np.abs(committed - drawn).max() <= 1  # float64 rounding may differ between machines, by one step
+    assert SAMPLE.stat().st_size < 50_000
+
+
+def test_test_extra_installs_what_the_benchmark_tests_need():
+    """`.[test]` (the README's test command) brings kodak_eval's packages: its tests run, not skip."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "lcodec[bench]" in extras["test"]
+    for package in ("scipy", "matplotlib", "imagecodecs", "av"):
+        assert any(req.startswith(package) for req in extras["bench"]), package
 
 
 def test_readme_usage_commands_parse(tmp_path):
