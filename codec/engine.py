@@ -3,25 +3,29 @@
 `encode_array` / `decode_array` work on numpy pixels; `lcodec.api` wraps them
 for PIL images and files. Only this module (and `lcodec.models`) import torch,
 and `lcodec.api` imports this module lazily, so `lcodec info` stays light.
+
+Which weights code an image is an argument, never a global: by default the
+installed weights of a model id in the (read-only) model table, or any frozen
+file loaded with `Weights.load` -- e.g. interim weights to benchmark.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import ratecontrol
 from .bitstream import container, range_coder
 from .bitstream.container import RATE_SCALE
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
-from .models.frozen import PAD, FrozenModel
+from .models.frozen import PAD, FrozenModel, sha256_file
 from .models.registry import DEFAULT_MODEL_ID, MODELS
-from .ratecontrol import search
 
 OVERHEAD = container.OVERHEAD_BYTES
 
@@ -33,6 +37,28 @@ class EncodeResult:
     bpp: float  # real bits per pixel of the whole file
     target_bytes: int | None
     warning: str | None = None  # e.g. the model's top rate was reached below the target
+    probes: int = 0  # size estimates the rate control made (none for an explicit rate)
+    encodes: int = 1  # real encodes made
+
+
+@dataclass(frozen=True, eq=False)
+class Weights:
+    """A loaded frozen model, with the SHA-256 of its file: files made with it carry the first
+    4 bytes, and a decoder refuses weights with another digest."""
+
+    model: FrozenModel
+    sha256: str
+    name: str  # for messages: the table entry's name, or the file name
+
+    @property
+    def digest4(self) -> bytes:
+        return bytes.fromhex(self.sha256)[:4]
+
+    @classmethod
+    def load(cls, path: Path, sha256: str | None = None) -> Weights:
+        """The frozen weights file at `path`, installed or not; checked against `sha256` if given."""
+        path = Path(path)
+        return cls(FrozenModel(path, sha256), sha256 or sha256_file(path), path.name)
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,6 +72,13 @@ def load_model(model_id: int = DEFAULT_MODEL_ID) -> FrozenModel:
     return FrozenModel(entry.path, entry.sha256)
 
 
+def installed_weights(model_id: int = DEFAULT_MODEL_ID) -> Weights:
+    """The installed weights of the table entry `model_id` (the model is loaded once per process)."""
+    model = load_model(model_id)
+    entry = MODELS[model_id]
+    return Weights(model, entry.sha256, entry.name)
+
+
 def model_info(model_id: int = DEFAULT_MODEL_ID) -> dict:
     model = load_model(model_id)
     entry = MODELS[model_id]
@@ -57,6 +90,11 @@ def _rate_bounds(model: FrozenModel) -> tuple[int, int]:
     """The model's rate range as rate_q integers (both ends allowed)."""
     lo, hi = model.rate_range
     return round(lo * RATE_SCALE), round(hi * RATE_SCALE)
+
+
+def _tiles(tile_latents: int | None) -> dict:
+    """Keyword arguments for `FrozenModel.analyze` / `synthesize`: none for the model's own tiles."""
+    return {} if tile_latents is None else {"tile_latents": tile_latents}
 
 
 def _check_pixels(pixels: np.ndarray, mode: str) -> None:
@@ -86,13 +124,15 @@ def _to_tensor(pixels: np.ndarray, mode: str) -> torch.Tensor:
     return F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
 
 
-class _Encoder:
-    """One image's encoder state: g_a has run once; each rate probe reuses y."""
+class Encoder:
+    """One image's encoder state with one model: g_a runs once, when it is made; each rate rq
+    then costs only what depends on it -- `estimate_bytes` for a rate-control probe, `payload`
+    for a real encode. `tile_latents` sets g_a's tiles (None: the model's own)."""
 
-    def __init__(self, model: FrozenModel, model_id: int, pixels: np.ndarray, mode: str):
-        self.model, self.model_id, self.mode = model, model_id, mode
+    def __init__(self, model: FrozenModel, pixels: np.ndarray, mode: str, *, tile_latents: int | None = None):
+        self.model, self.mode = model, mode
         self.height, self.width = pixels.shape[:2]
-        self.y = model.analyze(_to_tensor(pixels, mode))
+        self.y = model.analyze(_to_tensor(pixels, mode), **_tiles(tile_latents))
         zh, zw = self.y.shape[2] // 4, self.y.shape[3] // 4
         self.z_index = np.repeat(np.arange(model.config.N), zh * zw)
 
@@ -119,112 +159,81 @@ class _Encoder:
         z, sym, idx = self._symbols(rq)
         return range_coder.encode([(z, self.z_index, self.model.z_tables), (sym, idx, self.model.y_tables)])
 
-    def encode(self, rq: int) -> bytes:
+    def file(self, rq: int, model_id: int, digest4: bytes) -> bytes:
+        """The whole .lc file at rq, naming model `model_id` and weights digest `digest4`."""
         payload = self.payload(rq)
         header = container.Header(
-            version=container.FORMAT_VERSION, model_id=self.model_id, weights_digest=MODELS[self.model_id].digest4,
+            version=container.FORMAT_VERSION, model_id=model_id, weights_digest=digest4,
             width=self.width, height=self.height, mode=self.mode, rate_q=rq, payload_size=len(payload))
         return container.pack(header, payload)
 
 
-def _search_start(estimate: Callable[[int], float], lo: int, below: float) -> int:
-    """Where the rate search starts: walking down from level 0 in quarter steps, the first rq
-    whose estimated file is at most `below` bytes, else the one with the smallest file.
-
-    Below level 0 the gains are extrapolated, and a channel whose gain falls from level 0
-    to level 1 gets a larger gain there: the size can grow again towards the bottom of the
-    range (model 3's does, from about q = -0.5 down). The search needs a range where the
-    size rises with rq, so the walk stops where the size stops falling. A target at or
-    above level 0's size costs no step at all (the search probes level 0 anyway)."""
-    step = RATE_SCALE // 4
-    rq = 0
-    while estimate(rq) > below and rq - step >= lo and estimate(rq - step) < estimate(rq):
-        rq -= step
-    return rq
-
-
 def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size: int | None = None,
-                 rate: float | None = None, model_id: int = DEFAULT_MODEL_ID) -> EncodeResult:
+                 rate: float | None = None, model_id: int = DEFAULT_MODEL_ID, weights: Weights | None = None,
+                 tile_latents: int | None = None) -> EncodeResult:
     """Encode uint8 pixels ((H, W, 3) RGB or (H, W) L) to .lc bytes.
 
-    Exactly one of: `bpp` (file <= bpp*H*W/8 bytes, header included), `size`
-    (file <= size bytes), `rate` (the rate parameter q itself: one pass, no search).
+    One target, as `lcodec.api` checks (exactly one, with a usable value): `rate` (the rate
+    parameter q itself: one pass, no search), else `bpp` (file <= bpp*H*W/8 bytes, header
+    included) or `size` (file <= size bytes), met by `lcodec.ratecontrol`. The file names `model_id` and the digest of
+    `weights`, by default that id's installed weights. `tile_latents` sets g_a's tiles (None:
+    the model's own); it changes no more than float rounding.
     """
-    if sum(v is not None for v in (bpp, size, rate)) != 1:
-        raise ValueError("give exactly one of bpp, size or rate")
     _check_pixels(pixels, mode)
     height, width = pixels.shape[:2]
-    pixels_n = width * height
-    model = load_model(model_id)
+    if weights is None:
+        weights = installed_weights(model_id)
+    model = weights.model
     lo, hi = _rate_bounds(model)
     if rate is not None:
         rq = round(rate * RATE_SCALE)
         if not lo <= rq <= hi:
             raise RateError(f"rate parameter {rate} is outside the model's range {model.rate_range}")
-        data = _Encoder(model, model_id, pixels, mode).encode(rq)
-        return EncodeResult(data, rq / RATE_SCALE, 8 * len(data) / pixels_n, None)
+        data = Encoder(model, pixels, mode, tile_latents=tile_latents).file(rq, model_id, weights.digest4)
+        return EncodeResult(data, rq / RATE_SCALE, 8 * len(data) / (width * height), None)
 
-    if bpp is not None:
-        if not (bpp > 0 and math.isfinite(bpp)):
-            raise RateError(f"--bpp must be a positive number, got {bpp}")
-        target = math.floor(bpp * pixels_n / 8)
-        asked = f"{bpp:g} bpp ({target} bytes)"
-    else:
-        if size <= 0:
-            raise RateError(f"--size must be a positive number of bytes, got {size}")
-        target = int(size)
-        asked = f"{target} bytes ({8 * target / pixels_n:.4g} bpp)"
-    if target <= OVERHEAD:
-        raise RateError(f"{asked} is too small for a {width}x{height} image: "
-                        f"the .lc header alone takes {OVERHEAD} bytes")
-    enc = _Encoder(model, model_id, pixels, mode)  # runs g_a: only after the cheap checks
-    estimate = functools.cache(enc.estimate_bytes)  # the walk's probes are the search's too
-    encode = functools.cache(enc.encode)  # the error below reports a file the search has made
-    # Where the levels' nominal rates put the target (log-linear between them): the
-    # search's first guess. Images differ from the levels' training crops by +-15% or so.
-    levels = np.log(model.levels)
-    guess = round(RATE_SCALE * np.interp(math.log(8 * target / pixels_n), levels, np.arange(len(levels))))
-    start = _search_start(estimate, lo, target)
-    found = search(estimate, encode, target, start, hi, guess=guess)
-    if found is None:  # under the target nowhere from start up: go on down to the smallest file
-        bottom = _search_start(estimate, lo, 0)
-        found = search(estimate, encode, target, bottom, hi) if bottom < start else None
-    if found is None:
-        smallest = len(encode(bottom))
-        raise RateError(f"cannot reach {asked} for this {enc.width}x{enc.height} image: the smallest file "
-                        f"lcodec can make for it is {smallest} bytes ({8 * smallest / pixels_n:.4g} bpp)")
-    data = found.data
-    warning = None
-    if len(data) < 0.97 * target:
-        warning = (f"the file is {len(data)} bytes, {100 * (1 - len(data) / target):.1f}% under the {asked} asked for: "
-                   + ("the model's highest rate is reached" if found.rq == hi else
-                      "the rate steps of this small image are coarser than 3%"))
-    return EncodeResult(data, found.rq / RATE_SCALE, 8 * len(data) / pixels_n, target, warning)
+    goal = ratecontrol.target(width, height, bpp=bpp, size=size)
+    enc = Encoder(model, pixels, mode, tile_latents=tile_latents)  # runs g_a: only after the cheap checks
+    fit = ratecontrol.fit(goal, enc.estimate_bytes, lambda rq: enc.file(rq, model_id, weights.digest4),
+                          lo, hi, model.levels)
+    return EncodeResult(fit.data, fit.rq / RATE_SCALE, 8 * len(fit.data) / (width * height), goal.bytes,
+                        fit.warning, fit.probes, fit.encodes)
 
 
 def coded_sizes(model: FrozenModel, pixels: np.ndarray, mode: str, rates: list[float]) -> list[int]:
     """Real file sizes in bytes (header included) of one-pass encodes at each rate q, for a
     frozen model that need not be installed: training validation counts really coded bits."""
     _check_pixels(pixels, mode)
-    enc = _Encoder(model, -1, pixels, mode)  # no model id: nothing here writes a header
+    enc = Encoder(model, pixels, mode)
     return [OVERHEAD + len(enc.payload(round(q * RATE_SCALE))) for q in rates]
 
 
-def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
-    """Decode .lc bytes to uint8 pixels and their mode ("RGB" or "L")."""
+def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS, weights: Weights | None = None,
+                 tile_latents: int | None = None) -> tuple[np.ndarray, str]:
+    """Decode .lc bytes to uint8 pixels and their mode ("RGB" or "L").
+
+    The weights are the installed ones of the file's model id, or `weights`; either way their
+    digest must be the file's. `tile_latents` sets g_s's tiles (None: the model's own).
+    """
     header, payload = container.unpack(data, max_pixels=max_pixels)
-    entry = MODELS.get(header.model_id)
-    if entry is None:
-        raise ModelMismatchError(f"the file was made with model id {header.model_id}, which this lcodec does not have")
-    if entry.digest4 != header.weights_digest:
-        raise ModelMismatchError(f"the file was made with other weights for model {entry.name!r} "
-                                 f"(digest {header.weights_digest.hex()}, installed {entry.digest4.hex()})")
-    model = load_model(header.model_id)
+    if weights is None:
+        entry = MODELS.get(header.model_id)
+        if entry is None:
+            raise ModelMismatchError(f"the file was made with model id {header.model_id}, "
+                                     "which this lcodec does not have")
+        if entry.digest4 != header.weights_digest:
+            raise ModelMismatchError(f"the file was made with other weights for model {entry.name!r} "
+                                     f"(digest {header.weights_digest.hex()}, installed {entry.digest4.hex()})")
+        weights = installed_weights(header.model_id)
+    elif weights.digest4 != header.weights_digest:
+        raise ModelMismatchError(f"the file was made with other weights than {weights.name!r} "
+                                 f"(digest {header.weights_digest.hex()}, given {weights.digest4.hex()})")
+    model = weights.model
     lo, hi = _rate_bounds(model)
     if not lo <= header.rate_q <= hi:
         # The encoder never writes such a value; far outside it the gains overflow to inf/NaN.
         raise CorruptFileError(f"the file's rate parameter {header.rate_q / RATE_SCALE:g} is outside the range "
-                               f"{model.rate_range} of model {entry.name!r}")
+                               f"{model.rate_range} of model {weights.name!r}")
     hp, wp = math.ceil(header.height / PAD) * PAD, math.ceil(header.width / PAD) * PAD
     N, M = model.config.N, model.config.M
     zh, zw = hp // PAD, wp // PAD
@@ -237,7 +246,7 @@ def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS)
     del idx
     y_hat = torch.from_numpy(sym.astype(np.float32)).view(1, M, zh * 4, zw * 4).add_(mean)
     del sym, mean
-    x = model.synthesize(y_hat, header.rate_q / RATE_SCALE)[0, :, :header.height, :header.width]
+    x = model.synthesize(y_hat, header.rate_q / RATE_SCALE, **_tiles(tile_latents))[0, :, :header.height, :header.width]
     # In place: at 8K each full-size float temporary would cost 400 MB of peak memory.
     pixels = x.nan_to_num_(nan=0.0).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
     if header.mode == "L":

@@ -1,18 +1,23 @@
 """Speed and memory of lcodec on the Kodak images: encode at a bpp target (rate search included) and decode.
 
     nice -n 19 python -m kodak_eval.speed --bpp 0.25 --runs 3 --out runs/speed
+    nice -n 19 python -m kodak_eval.speed --weights runs/x/frozen.pt --out runs/speed-x
+
+`--weights F` times the frozen file F, installed or not, under `--model`'s id:
+the engine takes the weights as an argument, so the files made carry that id
+and F's digest, and the reports name F and its SHA-256.
 
 Each phase runs in its own child process, so its peak RSS (`ru_maxrss`, read by
 the child at its end) is that phase's alone: the torch import, the model and the
 largest image's working set. Within a phase, every image is coded `--runs` times
 after one warm-up, and the median is reported.
 
-Where the time goes is measured from outside: the child wraps the engine's
-functions with a timing shim (nothing in lcodec is edited):
+Where the time goes is measured from outside: while a phase runs, the child
+wraps public functions of lcodec with a timing shim (nothing in lcodec is edited):
 
     g_a             FrozenModel.analyze      (the analysis transform, tiled)
-    probes          _Encoder.estimate_bytes  (one rate-search probe: gain, h_a, integer h_s, table costs)
-    real encodes    _Encoder.encode          (symbols for one rate, then the range coder)
+    probes          Encoder.estimate_bytes   (one rate-search probe: gain, h_a, integer h_s, table costs)
+    real encodes    Encoder.payload          (symbols for one rate, then the range coder)
     range encode    range_coder.encode       (inside real encodes)
     range decode    range_coder.Decoder      (__init__, decode, finish)
     h_s             FrozenModel.entropy_parameters on decode (the integer hyper-synthesis)
@@ -44,10 +49,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lcodec.models.registry import DEFAULT_MODEL_ID
 
 from .report import git_state
+
+if TYPE_CHECKING:
+    from lcodec.engine import Weights
 
 ROOT = Path(__file__).resolve().parents[1]
 KODAK = ROOT / ".." / "shared" / "data" / "kodak"
@@ -55,13 +64,25 @@ TARGETS = {"encode_s": 1.0, "decode_s": 0.6, "peak_rss_mb": 1536}  # from the ha
 
 
 class Shim:
-    """Accumulates wall time and call counts of wrapped functions, by label."""
+    """Accumulates wall time and call counts of wrapped functions, by label; as a context
+    manager, puts the original functions back at its end."""
 
     def __init__(self) -> None:
         self.seconds: collections.Counter = collections.Counter()
         self.calls: collections.Counter = collections.Counter()
+        self.wrapped: list[tuple[object, str, object]] = []
+
+    def __enter__(self) -> Shim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self.wrapped:
+            owner, name, original = self.wrapped.pop()
+            setattr(owner, name, original)
 
     def wrap(self, owner: object, name: str, label: str) -> None:
+        """Time `owner.name` (a module's function or a class's own method) under `label`."""
+        self.wrapped.append((owner, name, vars(owner)[name]))
         fn = getattr(owner, name)
 
         @functools.wraps(fn)
@@ -82,28 +103,6 @@ class Shim:
         return seconds, calls
 
 
-def use_weights(path: Path) -> None:
-    """Make model id 1 load `path` (a frozen file of the same architecture) instead of the installed
-    weights, in this process only: for timing while the installed weights are an interim build."""
-    from dataclasses import dataclass
-
-    from lcodec import engine
-    from lcodec.models import registry
-    from lcodec.models.frozen import sha256_file
-
-    @dataclass(frozen=True)
-    class External(registry.ModelEntry):
-        location: Path
-
-        @property
-        def path(self) -> Path:
-            return self.location
-
-    entry = registry.MODELS[1]
-    registry.MODELS[1] = External(1, f"{entry.name} (timed with {path.name})", path.name, sha256_file(path), path)
-    engine.load_model.cache_clear()
-
-
 def _median_run(runs: list[dict]) -> dict:
     """Per-label medians over runs (missing labels count as 0)."""
     labels = set().union(*(r["seconds"] for r in runs))
@@ -115,34 +114,42 @@ def _median_run(runs: list[dict]) -> dict:
 
 def child(phase: str, args: argparse.Namespace, files: Path) -> dict:
     """One phase, in this (child) process: returns per-image medians and this process's peak RSS."""
+    import torch
+
+    from lcodec import engine
+    from lcodec.bitstream import range_coder
+    from lcodec.bitstream.tables import CdfTables
+    from lcodec.models.frozen import FrozenModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = engine.Weights.load(args.weights) if args.weights else engine.installed_weights(args.model)
+    with Shim() as shim:
+        shim.wrap(FrozenModel, "analyze", "g_a")
+        shim.wrap(FrozenModel, "synthesize", "g_s")
+        shim.wrap(engine.Encoder, "estimate_bytes", "probes")
+        shim.wrap(engine.Encoder, "payload", "real_encodes")
+        shim.wrap(range_coder, "encode", "range_encode")
+        for name in ("__init__", "decode", "finish"):
+            shim.wrap(range_coder.Decoder, name, "range_decode")
+        # Nested inside probes and real encodes on the encode side; the whole of h_s on decode.
+        shim.wrap(FrozenModel, "entropy_parameters", "h_s")
+        if phase == "encode":
+            shim.wrap(FrozenModel, "hyper_latent", "h_a")
+            shim.wrap(CdfTables, "cost_bits", "table_costs")
+        return _measure(phase, args, files, weights, shim)
+
+
+def _measure(phase: str, args: argparse.Namespace, files: Path, weights: Weights, shim: Shim) -> dict:
+    """`child`'s measurements, with the codec's functions wrapped by `shim`."""
     import numpy as np
     import torch
     from PIL import Image
 
     from lcodec import engine
-    from lcodec.bitstream import range_coder
-    from lcodec.bitstream.tables import CdfTables
     from lcodec.errors import RateError
-    from lcodec.models.frozen import FrozenModel
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.weights:
-        use_weights(args.weights)
-    shim = Shim()
-    shim.wrap(FrozenModel, "analyze", "g_a")
-    shim.wrap(FrozenModel, "synthesize", "g_s")
-    shim.wrap(engine._Encoder, "estimate_bytes", "probes")
-    shim.wrap(engine._Encoder, "encode", "real_encodes")
-    shim.wrap(range_coder, "encode", "range_encode")
-    for name in ("__init__", "decode", "finish"):
-        shim.wrap(range_coder.Decoder, name, "range_decode")
-    # Nested inside probes and real encodes on the encode side; the whole of h_s on decode.
-    shim.wrap(FrozenModel, "entropy_parameters", "h_s")
-    if phase == "encode":
-        shim.wrap(FrozenModel, "hyper_latent", "h_a")
-        shim.wrap(CdfTables, "cost_bits", "table_costs")
-    model = engine.load_model(args.model)
+    model = weights.model
     if args.rate is None:  # the level whose target is nearest --bpp (in log rate)
         from .evaluate import nearest_levels
 
@@ -160,7 +167,7 @@ def child(phase: str, args: argparse.Namespace, files: Path) -> dict:
                 for r in range(args.runs + (1 if k == 0 else 0)):  # one warm-up on the first image
                     start, cpu = time.perf_counter(), time.process_time()
                     try:
-                        result = engine.encode_array(rgb, "RGB", model_id=args.model, **kwargs)
+                        result = engine.encode_array(rgb, "RGB", model_id=args.model, weights=weights, **kwargs)
                         status, data = "ok", result.data
                     except RateError as e:
                         status, data = "unreachable", None
@@ -181,7 +188,7 @@ def child(phase: str, args: argparse.Namespace, files: Path) -> dict:
             runs = []
             for r in range(args.runs + (1 if k == 0 else 0)):
                 start, cpu = time.perf_counter(), time.process_time()
-                pixels, _ = engine.decode_array(data)
+                pixels, _ = engine.decode_array(data, weights=weights)
                 total, cpu = time.perf_counter() - start, time.process_time() - cpu
                 seconds, calls = shim.take()
                 if k == 0 and r == 0:
@@ -192,7 +199,8 @@ def child(phase: str, args: argparse.Namespace, files: Path) -> dict:
         rows.append(row)
         print(f"{phase} {path.name}: " + json.dumps({k: v.get("total") for k, v in row.items()
                                                       if isinstance(v, dict)}), file=sys.stderr, flush=True)
-    return {"rows": rows, "one_pass_rate": args.rate, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"rows": rows, "one_pass_rate": args.rate, "weights_sha256": weights.sha256,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_after_model_load_mb": base_rss, "torch_threads": torch.get_num_threads()}
 
 
@@ -214,24 +222,14 @@ def reference_search_counts(args: argparse.Namespace) -> dict:
     from PIL import Image
 
     from lcodec import engine
-    from lcodec.ratecontrol import SearchResult
 
     counts = []
-    original = engine.search
-
-    def counting(*a, **k):
-        found: SearchResult | None = original(*a, **k)
-        if found is not None:
-            counts.append((found.probes, found.encodes))
-        return found
-
-    engine.search = counting
     lo, hi = engine.load_model(0).rate_range
     for path in sorted(KODAK.glob("kodim*.png"))[: args.images]:
         rgb = np.array(Image.open(path).convert("RGB"))
         size = len(engine.encode_array(rgb, "RGB", rate=(lo + hi) / 2 + 0.37, model_id=0).data)
-        engine.encode_array(rgb, "RGB", size=size, model_id=0)
-    engine.search = original
+        result = engine.encode_array(rgb, "RGB", size=size, model_id=0)
+        counts.append((result.probes, result.encodes))
     return {"probes": statistics.median(p for p, _ in counts), "encodes": statistics.median(e for _, e in counts),
             "searches": len(counts), "how": "tiny model 0, size target = its one-pass size at q = mid-range + 0.37"}
 
@@ -264,6 +262,7 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
         "what": "wall-clock seconds per image (median of --runs runs after one warm-up), peak RSS per phase process",
         "images": len(rows), "runs": args.runs, "bpp_target": args.bpp, "one_pass_rate": enc["one_pass_rate"],
         "model_id": args.model, "weights": str(args.weights) if args.weights else "installed",
+        "weights_sha256": enc["weights_sha256"],
         "torch_threads": enc["torch_threads"], "cpus": os.cpu_count(), "machine": platform.platform(),
         "load_average_start": args.load_start, "load_average_end": os.getloadavg(),
         "commit": git_state(ROOT)["commit"],
@@ -318,6 +317,7 @@ def markdown(s: dict) -> str:
     lines = [
         f"# lcodec speed on Kodak ({s['images']} images, model {s['model_id']}, weights: {s['weights']})",
         "",
+        f"Weights SHA-256 {s['weights_sha256']}. "
         f"Median wall-clock seconds per 768x512 image over {s['runs']} runs after a warm-up; "
         f"{s['torch_threads']} torch threads on {s['cpus']} CPUs; load average {s['load_average_start'][0]:.1f} "
         f"at start, {s['load_average_end'][0]:.1f} at end (other jobs share the CPUs); commit {s['commit']}. "
@@ -354,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--model", type=int, default=DEFAULT_MODEL_ID)
-    parser.add_argument("--weights", type=Path, help="time this frozen file as model 1 (same architecture)")
+    parser.add_argument("--weights", type=Path,
+                        help="time this frozen weights file (installed or not) under --model's id, "
+                             "instead of that model's installed weights")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "speed")
     parser.add_argument("--child", choices=["encode", "decode"], help=argparse.SUPPRESS)

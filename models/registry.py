@@ -3,13 +3,16 @@
 An id is never reused and never re-pointed at other weights: a file names its
 model id and the first 4 bytes of the weights' SHA-256, and a decoder refuses
 weights whose digest does not match. New weights get a new id. The same table
-is in `bitstream/SPEC.md`.
+is in `bitstream/SPEC.md`. `MODELS` is read-only: code that runs other weights
+passes them to `lcodec.engine` as an argument.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -31,7 +34,7 @@ class ModelEntry:
         return bytes.fromhex(self.sha256)[:4]
 
 
-MODELS: dict[int, ModelEntry] = {
+MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     # id 0: a tiny model (N=8, M=12) trained for a few steps; it exists so that the golden
     # test files pin the format and stay fast. Not for real use.
     0: ModelEntry(0, "tiny-test", "tiny-test.pt", "520e084ac735caff567529a5acf70ca59d5d1390792becfe1c972368257eb217"),
@@ -48,6 +51,6 @@ MODELS: dict[int, ModelEntry] = {
     5: ModelEntry(5, "hp-64-96-v3", "hp-64-96-v3.pt", "5560e388cdaac252f6275d262e4dda74dc5d437b309cef2df5debee2d64635aa"),
     # id 6: id 5's run trained on to 75500 steps; the default.
     6: ModelEntry(6, "hp-64-96-v4", "hp-64-96-v4.pt", "f89554407887dafa92299f583f77ec29d3529cdca8dcaa910cc4feb36fa6b806"),
-}
+})
 
 DEFAULT_MODEL_ID = 6

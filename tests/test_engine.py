@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import smooth_rgb
-from lcodec import engine
+from lcodec import engine, ratecontrol
+from lcodec.bitstream import container
 from lcodec.errors import ModelMismatchError, RateError
 from lcodec.models.integer_hyper import ACT_BITS, IntegerHyperSynthesis, table_index
+from lcodec.models.registry import MODELS
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 MANIFEST = json.loads((GOLDEN / "golden.json").read_text())
@@ -150,7 +152,7 @@ def test_coded_bits_match_the_model_estimate(q):
 
     model = engine.load_model(engine.DEFAULT_MODEL_ID)
     img = _natural(128, 192)
-    enc = engine._Encoder(model, engine.DEFAULT_MODEL_ID, img, "RGB")
+    enc = engine.Encoder(model, img, "RGB")
     z, sym, idx = enc._symbols(round(q * engine.RATE_SCALE))
     mean_int, scale_int = model.hyper_synthesis(torch.from_numpy(z).view(1, model.config.N, 2, 3)).chunk(2, dim=1)
     scale = scale_int.double().ravel() / 2**16
@@ -209,6 +211,40 @@ def test_rate_outside_the_model_range_is_refused():
         engine.encode_array(_natural(64, 64), "RGB", rate=99.0, model_id=TINY)
 
 
+def test_the_model_table_is_read_only():
+    """Files name weights by id and digest; an entry re-pointed at other weights in a running
+    process would make files that name the wrong ones. Other weights are an argument instead."""
+    with pytest.raises(TypeError):
+        MODELS[1] = MODELS[0]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del MODELS[1]  # type: ignore[attr-defined]
+    assert all(entry.model_id == model_id for model_id, entry in MODELS.items())
+
+
+def test_weights_that_are_not_installed_are_an_argument(tmp_path):
+    """`Weights.load` codes with any frozen file: the file carries the id asked for and that
+    file's digest, decodes with those weights, and is refused by the installed ones."""
+    copy = tmp_path / "interim.pt"
+    copy.write_bytes(MODELS[TINY].path.read_bytes())
+    weights = engine.Weights.load(copy)
+    assert weights.sha256 == MODELS[TINY].sha256 and weights.name == "interim.pt"
+    img = _natural(64, 64)
+    data = engine.encode_array(img, "RGB", rate=6.0, model_id=engine.DEFAULT_MODEL_ID, weights=weights).data
+    header = container.read_header(data)
+    assert header.model_id == engine.DEFAULT_MODEL_ID and header.weights_digest == MODELS[TINY].digest4
+    with pytest.raises(ModelMismatchError, match="other weights"):
+        engine.decode_array(data)
+    pixels, _ = engine.decode_array(data, weights=weights)
+    installed = engine.encode_array(img, "RGB", rate=6.0, model_id=TINY).data
+    payload = slice(container.HEADER_SIZE, -container.CRC_SIZE)
+    assert data[payload] == installed[payload]
+    assert np.array_equal(pixels, engine.decode_array(installed)[0])
+    with pytest.raises(ModelMismatchError, match="other weights"):
+        engine.decode_array(engine.encode_array(img, "RGB", rate=6.0, model_id=1).data, weights=weights)
+    with pytest.raises(ModelMismatchError):
+        engine.Weights.load(copy, sha256=MODELS[1].sha256)
+
+
 def test_file_from_other_weights_is_refused():
     data = bytearray((GOLDEN / "v1_rgb_64x48.lc").read_bytes())
     data[6:10] = b"\x00\x00\x00\x00"  # the weights digest
@@ -257,15 +293,43 @@ def test_rate_search_starts_where_the_size_stops_falling():
         calls.append(rq)
         return 1000 + (rq + 512) ** 2
 
-    assert engine._search_start(u_shaped, lo, 0) == -512
-    assert engine._search_start(u_shaped, lo, 1000 + 256**2) == -256
+    assert ratecontrol.start(u_shaped, lo, 0) == -512
+    assert ratecontrol.start(u_shaped, lo, 1000 + 256**2) == -256
     calls.clear()
-    assert engine._search_start(u_shaped, lo, 1000 + 512**2) == 0
+    assert ratecontrol.start(u_shaped, lo, 1000 + 512**2) == 0
     assert calls == [0]
     rising = lambda rq: 2000 + rq  # noqa: E731
-    assert engine._search_start(rising, lo, 0) == lo
+    assert ratecontrol.start(rising, lo, 0) == lo
     falling = lambda rq: 2000 - rq  # noqa: E731 - never rises below level 0: stop at level 0
-    assert engine._search_start(falling, lo, 0) == 0
+    assert ratecontrol.start(falling, lo, 0) == 0
+
+
+@pytest.mark.parametrize("real_over_estimate", [1.02, 3.0])
+def test_rate_control_makes_each_estimate_and_each_encode_once(real_over_estimate):
+    """The start's walk, the search, the second search from the smallest file and the error
+    message share one memo: no rq is estimated or encoded twice, and the counts say so.
+    With real files 3x the estimates, nothing reaches the target and every step runs."""
+    estimated, encoded = [], []
+
+    def estimate(rq):
+        estimated.append(rq)
+        return 5000 + rq
+
+    def encode(rq):
+        encoded.append(rq)
+        return bytes(int(real_over_estimate * (5000 + rq)))
+
+    goal = ratecontrol.target(100, 100, size=4000)
+    levels = (0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+    if real_over_estimate > 2:
+        with pytest.raises(RateError, match="smallest file lcodec can make for it is 8856 bytes"):
+            ratecontrol.fit(goal, estimate, encode, -2048, 4096, levels)
+        assert min(encoded) == -2048  # the bottom of the range was tried
+    else:
+        fit = ratecontrol.fit(goal, estimate, encode, -2048, 4096, levels)
+        assert (1 - ratecontrol.TOLERANCE) * 4000 <= len(fit.data) <= 4000 and fit.warning is None
+        assert (fit.probes, fit.encodes) == (len(estimated), len(encoded))
+    assert len(set(estimated)) == len(estimated) and len(set(encoded)) == len(encoded)
 
 
 def test_a_guess_saves_rate_probes_without_changing_the_answer():
