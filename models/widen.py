@@ -2,59 +2,54 @@
 that it computes nearly the same thing, and training can go on at the new width;
 or add a rate level.
 
-    python -m lcodec.models.widen runs/hp64/checkpoint.pt runs/hp256/checkpoint.pt --M 256
-    python -m lcodec.models.widen runs/hp256/checkpoint.pt runs/hp96/checkpoint.pt --M 96 \
+    python -m lcodec.models.widen runs/a/checkpoint.pt runs/b/checkpoint.pt --M 256
+    python -m lcodec.models.widen runs/b/checkpoint.pt runs/c/checkpoint.pt --M 96 \
         --data ../shared/data/train
-    python -m lcodec.models.widen runs/hp96/checkpoint.pt runs/hp96-9/checkpoint.pt --add-level 0.04
+    python -m lcodec.models.widen runs/c/checkpoint.pt runs/d/checkpoint.pt --add-level 0.04
 
-Narrowing keeps the M channels of y that carry the most bits on training images
-(summed over the levels) and, in h_s, the hidden units whose activity times
-outgoing weights matter most for what is kept; everything else is cut. It is
-meant for channels that training has left unused: id 4's run, widened from 96
-to 256, still coded 0.06 of 1.97 bpp in channels 96-255 at the top level after
-18000 steps, and cutting them (and h_s's 400 hidden units added with them)
-changed PSNR by at most 0.05 dB on four Kodak crops, while a step at M = 96
-costs about 0.5 s against 0.86 s.
+Why: a trained run holds many steps of training. When the latent turns out too
+narrow (the reconstruction of the unquantised latents saturates, so extra bits
+buy little) or wider than the network uses, changing M in place keeps those steps
+instead of training from scratch.
 
-Why: with M = 96 the reconstruction of the *unquantised* latents saturates
-(about 27-32 dB on Kodak crops at every level), so bits above ~1 bpp buy almost
-nothing. Ballé et al. widen M for high rates for the same reason. Training a
-wider model from scratch on 2 CPU cores would throw away every step so far.
-
-The new channels start nearly silent, so the widened model reproduces the old
-one closely, and gradients reach every new weight from the first step:
+Widening. The new channels start nearly silent, so the widened model reproduces
+the old one, and gradients reach every new weight from the first step:
 
 * g_a: new output channels keep their fresh default initialisation;
 * g_s: weights from the new channels keep their fresh (small, random)
-  initialisation. The new channels' lower gain (below) makes nearly all of
-  their latents round to 0, so the output barely changes, but D has a
+  initialisation, not zero. The new channels' lower gain (below) makes nearly
+  all of their latents round to 0, so the output barely changes, while D has a
   first-order gradient on g_a's new rows through the straight-through rounding.
-  With zero weights here both gradients are zero at the start (a saddle): a try
-  that way (M 96 -> 256, 1700 steps) squeezed the new channels out instead of
-  using them (their share of the top level's rate fell from 0.22 to 0.10 bpp
-  and the unquantised PSNR did not move);
-* h_a: weights from the new channels are zero (z is unchanged);
+  Zero weights on both sides of a channel would be a saddle (no gradient from D
+  at all), and the rate term would then squeeze the channel out;
+* h_a: weights from the new channels are zero, so z is unchanged;
 * h_s: new hidden units get fresh incoming weights and zero outgoing weights;
   new mean outputs are 0, new scale outputs have zero weights and the mean of
   the old scale biases;
-* rate gains of the new channels: the mean log-gain of the old channels of the
-  level, minus NEW_LOG_GAIN_OFFSET, so that they start small and cheap (at the
-  top level the rate of a Kodak crop goes from 2.30 to 2.75 bpp instead of 9.6)
-  while enough of them round to non-zero values for gradients to flow;
+* rate gains of the new channels: the old channels' mean log-gain of the level
+  minus NEW_LOG_GAIN_OFFSET, so that they start small and cheap in rate while
+  enough of their latents round to non-zero values for gradients to flow;
 * inverse gains of the new channels: the old channels' mean plus the same
-  offset, so that g_s sees new channels at the old channels' scale. Adam moves
-  a weight by about the learning rate per step whatever its size, so a channel
-  that reaches g_s 7x smaller learns 7x slower: a first try without this
-  compensation (M 96 -> 192) had not started using its new channels after
-  2000 steps (no change in the unquantised PSNR).
+  offset, so that g_s sees the new channels at the old channels' scale. Adam
+  moves a weight by about the learning rate per step whatever its size, so a
+  channel that reached g_s e^2 times weaker would learn that much slower.
+
+The widened model is exactly the old one wherever the new latents round to 0.
+
+Narrowing (`--M` below the current width, with `--data`) keeps the M channels of y
+that carry the most bits on training images (summed over the levels) and, in h_s,
+the hidden units whose activity times outgoing weights matter most for what is
+kept; everything else is cut. It is meant for channels that training has left
+unused: where the cut parts are silent, the narrowed model computes the same
+function, and each training step is cheaper.
 
 `--add-level R` gives the model one more rate level, trained for R bpp, placed among
 the others by rate. Its gains start where the existing ones put R (log-linear in
 rate between the neighbouring levels, extrapolated past the ends) and its loss
-state starts fresh. Why: the M = 96 run's lowest level is its trained floor, and
-below it (q < 0) the hyper-latent z costs more, not less (kodim03: 0.015 bpp at
-q = 0, 0.028 at q = -1), so 10 of 24 Kodak images could not reach 0.06 bpp. A
-level trained below 0.06 makes the codec's search range cover it.
+state starts fresh. Why: a model's lowest level is the lowest rate it was trained
+for; below it the codec extrapolates the gains, and there the hyper-latent z can
+cost more rather than less, so smooth images may not get below the lowest level's
+rate. A level trained lower extends the range the codec's rate search can reach.
 
 The result is a checkpoint without optimizer state (Adam restarts, as after a
 `--small-copy`); the step count, loss states and generator carry over, so the
