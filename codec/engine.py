@@ -67,6 +67,9 @@ def load_model(model_id: int = DEFAULT_MODEL_ID) -> FrozenModel:
     entry = MODELS.get(model_id)
     if entry is None:
         raise ModelMismatchError(f"this lcodec does not know model id {model_id}; a newer lcodec may")
+    if entry.retired:
+        raise ModelMismatchError(f"model id {model_id} ({entry.name}) was retired before the first release and "
+                                 "is not shipped; no released lcodec wrote this file")
     if not entry.path.exists():
         raise ModelMismatchError(f"the weights of model {entry.name!r} ({entry.path.name}) are not installed")
     return FrozenModel(entry.path, entry.sha256)

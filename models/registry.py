@@ -23,6 +23,7 @@ class ModelEntry:
     name: str
     filename: str
     sha256: str  # hex digest of the weights file
+    retired: bool = False  # not shipped: no release ever wrote a file with this id
 
     @property
     def path(self) -> Path:
@@ -38,18 +39,14 @@ MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     # id 0: a tiny model (N=8, M=12) trained for a few steps; it exists so that the golden
     # test files pin the format and stay fast. Not for real use.
     0: ModelEntry(0, "tiny-test", "tiny-test.pt", "520e084ac735caff567529a5acf70ca59d5d1390792becfe1c972368257eb217"),
-    # id 1: the first variable-rate mean-scale hyperprior (N=64, M=96), 6000 steps; see weights/MODEL_CARD.md.
-    1: ModelEntry(1, "hp-64-96", "hp-64-96.pt", "3843751f3522cd80867d15bd05843b8d0f9413b18896cbb03ec60c92424a0279"),
-    # id 2: the same architecture trained on to 18000 steps (from id 1's checkpoint).
-    2: ModelEntry(2, "hp-64-96-v2", "hp-64-96-v2.pt", "d56266d48a504a8eac2e7361d230e6e0451c54293dce250ea279be44d56b9033"),
-    # id 3: N=64, M=256: id 2's run widened at step 21273 (models/widen.py) and trained on to 33000 steps.
-    3: ModelEntry(3, "hp-64-256", "hp-64-256.pt", "fa928472a3422b693c95b7d6c728d7a997470ca13a1cf9b94c51edb3439bedee"),
-    # id 4: id 3's run trained on to 39200 steps (lr 2e-4 from 33000, 2e-5 from 37800).
-    4: ModelEntry(4, "hp-64-256-v2", "hp-64-256-v2.pt", "b02e01289b449f73b9990d0546860878d68da8654e7e9a105c64eff564f7e104"),
-    # id 5: id 4's run narrowed back to M=96 at step 40290, a ninth level (0.04 bpp) added at 50500, trained on
-    # to 63000 steps.
-    5: ModelEntry(5, "hp-64-96-v3", "hp-64-96-v3.pt", "5560e388cdaac252f6275d262e4dda74dc5d437b309cef2df5debee2d64635aa"),
-    # id 6: id 5's run trained on to 75500 steps; the default.
+    # ids 1-5: snapshots of the training run of id 6 (models/weights/TRAINING_HISTORY.md), retired before
+    # the first release; their ids stay taken.
+    1: ModelEntry(1, "hp-64-96", "hp-64-96.pt", "3843751f3522cd80867d15bd05843b8d0f9413b18896cbb03ec60c92424a0279", retired=True),
+    2: ModelEntry(2, "hp-64-96-v2", "hp-64-96-v2.pt", "d56266d48a504a8eac2e7361d230e6e0451c54293dce250ea279be44d56b9033", retired=True),
+    3: ModelEntry(3, "hp-64-256", "hp-64-256.pt", "fa928472a3422b693c95b7d6c728d7a997470ca13a1cf9b94c51edb3439bedee", retired=True),
+    4: ModelEntry(4, "hp-64-256-v2", "hp-64-256-v2.pt", "b02e01289b449f73b9990d0546860878d68da8654e7e9a105c64eff564f7e104", retired=True),
+    5: ModelEntry(5, "hp-64-96-v3", "hp-64-96-v3.pt", "5560e388cdaac252f6275d262e4dda74dc5d437b309cef2df5debee2d64635aa", retired=True),
+    # id 6: mean-scale hyperprior, N=64, M=96, nine levels 0.04-2 bpp (weights/MODEL_CARD.md).
     6: ModelEntry(6, "hp-64-96-v4", "hp-64-96-v4.pt", "f89554407887dafa92299f583f77ec29d3529cdca8dcaa910cc4feb36fa6b806"),
 })
 

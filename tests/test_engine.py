@@ -240,9 +240,9 @@ def test_weights_that_are_not_installed_are_an_argument(tmp_path):
     assert data[payload] == installed[payload]
     assert np.array_equal(pixels, engine.decode_array(installed)[0])
     with pytest.raises(ModelMismatchError, match="other weights"):
-        engine.decode_array(engine.encode_array(img, "RGB", rate=6.0, model_id=1).data, weights=weights)
+        engine.decode_array(engine.encode_array(img, "RGB", rate=6.0, model_id=6).data, weights=weights)
     with pytest.raises(ModelMismatchError):
-        engine.Weights.load(copy, sha256=MODELS[1].sha256)
+        engine.Weights.load(copy, sha256=MODELS[6].sha256)
 
 
 def test_file_from_other_weights_is_refused():

@@ -84,7 +84,7 @@ def test_watchdog_reports_a_hang_and_recovers():
     """The harness itself: a case over the time budget is a 'hang', and the next case still runs."""
     from lcodec.models.registry import MODELS
 
-    bomb = fuzz_lc.with_crc(fuzz_lc.HEADER.pack(b"lcod", 1, 1, MODELS[1].digest4, 4096, 4096, 1, 0))
+    bomb = fuzz_lc.with_crc(fuzz_lc.HEADER.pack(b"lcod", 1, 6, MODELS[6].digest4, 4096, 4096, 1, 0))
     watchdog = fuzz_lc.Watchdog(timeout=0.05, max_rss_mb=4096, address_space_mb=0)
     try:
         assert watchdog.run(bomb, fuzz_lc.DEFAULT_MAX_PIXELS)["outcome"] == "hang"

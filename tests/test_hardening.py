@@ -41,7 +41,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 HEADER = struct.Struct(">4sBB4sHHBh")  # SPEC.md: magic, version, model_id, digest, width, height, mode, rate_q
 
 
-def lc_file(model_id: int = 1, width: int = 64, height: int = 48, mode: int = 1, rate_q: int = 0,
+def lc_file(model_id: int = 6, width: int = 64, height: int = 48, mode: int = 1, rate_q: int = 0,
             payload: bytes = b"", digest: bytes | None = None) -> bytes:
     """A file laid out from the SPEC.md table with a correct CRC."""
     digest = MODELS[model_id].digest4 if digest is None else digest
@@ -60,8 +60,8 @@ def with_fields(data: bytes, **fields) -> bytes:
 
 @pytest.fixture(scope="module")
 def shipped_file() -> bytes:
-    """A small RGB file made with the shipped model 1 (explicit rate: no rate search)."""
-    return engine.encode_array(smooth_rgb(64, 96, seed=3), "RGB", rate=4.0, model_id=1).data
+    """A small RGB file made with model 6 (explicit rate: no rate search)."""
+    return engine.encode_array(smooth_rgb(64, 96, seed=3), "RGB", rate=4.0, model_id=6).data
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def corrupt_payload() -> bytes:
 
 def test_engine_refuses_a_huge_declared_size_before_allocating():
     bomb = lc_file(width=0xFFFF, height=0xFFFF, payload=b"\x01" * 8)
-    engine.load_model(1)  # loaded outside the measurement: a model load is not an allocation from the header
+    engine.load_model(6)  # loaded outside the measurement: a model load is not an allocation from the header
     tracemalloc.start()
     try:
         with pytest.raises(ImageTooLargeError, match="max_pixels"):
@@ -140,6 +140,17 @@ def test_decode_failing_after_the_header_writes_nothing(cli, tmp_path, no_leftov
     result = cli("decode", src, "-o", tmp_path / "out.png", *args)
     assert result.exit_code == 1 and "Traceback" not in result.output
     no_leftovers(tmp_path, "in.lc")
+
+
+def test_a_file_naming_a_retired_model_fails_clearly(cli, tmp_path):
+    from lcodec.models.registry import MODELS
+
+    golden = (GOLDEN / "v1_rgb_64x48.lc").read_bytes()
+    (tmp_path / "old.lc").write_bytes(with_fields(golden, model_id=3, digest=MODELS[3].digest4))
+    with pytest.raises(ModelMismatchError, match="retired before the first release"):
+        lcodec.decode_file(tmp_path / "old.lc", tmp_path / "out.png")
+    result = cli("decode", tmp_path / "old.lc", "-o", tmp_path / "out.png")
+    assert result.exit_code == 1 and "retired" in result.stderr and "Traceback" not in result.output
 
 
 # -- odd inputs ------------------------------------------------------------------------------------------
@@ -225,10 +236,10 @@ def test_unreadable_inputs_are_clean_errors(tmp_path):
 def test_decoding_with_1_2_and_4_threads(tmp_path):
     """The same file gives the same pixels with 1, 2 and 4 torch threads: the stream and the table
     selection are exact (integer h_s), and g_s runs one thread per operation with tiles side by side
-    (SPEC.md, "Symbols and reconstruction"). Small tiles (4 latents) make the model-1 file span 4 x 4
+    (SPEC.md, "Symbols and reconstruction"). Small tiles (4 latents) make the model-6 file span 4 x 4
     tiles, so the side-by-side path is what runs here."""
-    (tmp_path / "m1.lc").write_bytes(engine.encode_array(smooth_rgb(256, 192, seed=3), "RGB", rate=4.0, model_id=1).data)
-    files = [str(GOLDEN / "v1_rgb_64x48.lc"), str(GOLDEN / "v1_gray_65x37.lc"), str(tmp_path / "m1.lc")]
+    (tmp_path / "m6.lc").write_bytes(engine.encode_array(smooth_rgb(256, 192, seed=3), "RGB", rate=4.0, model_id=6).data)
+    files = [str(GOLDEN / "v1_rgb_64x48.lc"), str(GOLDEN / "v1_gray_65x37.lc"), str(tmp_path / "m6.lc")]
     code = ("import sys, torch, numpy as np; torch.set_num_threads(int(sys.argv[1])); from lcodec import engine\n"
             "np.save(sys.stdout.buffer, np.stack([np.resize(engine.decode_array(open(p, 'rb').read(), tile_latents=4)[0],"
             " 4096 * 36) for p in sys.argv[2:]]))")
@@ -248,11 +259,11 @@ def test_smaller_g_s_tiles_decode_the_same_pixels():
     with 16-latent tiles differs by 1 in 0.001% of samples, see kodak_eval/large_images.py). At 256 x 192
     the image is wider than one tile and its halos (4 + 2 x 4 latents), so it is really split."""
     pixels = smooth_rgb(192, 256, seed=5)
-    data = engine.encode_array(pixels, "RGB", rate=4.0, model_id=1).data
+    data = engine.encode_array(pixels, "RGB", rate=4.0, model_id=6).data
     whole, _ = engine.decode_array(data)
     tiled, _ = engine.decode_array(data, tile_latents=4)
     assert np.abs(whole.astype(np.int16) - tiled.astype(np.int16)).max() <= 1
-    assert engine.encode_array(pixels, "RGB", rate=4.0, model_id=1, tile_latents=4).data == data
+    assert engine.encode_array(pixels, "RGB", rate=4.0, model_id=6, tile_latents=4).data == data
 
 
 # -- open bugs in files this suite does not own (see the module docstring) -------------------------------------
