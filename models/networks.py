@@ -124,6 +124,30 @@ class RateGains(nn.Module):
         return lg.exp()[..., None, None], lig.exp()[..., None, None]
 
 
+class BalancedRateGains(RateGains):
+    """Rate gains whose shape across channels is fixed: log gain(l, c) = a_l + s_c, with one
+    learned a_l per level and s_c set once (`LiftingHyperprior.init_gains`); the inverse
+    gains stay free per level and channel.
+
+    Why: training reconstructs through straight-through rounding, which hides the rounding
+    error from the distortion term, so a free per-channel gain feels only the rate's pull and
+    drifts (the quantisation step of each subband random-walks). With a fixed transform the
+    balanced shape (equal MSE per rounding error in every subband) is what a uniform quantiser
+    of a near-orthonormal transform wants; the level offsets a_l hit the targets.
+    """
+
+    def __init__(self, levels: tuple[float, ...], M: int):
+        nn.Module.__init__(self)
+        L = len(levels)
+        self.level_log_gain = nn.Parameter(torch.linspace(-1.5, 1.5, L).view(L, 1))
+        self.channel_log_gain = nn.Parameter(torch.zeros(1, M), requires_grad=False)
+        self.log_inv_gain = nn.Parameter(-self.level_log_gain.detach().expand(L, M).clone())
+
+    @property
+    def log_gain(self) -> torch.Tensor:
+        return self.level_log_gain + self.channel_log_gain
+
+
 def _uniform_noise(x: torch.Tensor) -> torch.Tensor:
     return x + torch.empty_like(x).uniform_(-0.5, 0.5)
 
@@ -244,7 +268,7 @@ class LiftingHyperprior(MeanScaleHyperprior):
             self.hyper_synthesis[-1].weight[:M].zero_()
             self.hyper_synthesis[-1].bias[:M].zero_()
         self.hyper_prior = FactorizedDensity(N)
-        self.gains = RateGains(config.levels, M)
+        self.gains = BalancedRateGains(config.levels, M)
 
     @torch.no_grad()
     def init_gains(self, x: torch.Tensor) -> list[float]:
@@ -257,13 +281,13 @@ class LiftingHyperprior(MeanScaleHyperprior):
         pixels = x.shape[0] * x.shape[2] * x.shape[3]
 
         def bpp(log_g: float) -> float:
-            v = torch.round(y * (norms[:, None] * math.exp(log_g)))
-            bits = 0.0
-            for row in v:
-                _, counts = torch.unique(row, return_counts=True)
-                p = counts.double() / row.numel()
-                bits += -(counts.double() * torch.log2(p)).sum().item()
-            return bits / pixels
+            v = torch.round(y * (norms[:, None] * math.exp(log_g))).long()
+            v -= v.min()
+            width = int(v.max()) + 1
+            keys = v + width * torch.arange(v.shape[0])[:, None]  # one histogram per channel
+            counts = torch.bincount(keys.flatten(), minlength=v.shape[0] * width).double()
+            counts = counts[counts > 0]
+            return -(counts * torch.log2(counts / v.shape[1])).sum().item() / pixels
 
         found = []
         for target in self.config.levels:
@@ -272,9 +296,9 @@ class LiftingHyperprior(MeanScaleHyperprior):
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if bpp(mid) < target else (lo, mid)
             found.append((lo + hi) / 2)
-        log_gain = torch.tensor(found).view(-1, 1) + norms.log().view(1, -1)
-        self.gains.log_gain.copy_(log_gain)
-        self.gains.log_inv_gain.copy_(-log_gain)
+        self.gains.level_log_gain.copy_(torch.tensor(found).view(-1, 1))
+        self.gains.channel_log_gain.copy_(norms.log().view(1, -1))
+        self.gains.log_inv_gain.copy_(-self.gains.log_gain)
         return [math.exp(v) for v in found]
 
 

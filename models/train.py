@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.synthesis.requires_grad_(False)
     # The per-level gains are the only level-specific parameters: they must move much faster
     # than the shared weights, or every step drags the shared network between targets.
-    gain_params = list(model.gains.parameters())
+    gain_params = [p for p in model.gains.parameters() if p.requires_grad]
     other_params = [p for n, p in model.named_parameters() if not n.startswith("gains.") and p.requires_grad]
     optimizer = torch.optim.Adam([{"params": other_params, "lr_scale": 1.0},
                                   {"params": gain_params, "lr_scale": args.gain_lr_scale}], lr=args.lr)
