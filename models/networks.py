@@ -126,14 +126,16 @@ class RateGains(nn.Module):
 
 class BalancedRateGains(RateGains):
     """Rate gains whose shape across channels is fixed: log gain(l, c) = a_l + s_c, with one
-    learned a_l per level and s_c set once (`LiftingHyperprior.init_gains`); the inverse
-    gains stay free per level and channel.
+    learned a_l per level and s_c set once (`LiftingHyperprior.init_gains`); the inverse gain
+    is exactly 1 / gain.
 
     Why: training reconstructs through straight-through rounding, which hides the rounding
     error from the distortion term, so a free per-channel gain feels only the rate's pull and
-    drifts (the quantisation step of each subband random-walks). With a fixed transform the
-    balanced shape (equal MSE per rounding error in every subband) is what a uniform quantiser
-    of a near-orthonormal transform wants; the level offsets a_l hit the targets.
+    drifts; free per-channel inverse gains, updated only when their level is drawn, random-walk
+    under Adam (a 30% error on the LL band's scale costs several dB). With an invertible
+    transform the balanced shape (equal MSE per rounding error in every subband) is what a
+    uniform quantiser of a near-orthonormal transform wants, and 1 / gain undoes the gain;
+    the level offsets a_l hit the targets.
     """
 
     def __init__(self, levels: tuple[float, ...], M: int):
@@ -141,11 +143,14 @@ class BalancedRateGains(RateGains):
         L = len(levels)
         self.level_log_gain = nn.Parameter(torch.linspace(-1.5, 1.5, L).view(L, 1))
         self.channel_log_gain = nn.Parameter(torch.zeros(1, M), requires_grad=False)
-        self.log_inv_gain = nn.Parameter(-self.level_log_gain.detach().expand(L, M).clone())
 
     @property
     def log_gain(self) -> torch.Tensor:
         return self.level_log_gain + self.channel_log_gain
+
+    @property
+    def log_inv_gain(self) -> torch.Tensor:
+        return -self.log_gain
 
 
 def _uniform_noise(x: torch.Tensor) -> torch.Tensor:
@@ -298,7 +303,6 @@ class LiftingHyperprior(MeanScaleHyperprior):
             found.append((lo + hi) / 2)
         self.gains.level_log_gain.copy_(torch.tensor(found).view(-1, 1))
         self.gains.channel_log_gain.copy_(norms.log().view(1, -1))
-        self.gains.log_inv_gain.copy_(-self.gains.log_gain)
         return [math.exp(v) for v in found]
 
 
