@@ -9,7 +9,7 @@
 
 Both return likelihoods (probabilities of unit bins); rates in bits are
 -log2 of them. The frozen integer tables used by the real coder are derived
-from these models in `lcodec.models.freeze`.
+from these models in `lcodec.models.training.freeze`.
 """
 
 from __future__ import annotations

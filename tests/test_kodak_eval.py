@@ -295,3 +295,35 @@ def test_speed_times_the_weights_file_it_is_given(tmp_path):
     assert dec["rows"][0]["decode"]["psnr"] > 15 and dec["rows"][0]["decode"]["calls"]["g_s"] == 1
     report = speed.markdown(speed.summarize(enc, dec, args, None))
     assert str(interim) in report and MODELS[0].sha256 in report
+
+
+def test_model_table_measures_real_files(tmp_path):
+    """`python -m kodak_eval.model_table`: one-pass rates are real file sizes, exact rates stay under
+    the target; `--weights F` measures F (here model 0's file under another name) under `--model-id`'s id."""
+    from conftest import smooth_rgb
+    from kodak_eval import model_table
+    from lcodec import engine
+    from lcodec.models.registry import MODELS
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(smooth_rgb(176, 192)).save(images / "a.png")  # MS-SSIM needs sides over 160
+    result = model_table.measure(images, model_id=0)
+    assert result["model"]["model_id"] == 0 and result["model"]["weights"] == "installed" and result["images"] == 1
+    assert [r["target"] for r in result["rows"]] == result["model"]["levels"]
+    img = np.asarray(Image.open(images / "a.png"))
+    one_pass = 8 * len(engine.encode_array(img, "RGB", rate=0.0, model_id=0).data) / (176 * 192)
+    assert result["rows"][0]["one_pass_bpp"]["mean"] == pytest.approx(one_pass)
+    for row in result["rows"]:
+        if row["exact"] is not None:
+            assert row["exact"]["bpp"] <= row["target"]
+
+    interim = tmp_path / "interim.pt"
+    interim.write_bytes(MODELS[0].path.read_bytes())
+    out = tmp_path / "table.json"
+    model_table.main(["--kodak", str(images), "--weights", str(interim), "--model-id", "6", "--out", str(out)])
+    other = json.loads(out.read_text())
+    assert other["model"] == json.loads(json.dumps(result["model"])) | {"name": "interim.pt", "model_id": 6,
+                                                                          "weights": str(interim)}
+    assert other["rows"] == json.loads(json.dumps(result["rows"]))  # the same weights: the same numbers
+    assert out.with_suffix(".md").read_text() == model_table.markdown(result) + "\n"

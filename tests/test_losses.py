@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from lcodec.models.losses import (
+from lcodec.models.training.losses import (
     THESIS_BETA,
     BestStrategy,
     LambdaRD,
+    LevelLoss,
     RateAdaptation,
     TargetBaseline,
     algorithm3_update,
@@ -104,3 +105,26 @@ def test_level_losses_use_thesis_betas_and_scale_T_to_the_run():
     lam = make_level_losses("lambda", (0.12, 1.0), total_steps=1)
     assert lam[0].lmbda > lam[1].lmbda  # low rate = heavy rate weight
     assert math.isnan(lam[0].current_param(0))
+
+
+@pytest.mark.parametrize("kind", ["best", "adaptive", "baseline", "lambda"])
+def test_every_loss_keeps_the_level_loss_protocol(kind):
+    """What the training loop relies on, for every loss: logging reads R_param and β without
+    changing the state, and state()/load_state() carry a level over a checkpoint exactly."""
+    losses: list[LevelLoss] = make_level_losses(kind, (0.12, 1.0), total_steps=100)
+    for t, loss in enumerate(losses):
+        loss.penalty(torch.tensor([0.3, 0.5]), t)
+        loss.observe(bpp_noisy=0.4, bpp_quantized=0.35, t=t)
+        before = loss.state()
+        logged = loss.logged_param(t)
+        loss.logged_param(t + 5)  # a step that did not train this level
+        assert loss.state() == before
+        if kind == "lambda":
+            assert math.isnan(logged) and loss.beta is None
+        else:
+            assert logged == loss.current_param(t)  # the value the penalty of step t used
+            assert loss.beta > 0
+        resumed = make_level_losses(kind, (0.12, 1.0), total_steps=100)[t]
+        resumed.load_state(before)
+        assert resumed.state() == before
+        assert resumed.penalty(torch.tensor([0.3]), t + 1).item() == loss.penalty(torch.tensor([0.3]), t + 1).item()

@@ -17,7 +17,7 @@ from lcodec.bitstream.tables import (CdfTables, escape_payload_bits, gaussian_ta
                                      quantize_pmf)
 from lcodec.errors import CorruptFileError
 
-SCALES = np.exp(np.linspace(math.log(0.11), math.log(256.0), 64))  # as in lcodec.models.freeze
+SCALES = np.exp(np.linspace(math.log(0.11), math.log(256.0), 64))  # as in lcodec.models.training.freeze
 
 
 @pytest.fixture(scope="module")

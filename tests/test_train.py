@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lcodec.models import train
+import lcodec.models
 from lcodec.models.networks import MeanScaleHyperprior, ModelConfig
+from lcodec.models.training import train
 
 
 @pytest.fixture()
@@ -88,7 +89,7 @@ def test_distributed_training_with_two_gloo_processes(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     train.main(_args(tiny_data, out, 2))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "lcodec.models.train", *_args(tiny_data, out, 4)]
+           "-m", "lcodec.models.training.train", *_args(tiny_data, out, 4)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout
@@ -115,7 +116,7 @@ def test_small_copy_resumes_without_optimizer_state(tiny_data, tmp_path):
 
 def test_committed_checkpoint_resumes(tiny_data, tmp_path):
     """The checkpoint shipped in models/checkpoints/ is where the next training run starts: one more step."""
-    [shipped] = (Path(train.__file__).parent / "checkpoints").glob("*.pt")
+    [shipped] = (Path(lcodec.models.__file__).parent / "checkpoints").glob("*.pt")
     out = tmp_path / "run"
     out.mkdir()
     shutil.copyfile(shipped, out / "checkpoint.pt")
@@ -133,8 +134,8 @@ def _model(checkpoint: dict) -> MeanScaleHyperprior:
 
 
 def test_widening_the_latent_keeps_the_reconstruction_and_trains_on(tiny_data, tmp_path):
-    """lcodec.models.widen: M 12 -> 20 reproduces x_hat, and training resumes from it."""
-    from lcodec.models import widen
+    """lcodec.models.training.widen: M 12 -> 20 reproduces x_hat, and training resumes from it."""
+    from lcodec.models.training import widen
 
     out = tmp_path / "run"
     train.main(_args(tiny_data, out, 2))
@@ -152,9 +153,9 @@ def test_widening_the_latent_keeps_the_reconstruction_and_trains_on(tiny_data, t
 
 
 def test_narrowing_the_latent_cuts_silent_channels_and_trains_on(tiny_data, tmp_path):
-    """lcodec.models.widen with a smaller M: the channels of y and the h_s hidden units that do nothing
+    """lcodec.models.training.widen with a smaller M: the channels of y and the h_s hidden units that do nothing
     are the ones cut, the narrow model computes the same x_hat and bits, and training resumes from it."""
-    from lcodec.models import widen
+    from lcodec.models.training import widen
 
     out = tmp_path / "run"
     train.main(_args(tiny_data, out, 2))
@@ -189,9 +190,9 @@ def test_narrowing_the_latent_cuts_silent_channels_and_trains_on(tiny_data, tmp_
 
 
 def test_adding_a_level_keeps_the_others_and_starts_it_where_the_gains_put_its_rate(tiny_data, tmp_path):
-    """lcodec.models.widen --add-level: the old levels keep their gains and loss states, the new one
+    """lcodec.models.training.widen --add-level: the old levels keep their gains and loss states, the new one
     starts at the rate parameter that log-linear interpolation of the targets gives, training resumes."""
-    from lcodec.models import widen
+    from lcodec.models.training import widen
 
     out = tmp_path / "run"
     train.main(_args(tiny_data, out, 2))
@@ -245,3 +246,13 @@ def test_validation_counts_really_coded_bits(tmp_path):
     overhead = 8 * 21 / (192 * 128)  # the header and CRC of every file
     for r in rows:
         assert r["bpp_coded"] == pytest.approx(r["bpp_est"] + overhead, rel=0.05, abs=0.01)
+
+
+def test_a_resumed_run_takes_this_runs_gain_learning_rate(tiny_data, tmp_path):
+    """Adam's saved groups hold the saving run's lr scale; the flags of the resumed run decide."""
+    out = tmp_path / "run"
+    train.main(_args(tiny_data, out, 2, ["--gain-lr-scale", "0"]))
+    frozen_gains = torch.load(out / "checkpoint.pt", weights_only=False)["model"]["gains.log_gain"].clone()
+    train.main(_args(tiny_data, out, 4, ["--gain-lr-scale", "50"]))
+    gains = torch.load(out / "checkpoint.pt", weights_only=False)["model"]["gains.log_gain"]
+    assert not torch.equal(gains, frozen_gains)

@@ -24,12 +24,14 @@ which is what smoothing with "α = 0.99" means in common use (e.g. Adam's β).
 
 One state object per rate level: in the variable-rate model every level keeps
 its own R_param,t, EMA and β, and is updated only on steps that trained it.
+Every class provides the `LevelLoss` protocol, which is all the training loop uses.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -51,6 +53,41 @@ def decayed_target(r_target: float, t: int, T: int, r_max: float = 3.0, b: float
     return min(r_max, r_target * b ** (max(0, T - t) / T))
 
 
+class LevelLoss(Protocol):
+    """The loss state of one rate level, as the training loop uses it.
+
+    Per step t that trains the level: `penalty` is the rate term added to D (R_param,t is a
+    constant for back-propagation), then `observe` gets the step's batch-mean R̃ and R̂ of the
+    level. `state`/`load_state` round-trip everything that carries over a checkpoint.
+    `logged_param` and `beta` are for logs and change nothing: reading them does not advance
+    any average.
+    """
+
+    r_target: float
+
+    @property
+    def beta(self) -> float | None:
+        """The rate term's weight β (None for a loss that has none)."""
+
+    def current_param(self, t: int) -> float:
+        """R_param,t as the penalty of step t uses it (NaN for a loss without a target parameter)."""
+
+    def logged_param(self, t: int) -> float:
+        """R_param,t for the log, without any side effect on the loss state."""
+
+    def penalty(self, bpp_noisy: torch.Tensor, t: int) -> torch.Tensor:
+        """The rate term of step t for R̃ (one value per image, or the batch mean)."""
+
+    def observe(self, bpp_noisy: float, bpp_quantized: float, t: int) -> None:
+        """The level's batch-mean R̃ and R̂ of step t, after the optimizer step."""
+
+    def state(self) -> dict:
+        """What carries over a checkpoint."""
+
+    def load_state(self, s: dict) -> None:
+        """Restore what `state` returned."""
+
+
 def rate_penalty(r_param: float, bpp_noisy: torch.Tensor, beta: float) -> torch.Tensor:
     """β ((R_param − R̃)/R_param)², per image (R̃ has one value per image)."""
     return beta * ((r_param - bpp_noisy) / r_param) ** 2
@@ -70,6 +107,9 @@ class TargetBaseline:
 
     def current_param(self, t: int) -> float:
         return float(self.r_param)
+
+    def logged_param(self, t: int) -> float:
+        return self.current_param(t)
 
     def penalty(self, bpp_noisy: torch.Tensor, t: int) -> torch.Tensor:
         return rate_penalty(self.current_param(t), bpp_noisy, self.beta)
@@ -107,6 +147,9 @@ class RateAdaptation:
 
     def current_param(self, t: int) -> float:
         return self.r_target + self.shift
+
+    def logged_param(self, t: int) -> float:
+        return self.current_param(t)
 
     def penalty(self, bpp_noisy: torch.Tensor, t: int) -> torch.Tensor:
         return rate_penalty(self.current_param(t), bpp_noisy, self.beta)
@@ -170,8 +213,16 @@ class LambdaRD:
     r_target: float
     lmbda: float
 
+    @property
+    def beta(self) -> None:
+        """No β: λ weights the rate instead."""
+        return None
+
     def current_param(self, t: int) -> float:
         return float("nan")
+
+    def logged_param(self, t: int) -> float:
+        return self.current_param(t)
 
     def penalty(self, bpp_noisy: torch.Tensor, t: int) -> torch.Tensor:
         return self.lmbda * bpp_noisy
@@ -187,7 +238,7 @@ class LambdaRD:
 
 
 def make_level_losses(kind: str, levels: tuple[float, ...], total_steps: int,
-                      beta_scale: float = 1.0, decay_fraction: float = 0.2) -> list:
+                      beta_scale: float = 1.0, decay_fraction: float = 0.2) -> list[LevelLoss]:
     """One loss-state object per level. β from thesis Table 5.3(a) times `beta_scale`.
 
     decay_fraction sets T of eq. 6.14 relative to the run: the thesis used

@@ -1,6 +1,6 @@
 """Train a variable-rate model with the thesis's target-rate loss.
 
-    python -m lcodec.models.train --data ../shared/data/train --out runs/hp64 --steps 12000
+    python -m lcodec.models.training.train --data ../shared/data/train --out runs/hp64 --steps 12000
 
 One network serves every level of `--levels`; each training image gets a random
 level, and each level keeps its own loss state (R_param,t, EMA, β). The run is
@@ -9,7 +9,7 @@ resumable: `--out` holds `checkpoint.pt` (rewritten atomically every
 and `curves.png`. Running the same command again continues where it stopped.
 
 CPU, one GPU (`--amp` for bf16 autocast) or several processes under
-`torchrun --nproc_per_node K -m lcodec.models.train ...` (DistributedDataParallel;
+`torchrun --nproc_per_node K -m lcodec.models.training.train ...` (DistributedDataParallel;
 gloo on CPU, nccl on GPUs).
 """
 
@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,12 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from .losses import make_level_losses
-from .lifting import LATENT_CHANNELS
-from .networks import DEFAULT_LEVELS, MeanScaleHyperprior, ModelConfig, build_model
+from ... import engine
+from ..frozen import FrozenModel
+from ..lifting import LATENT_CHANNELS
+from ..networks import DEFAULT_LEVELS, MeanScaleHyperprior, ModelConfig, build_model
+from .freeze import freeze
+from .losses import LevelLoss, make_level_losses
 
 VALIDATION_IMAGES = ("kodim04.png", "kodim08.png", "kodim15.png", "kodim23.png")
 
@@ -98,10 +102,6 @@ def coded_bpp(model: torch.nn.Module, images: list[np.ndarray]) -> list[float] |
     """Mean real bpp per level of one-pass .lc files: freeze a copy of the model and code with it."""
     if not isinstance(model, MeanScaleHyperprior):
         return None
-    from .. import engine  # lazy: the codec is only needed here
-    from .freeze import freeze
-    from .frozen import FrozenModel
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "frozen.pt"
         try:
@@ -240,185 +240,254 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.crop % 64:
-        raise SystemExit(f"--crop must be a multiple of 64 (the hyperprior downsamples by 64), got {args.crop}")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank = 0
-    if distributed:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        rank = dist.get_rank()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    is_main = rank == 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = args.out / "checkpoint.pt"
-    log_path = args.out / "log.jsonl"
+@dataclass
+class LogWindow:
+    """Sums over the steps since the last log record, per run and per level."""
 
-    if args.M is None:
-        args.M = LATENT_CHANNELS if args.arch == "lifting" else 96
-    config = ModelConfig(arch=args.arch, N=args.N, M=args.M, levels=tuple(args.levels))
-    torch.manual_seed(args.seed)
-    model = build_model(config).to(device)
-    if args.freeze_transform:
-        model.analysis.requires_grad_(False)
-        model.synthesis.requires_grad_(False)
-    # The per-level gains are the only level-specific parameters: they must move much faster
-    # than the shared weights, or every step drags the shared network between targets.
-    gain_params = [p for p in model.gains.parameters() if p.requires_grad]
-    other_params = [p for n, p in model.named_parameters() if not n.startswith("gains.") and p.requires_grad]
-    optimizer = torch.optim.Adam([{"params": other_params, "lr_scale": 1.0},
-                                  {"params": gain_params, "lr_scale": args.gain_lr_scale}], lr=args.lr)
-    level_losses = make_level_losses(args.loss, config.levels, args.steps, args.beta_scale, args.decay_fraction)
-    d_mean = [None] * len(config.levels)  # running mean distortion per level (loss normalisation)
-    step = 0
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    levels: int
+    loss: float = 0.0
+    mse: float = 0.0
+    steps: int = 0
+    rates: list[list[float]] = field(init=False)  # per level: sum R̃, sum R̂, images
 
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ModelConfig.from_dict(ck["config"]) != config:
-            raise SystemExit(f"{ckpt_path} was trained with {ck['config']}, not {config.to_dict()}")
-        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})
+    def __post_init__(self) -> None:
+        self.rates = [[0.0, 0.0, 0] for _ in range(self.levels)]
+
+    def add(self, loss: float, mse: float, stats: list[list[float]]) -> None:
+        """One step: its loss, its mean MSE and its per-level sums (sum R̃, sum R̂, sum D, images)."""
+        for a, (r_noisy, r_quantized, _, n) in zip(self.rates, stats):
+            if n > 0:
+                a[0] += r_noisy
+                a[1] += r_quantized
+                a[2] += n
+        self.loss += loss
+        self.mse += mse
+        self.steps += 1
+
+
+class Trainer:
+    """One training run: the model, its optimizer, one `LevelLoss` per level, the running mean
+    distortion per level and the data stream, all of which the checkpoint holds.
+
+    Randomness comes from two streams: `gen`, one per rank (crops, flips, levels), saved in the
+    checkpoint, so a resumed run draws the batches the uninterrupted one would have; and torch's
+    global generator (initial weights, training noise), seeded with `--seed` at every start and
+    not saved, so a resumed run's noise is not the uninterrupted run's.
+    Under torchrun every rank runs the same steps; rank 0 alone logs, validates and writes.
+    """
+
+    def __init__(self, args: argparse.Namespace):
+        if args.crop % 64:
+            raise SystemExit(f"--crop must be a multiple of 64 (the hyperprior downsamples by 64), got {args.crop}")
+        self.args = args
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.rank = 0
+        if self.distributed:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.rank = dist.get_rank()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        self.is_main = self.rank == 0
+        args.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = args.out / "checkpoint.pt"
+        self.log_path = args.out / "log.jsonl"
+
+        if args.M is None:
+            args.M = LATENT_CHANNELS if args.arch == "lifting" else 96
+        self.config = ModelConfig(arch=args.arch, N=args.N, M=args.M, levels=tuple(args.levels))
+        torch.manual_seed(args.seed)
+        self.model = build_model(self.config).to(self.device)
+        if args.freeze_transform:
+            self.model.analysis.requires_grad_(False)
+            self.model.synthesis.requires_grad_(False)
+        self.optimizer = self._optimizer()
+        self.level_losses: list[LevelLoss] = make_level_losses(args.loss, self.config.levels, args.steps,
+                                                               args.beta_scale, args.decay_fraction)
+        self.d_mean: list[float | None] = [None] * len(self.config.levels)  # loss normalisation per level
+        self.step = 0
+        self.lr = args.lr
+        self.gen = torch.Generator().manual_seed(args.seed * 1000 + self.rank)
+        if self.ckpt_path.exists():
+            self.resume()
+
+        self.images = load_images(args.data, args.limit_images)
+        if self.step == 0 and hasattr(self.model, "init_gains"):
+            sample = random_batch(self.images, 32, args.crop, torch.Generator().manual_seed(args.seed))
+            self.model.init_gains(sample.to(self.device))
+        self.train_model = torch.compile(self.model) if args.compile else self.model
+        if self.distributed:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model)
+        self.window = LogWindow(len(self.config.levels))
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """Adam over the trainable parameters. The per-level gains are the only level-specific
+        parameters: they must move much faster than the shared weights (`--gain-lr-scale`), or
+        every step drags the shared network between targets."""
+        gain_params = [p for p in self.model.gains.parameters() if p.requires_grad]
+        other_params = [p for n, p in self.model.named_parameters() if not n.startswith("gains.") and p.requires_grad]
+        return torch.optim.Adam([{"params": other_params, "lr_scale": 1.0},
+                                 {"params": gain_params, "lr_scale": self.args.gain_lr_scale}], lr=self.args.lr)
+
+    def resume(self) -> None:
+        """Continue from `checkpoint.pt` of the same configuration: weights, Adam's moments (a
+        `--small-copy` has none), loss states, running distortions, step and data streams."""
+        ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        if ModelConfig.from_dict(ck["config"]) != self.config:
+            raise SystemExit(f"{self.ckpt_path} was trained with {ck['config']}, not {self.config.to_dict()}")
+        self.model.load_state_dict({k: v.float() for k, v in ck["model"].items()})
         if "optimizer" in ck:  # a --small-copy has none: Adam restarts from zero moments
             try:
-                optimizer.load_state_dict(ck["optimizer"])
+                self.optimizer.load_state_dict(ck["optimizer"])
+                # The saved groups carry the saving run's lr_scale; this run's flags decide.
+                for group, scale in zip(self.optimizer.param_groups, (1.0, self.args.gain_lr_scale)):
+                    group["lr_scale"] = scale
             except ValueError:  # other trainable parameters (--freeze-transform changed): Adam restarts
                 print("the optimizer state does not fit the trainable parameters; Adam restarts")
-        for st, s in zip(level_losses, ck["level_losses"]):
-            st.load_state(s)
-        d_mean = ck["d_mean"]
-        step = ck["step"]
+        for loss, s in zip(self.level_losses, ck["level_losses"]):
+            loss.load_state(s)
+        self.d_mean = ck["d_mean"]
+        self.step = ck["step"]
         gens = ck["generator"] if isinstance(ck["generator"], list) else [ck["generator"]]
-        if rank < len(gens):
-            gen.set_state(gens[rank])
+        if self.rank < len(gens):
+            self.gen.set_state(gens[self.rank])
         else:  # resumed with more processes than saved it: a fresh stream for this rank
-            gen.manual_seed(args.seed * 1000 + rank + 7919 * step)
-        if is_main:
-            print(f"resumed from {ckpt_path} at step {step}")
-            drop_log_after(log_path, step)
+            self.gen.manual_seed(self.args.seed * 1000 + self.rank + 7919 * self.step)
+        if self.is_main:
+            print(f"resumed from {self.ckpt_path} at step {self.step}")
+            drop_log_after(self.log_path, self.step)
 
-    images = load_images(args.data, args.limit_images)
-    if step == 0 and hasattr(model, "init_gains"):
-        sample = random_batch(images, 32, args.crop, torch.Generator().manual_seed(args.seed))
-        model.init_gains(sample.to(device))
-    train_model = torch.compile(model) if args.compile else model
-    if distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
-    L = len(config.levels)
-    last_ckpt = time.monotonic()
-    acc = {"loss": 0.0, "mse": 0.0, "n": 0, "levels": [[0.0, 0.0, 0] for _ in range(L)]}
-    bar = tqdm(total=args.steps, initial=step, disable=not is_main or args.no_progress, desc="train")
+    def run(self) -> dict:
+        """Train to `--steps`, logging, validating and checkpointing on the way."""
+        args = self.args
+        last_ckpt = time.monotonic()
+        bar = tqdm(total=args.steps, initial=self.step, disable=not self.is_main or args.no_progress, desc="train")
+        while self.step < args.steps:
+            self.train_step()
+            bar.update(1)
+            if self.is_main and self.step % args.log_every == 0:
+                rec = self.write_log()
+                bar.set_postfix(loss=f"{rec['loss']:.3g}", psnr=f"{rec['psnr']:.2f}")
+            if self.is_main and (self.step % args.val_every == 0 or self.step == args.steps):
+                self.run_validation()
+            if self.checkpoint_due(last_ckpt):
+                self.save_checkpoint()
+                last_ckpt = time.monotonic()
+        bar.close()
+        if self.distributed:
+            dist.destroy_process_group()
+        return {"step": self.step, "checkpoint": str(self.ckpt_path)}
 
-    def checkpoint() -> None:
-        gens = [gen.get_state()]
-        if distributed:
-            gens = [None] * dist.get_world_size()
-            dist.all_gather_object(gens, gen.get_state())
-        if is_main:
-            state = {"config": config.to_dict(), "model": model.state_dict(),
-                     "level_losses": [s.state() for s in level_losses], "d_mean": d_mean, "step": step,
-                     "generator": gens, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-            save_atomic(state | {"optimizer": optimizer.state_dict()}, ckpt_path)
-            if args.small_copy:
-                save_atomic(small_copy(state), args.small_copy)
+    def train_step(self) -> None:
+        """One optimizer step on a random batch, each image at a random level.
 
-    while step < args.steps:
-        lr = args.lr * (0.1 if step >= args.lr_drop * args.steps else 1.0)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        x = random_batch(images, args.batch, args.crop, gen).to(device)
+        J = D + penalty per image, summed per level and weighted by 1 / (the level's running
+        mean D) unless `--no-level-norm`, so that every level weighs alike whatever its
+        distortion. The per-level statistics are summed over all ranks before the losses see them.
+        """
+        args, device, L = self.args, self.device, len(self.config.levels)
+        self.lr = args.lr * (0.1 if self.step >= args.lr_drop * args.steps else 1.0)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr * g["lr_scale"]
+        x = random_batch(self.images, args.batch, args.crop, self.gen).to(device)
         if args.level_sampling == "step":
-            q_idx = torch.randint(L, (1,), generator=gen).expand(args.batch).contiguous()
+            q_idx = torch.randint(L, (1,), generator=self.gen).expand(args.batch).contiguous()
         else:
-            q_idx = torch.randint(L, (args.batch,), generator=gen)
+            q_idx = torch.randint(L, (args.batch,), generator=self.gen)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-            out = train_model(x, q_idx.to(device).float())
+            out = self.train_model(x, q_idx.to(device).float())
         pixels = x.shape[2] * x.shape[3]
         mse = ((out["x_hat"].float() - x) ** 2).mean((1, 2, 3))
         D = mse * 255.0**2
         bpp = out["bits_noisy"].float() / pixels
         bpp_q = out["bits_quantized"].float() / pixels
 
-        # Per-level statistics of this step (all ranks together), used by the time-adaptive losses.
-        stats = torch.zeros(L, 4, device=device)  # sum R̃, sum R̂, sum D, count
+        stats = torch.zeros(L, 4, device=device)  # per level: sum R̃, sum R̂, sum D, images
         stats.index_add_(0, q_idx.to(device), torch.stack([bpp.detach(), bpp_q, D.detach(), torch.ones_like(D)], 1))
-        if distributed:
+        if self.distributed:
             dist.all_reduce(stats)
         stats = stats.cpu().tolist()
+        for lv in range(L):
+            if self.d_mean[lv] is None and stats[lv][3] > 0:
+                self.d_mean[lv] = stats[lv][2] / stats[lv][3]
 
-        for lv in range(L):
-            if d_mean[lv] is None and stats[lv][3] > 0:
-                d_mean[lv] = stats[lv][2] / stats[lv][3]
         loss = torch.zeros((), device=device)
-        for lv in range(L):
+        for lv, level_loss in enumerate(self.level_losses):
             sel = (q_idx == lv).to(device)
             if not sel.any():
                 continue
-            st = level_losses[lv]
-            if args.penalty == "batch":
-                J = D[sel] + st.penalty(bpp[sel].mean(), step)
-            else:
-                J = D[sel] + st.penalty(bpp[sel], step)
-            weight = 1.0 if args.no_level_norm else 1.0 / d_mean[lv]
+            rate = bpp[sel].mean() if args.penalty == "batch" else bpp[sel]
+            J = D[sel] + level_loss.penalty(rate, self.step)
+            weight = 1.0 if args.no_level_norm else 1.0 / self.d_mean[lv]
             loss = loss + weight * J.sum() / args.batch
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
+        self.optimizer.step()
 
-        for lv in range(L):
+        for lv, level_loss in enumerate(self.level_losses):
             n = stats[lv][3]
             if n > 0:
-                level_losses[lv].observe(stats[lv][0] / n, stats[lv][1] / n, step)
-                d_mean[lv] = 0.99 * d_mean[lv] + 0.01 * stats[lv][2] / n
-                a = acc["levels"][lv]
-                a[0] += stats[lv][0]
-                a[1] += stats[lv][1]
-                a[2] += n
-        acc["loss"] += loss.item()
-        acc["mse"] += mse.mean().item()
-        acc["n"] += 1
-        step += 1
-        bar.update(1)
+                level_loss.observe(stats[lv][0] / n, stats[lv][1] / n, self.step)
+                self.d_mean[lv] = 0.99 * self.d_mean[lv] + 0.01 * stats[lv][2] / n
+        self.window.add(loss.item(), mse.mean().item(), stats)
+        self.step += 1
 
-        if is_main and step % args.log_every == 0:
-            levels = []
-            for lv, a in enumerate(acc["levels"]):
-                st = level_losses[lv]
-                levels.append({"target": config.levels[lv], "n": a[2],
-                               "bpp_noisy": a[0] / a[2] if a[2] else None,
-                               "bpp_quantized": a[1] / a[2] if a[2] else None,
-                               "r_param": st.logged_param(step - 1) if hasattr(st, "logged_param") else st.current_param(step - 1), "beta": getattr(st, "beta", None)})
-            rec = {"kind": "train", "step": step, "lr": lr, "loss": acc["loss"] / acc["n"],
-                   "psnr": psnr(acc["mse"] / acc["n"]), "time": time.time(), "levels": levels}
-            with log_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{rec['loss']:.3g}", psnr=f"{rec['psnr']:.2f}")
-            acc = {"loss": 0.0, "mse": 0.0, "n": 0, "levels": [[0.0, 0.0, 0] for _ in range(L)]}
+    def write_log(self) -> dict:
+        """Append the record of the steps since the last one (means over them) and start a new window."""
+        w = self.window
+        levels = []
+        for target, level_loss, (r_noisy, r_quantized, n) in zip(self.config.levels, self.level_losses, w.rates):
+            levels.append({"target": target, "n": n,
+                           "bpp_noisy": r_noisy / n if n else None,
+                           "bpp_quantized": r_quantized / n if n else None,
+                           "r_param": level_loss.logged_param(self.step - 1), "beta": level_loss.beta})
+        rec = {"kind": "train", "step": self.step, "lr": self.lr, "loss": w.loss / w.steps,
+               "psnr": psnr(w.mse / w.steps), "time": time.time(), "levels": levels}
+        self._append_log(rec)
+        self.window = LogWindow(len(self.config.levels))
+        return rec
 
-        if is_main and (step % args.val_every == 0 or step == args.steps):
-            rows = validate(model, args.kodak, device)
-            if rows:
-                with log_path.open("a") as f:
-                    f.write(json.dumps({"kind": "val", "step": step, "rows": rows}) + "\n")
-                tqdm.write("val " + " ".join(f"{r['target']:g}:{r['bpp_est']:.3f}/{r['psnr']:.2f}" for r in rows))
-            plot_curves(log_path, args.out / "curves.png")
+    def run_validation(self) -> None:
+        """Log the Kodak validation rows (if the images are there) and redraw the curves."""
+        rows = validate(self.model, self.args.kodak, self.device)
+        if rows:
+            self._append_log({"kind": "val", "step": self.step, "rows": rows})
+            tqdm.write("val " + " ".join(f"{r['target']:g}:{r['bpp_est']:.3f}/{r['psnr']:.2f}" for r in rows))
+        plot_curves(self.log_path, self.args.out / "curves.png")
 
-        due = torch.tensor([int(time.monotonic() - last_ckpt > args.ckpt_minutes * 60 or step == args.steps)])
-        if distributed:
-            dist.broadcast(due, 0)  # every rank must join the collective checkpoint at the same step
-        if due.item():
-            checkpoint()
-            last_ckpt = time.monotonic()
+    def _append_log(self, rec: dict) -> None:
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
 
-    bar.close()
-    if distributed:
-        dist.destroy_process_group()
-    return {"step": step, "checkpoint": str(ckpt_path)}
+    def checkpoint_due(self, since: float) -> bool:
+        """Every `--ckpt-minutes` and at the last step; rank 0's clock decides for all ranks,
+        which must join the collective checkpoint at the same step."""
+        due = torch.tensor([int(time.monotonic() - since > self.args.ckpt_minutes * 60 or self.step == self.args.steps)])
+        if self.distributed:
+            dist.broadcast(due, 0)
+        return bool(due.item())
+
+    def save_checkpoint(self) -> None:
+        """Write `checkpoint.pt` atomically (and the `--small-copy`); every rank's data stream goes in."""
+        gens = [self.gen.get_state()]
+        if self.distributed:
+            gens = [None] * dist.get_world_size()
+            dist.all_gather_object(gens, self.gen.get_state())
+        if self.is_main:
+            args = self.args
+            state = {"config": self.config.to_dict(), "model": self.model.state_dict(),
+                     "level_losses": [loss.state() for loss in self.level_losses], "d_mean": self.d_mean,
+                     "step": self.step, "generator": gens,
+                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+            save_atomic(state | {"optimizer": self.optimizer.state_dict()}, self.ckpt_path)
+            if args.small_copy:
+                save_atomic(small_copy(state), args.small_copy)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return Trainer(parse_args(argv)).run()
 
 
 if __name__ == "__main__":

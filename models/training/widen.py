@@ -2,10 +2,10 @@
 that it computes nearly the same thing, and training can go on at the new width;
 or add a rate level.
 
-    python -m lcodec.models.widen runs/a/checkpoint.pt runs/b/checkpoint.pt --M 256
-    python -m lcodec.models.widen runs/b/checkpoint.pt runs/c/checkpoint.pt --M 96 \
+    python -m lcodec.models.training.widen runs/a/checkpoint.pt runs/b/checkpoint.pt --M 256
+    python -m lcodec.models.training.widen runs/b/checkpoint.pt runs/c/checkpoint.pt --M 96 \
         --data ../shared/data/train
-    python -m lcodec.models.widen runs/c/checkpoint.pt runs/d/checkpoint.pt --add-level 0.04
+    python -m lcodec.models.training.widen runs/c/checkpoint.pt runs/d/checkpoint.pt --add-level 0.04
 
 Why: a trained run holds many steps of training. When the latent turns out too
 narrow (the reconstruction of the unquantised latents saturates, so extra bits
@@ -64,9 +64,9 @@ from pathlib import Path
 
 import torch
 
-from .entropy_models import gaussian_likelihood
+from ..entropy_models import gaussian_likelihood
 from .losses import make_level_losses
-from .networks import MeanScaleHyperprior, ModelConfig, interpolate_levels
+from ..networks import MeanScaleHyperprior, ModelConfig, interpolate_levels
 from .train import load_images
 
 NEW_LOG_GAIN_OFFSET = 2.0

@@ -1,6 +1,6 @@
 """Freeze a trained model into the file the codec ships and runs.
 
-    python -m lcodec.models.freeze runs/hp64/checkpoint.pt models/weights/hp-64-96.pt
+    python -m lcodec.models.training.freeze runs/hp64/checkpoint.pt models/weights/hp-64-96.pt
 
 Freezing is an explicit step (STYLE: train -> freeze): it
 * stores g_a, g_s, h_a and the rate gains in fp16,
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bitstream.tables import gaussian_tables, pmf_tables
-from .frozen import FROZEN_FORMAT, sha256_file
-from .integer_hyper import quantize_hyper_synthesis, scale_thresholds
-from .networks import MeanScaleHyperprior, ModelConfig, build_model
+from ...bitstream.tables import gaussian_tables, pmf_tables
+from ..frozen import FROZEN_FORMAT, sha256_file
+from ..integer_hyper import quantize_hyper_synthesis, scale_thresholds
+from ..networks import MeanScaleHyperprior, ModelConfig, build_model
 
 SCALE_TABLE = np.exp(np.linspace(math.log(0.11), math.log(256.0), 64))
 Z_SUPPORT = 255  # the z prior is tabulated on -255..255 before trimming its tails
@@ -71,7 +71,7 @@ def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None) -> s
 
 
 def load_checkpoint(path: Path) -> tuple[MeanScaleHyperprior, dict]:
-    """The model of a training checkpoint (see `lcodec.models.train`), plus its metadata."""
+    """The model of a training checkpoint (see `lcodec.models.training.train`), plus its metadata."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
     config = ModelConfig.from_dict(ck["config"])
     if config.arch not in ("hyperprior", "lifting"):
