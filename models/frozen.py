@@ -1,4 +1,4 @@
-"""The frozen model: what the codec runs. Produced by `lcodec.models.freeze`.
+"""The frozen model: what the codec runs. Produced by `lcodec.models.training.freeze`.
 
 A frozen weights file holds the float transforms (g_a, g_s, h_a, the rate
 gains) in fp16, the hyper-synthesis h_s as integer layers, and the entropy
@@ -22,6 +22,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,6 +42,27 @@ HYPER_TILE = 32  # h_s runs on tiles of 32x32 hyper-latents (2048x2048 pixels) .
 HYPER_HALO = 3  # ... with 3 of context: a hyper-latent reaches 2 of them (measured), so tiling is exact
 
 
+class Tile(NamedTuple):
+    """One tile of a grid of cells: the rows and columns it owns, and the rows and columns it is
+    computed from (its own plus up to a halo of context on every side, clipped at the edges)."""
+
+    rows: slice
+    cols: slice
+    read_rows: slice
+    read_cols: slice
+
+
+def tiles(H: int, W: int, tile: int, halo: int) -> list[Tile]:
+    """The tiles of an H x W grid, row by row, each `tile` x `tile` cells (less at the bottom and right
+    edges) read with `halo` cells of context; one tile reading everything if the grid fits in one
+    tile with its halo."""
+    if H <= tile + 2 * halo and W <= tile + 2 * halo:
+        return [Tile(slice(0, H), slice(0, W), slice(0, H), slice(0, W))]
+    return [Tile(slice(top, min(top + tile, H)), slice(left, min(left + tile, W)),
+                 slice(max(top - halo, 0), min(top + tile + halo, H)), slice(max(left - halo, 0), min(left + tile + halo, W)))
+            for top in range(0, H, tile) for left in range(0, W, tile)]
+
+
 def run_tiled(fn, x: torch.Tensor, scale: int, tile: int, halo: int, inverse: bool, workers: int = 1) -> torch.Tensor:
     """Apply a fully convolutional `fn` tile by tile so memory stays bounded.
 
@@ -53,26 +75,25 @@ def run_tiled(fn, x: torch.Tensor, scale: int, tile: int, halo: int, inverse: bo
     GIL), so at most that many tiles' activations are alive together.
     """
     _, _, H, W = x.shape
-    if H <= tile + 2 * halo and W <= tile + 2 * halo:
+    grid = tiles(H, W, tile, halo)
+    if len(grid) == 1:
         return fn(x)
     f = (lambda v: v * scale) if inverse else (lambda v: v // scale)
 
-    def one_tile(corner: tuple[int, int]) -> torch.Tensor:
-        top, left = corner
-        t0, l0 = max(top - halo, 0), max(left - halo, 0)
-        t1, l1 = min(top + tile + halo, H), min(left + tile + halo, W)
-        y = fn(x[:, :, t0:t1, l0:l1])
-        return y[:, :, f(top - t0):f(min(top + tile, H) - t0), f(left - l0):f(min(left + tile, W) - l0)]
+    def one_tile(t: Tile) -> torch.Tensor:
+        y = fn(x[:, :, t.read_rows, t.read_cols])
+        top, left = t.read_rows.start, t.read_cols.start
+        return y[:, :, f(t.rows.start - top):f(t.rows.stop - top), f(t.cols.start - left):f(t.cols.stop - left)]
 
-    corners = [(top, left) for top in range(0, H, tile) for left in range(0, W, tile)]
     out = None
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        for i in range(0, len(corners), max(workers, 1)):
-            group = corners[i:i + max(workers, 1)]
-            for (top, left), crop in zip(group, pool.map(one_tile, group)):
+    step = max(workers, 1)
+    with ThreadPoolExecutor(max_workers=step) as pool:
+        for i in range(0, len(grid), step):
+            group = grid[i:i + step]
+            for t, crop in zip(group, pool.map(one_tile, group)):
                 if out is None:
                     out = torch.empty(1, crop.shape[1], f(H), f(W), dtype=crop.dtype)
-                out[:, :, f(top):f(top) + crop.shape[2], f(left):f(left) + crop.shape[3]] = crop
+                out[:, :, f(t.rows.start):f(t.rows.stop), f(t.cols.start):f(t.cols.stop)] = crop
     return out
 
 
@@ -116,7 +137,7 @@ class FrozenModel:
                 raise ModelMismatchError(f"weights file {path} has SHA-256 {actual[:16]}…, expected {expected_sha256[:16]}…")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format") != FROZEN_FORMAT or "y_tables" not in state:
-            raise ModelNotFrozenError(f"{path} is not a frozen lcodec model; run `python -m lcodec.models.freeze` first")
+            raise ModelNotFrozenError(f"{path} is not a frozen lcodec model; run `python -m lcodec.models.training.freeze` first")
         self.config = ModelConfig.from_dict(state["config"])
         N, M = self.config.N, self.config.M
         if self.config.arch == "lifting":
@@ -158,18 +179,19 @@ class FrozenModel:
         """ẑ = round(h_a(y_g)) as int64."""
         return torch.round(self.hyper_analysis(y_gained)).to(torch.int64)
 
-    def entropy_parameters(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """From ẑ alone: the mean (float32) and the y table index (int32) of every latent.
-        Exact: both sides compute the same values bit for bit."""
-        mean_int, scale_int = _tiled(self.hyper_synthesis, z_int).chunk(2, dim=1)
+    def entropy_parameters(self, z_int: torch.Tensor, tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
+        """From ẑ alone, for the latents of one h_s tile (`hyper_tiles`, `latent_region`): their
+        mean (float32) and y table index (int32), each (1, M, rows, columns). Exact: both sides
+        compute the same values bit for bit."""
+        out = _hyper_tile(self.hyper_synthesis, z_int, tile)
+        mean_int, scale_int = out.chunk(2, dim=1)
         mean = mean_int.double().div_(2**OUT_BITS).float()
-        del mean_int
         return mean, table_index(scale_int, self.scale_thresholds)
 
     @torch.no_grad()
-    def approximate_entropy_parameters(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def approximate_entropy_parameters(self, z_int: torch.Tensor, tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
         """As `entropy_parameters`, in float32: for the rate search's estimates only."""
-        mean_fixed, scale_fixed = _tiled(self.approximate_hyper_synthesis, z_int).chunk(2, dim=1)  # OUT_BITS fractional bits
+        mean_fixed, scale_fixed = _hyper_tile(self.approximate_hyper_synthesis, z_int, tile).chunk(2, dim=1)  # OUT_BITS fractional bits
         scale_int = torch.floor(scale_fixed.double()).to(torch.int64)
         return mean_fixed / 2**OUT_BITS, table_index(scale_int, self.scale_thresholds)
 
@@ -183,12 +205,27 @@ class FrozenModel:
         return x.clamp_(0, 1)
 
 
-def _tiled(hyper_synthesis, z: torch.Tensor) -> torch.Tensor:
-    """h_s tile by tile. Run on a whole large image, its float64 convolutions peak at about
-    130 bytes per pixel (9 GB for a 21-byte file declaring 8192 x 8192, model 3); per tile
-    the peak is bounded, and the integer h_s gives the same integers either way, since
-    every tile sees all of its receptive field."""
-    return run_tiled(hyper_synthesis, z, 4, HYPER_TILE, HYPER_HALO, inverse=True)
+def hyper_tiles(z: torch.Tensor) -> list[Tile]:
+    """The tiles h_s runs on, for ẑ (1, N, zh, zw). Run on a whole large image, its float64
+    convolutions peak at about 130 bytes per pixel (9 GB for a 21-byte file declaring
+    8192 x 8192, model 3), and everything computed from its output (means, table indices,
+    symbols) is as big as the latent: the codec works tile by tile, which bounds both, and
+    the integer h_s gives the same integers either way, since every tile sees all of its
+    receptive field."""
+    return tiles(z.shape[2], z.shape[3], HYPER_TILE, HYPER_HALO)
+
+
+def latent_region(tile: Tile) -> tuple[slice, slice]:
+    """The rows and columns of y that an h_s tile (of `hyper_tiles`) gives parameters for."""
+    return slice(4 * tile.rows.start, 4 * tile.rows.stop), slice(4 * tile.cols.start, 4 * tile.cols.stop)
+
+
+def _hyper_tile(hyper_synthesis, z: torch.Tensor, tile: Tile) -> torch.Tensor:
+    """h_s of one tile: computed from the tile's read region of ẑ, cropped to its own latents."""
+    out = hyper_synthesis(z[:, :, tile.read_rows, tile.read_cols])
+    top, left = tile.rows.start - tile.read_rows.start, tile.cols.start - tile.read_cols.start
+    return out[:, :, 4 * top:4 * (top + tile.rows.stop - tile.rows.start),
+               4 * left:4 * (left + tile.cols.stop - tile.cols.start)]
 
 
 def _load(module: nn.Module, state: dict) -> nn.Module:

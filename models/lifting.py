@@ -46,6 +46,7 @@ HIGH_SCALE = KAPPA / math.sqrt(2)
 WAVELET_LEVELS = 4
 DOWNSAMPLING = 2**WAVELET_LEVELS
 LATENT_CHANNELS = 3 + sum(9 * 4**k for k in range(WAVELET_LEVELS))  # 768
+MEAN_CHANNELS = 3  # LL4: the only channels whose mean the hyperprior predicts
 
 # RGB -> YCbCr (ITU-R BT.601), the colour transform's starting point; x is centred at 0.5 first.
 YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))

@@ -31,7 +31,7 @@ from torch import nn
 
 from .entropy_models import FactorizedDensity, gaussian_likelihood
 from .layers import GDN, conv, deconv
-from .lifting import LATENT_CHANNELS, InverseLifting, LiftingTransform
+from .lifting import LATENT_CHANNELS, MEAN_CHANNELS, InverseLifting, LiftingTransform
 
 # The thesis's eight target rates (bpp), also JPEG AI's.
 DEFAULT_LEVELS = (0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -82,7 +82,7 @@ class HyperSynthesisTransform(nn.Sequential):
     """h_s: ẑ (N, h/4, w/4) -> (mean, scale) (2M, h, w).
 
     ReLU and (transposed) convolutions only, so that the frozen model can run it
-    in exact integer arithmetic (see `lcodec.models.freeze`). The hidden widths are
+    in exact integer arithmetic (see `lcodec.models.training.freeze`). The hidden widths are
     M and 3M/2 by default (Minnen et al. 2018).
     """
 
@@ -267,11 +267,19 @@ class LiftingHyperprior(MeanScaleHyperprior):
         self.synthesis = InverseLifting(self.analysis)
         self.hyper_analysis = HyperAnalysisTransform(N, M)
         self.hyper_synthesis = HyperSynthesisTransform(N, M, hidden=(N, N * 3 // 2), last_kernel=1)
-        # The predicted mean starts at zero, so that rounding at step 0 is plain uniform
-        # quantisation of the wavelet coefficients (a random mean would bias every one of them).
+        # The predicted mean is zero for every channel but LL4's three, always: wavelet details
+        # are zero-mean, and a mean predicted for them bought no rate and cost up to 1.2 dB
+        # (rounding away from zero). Their weights start at zero and their gradient is masked,
+        # so the frozen integer h_s gives them mean_int = 0 exactly. LL4's mean starts at zero
+        # too, so that step 0 is plain uniform quantisation of the 9/7 coefficients.
+        last = self.hyper_synthesis[-1]
         with torch.no_grad():
-            self.hyper_synthesis[-1].weight[:M].zero_()
-            self.hyper_synthesis[-1].bias[:M].zero_()
+            last.weight[:M].zero_()
+            last.bias[:M].zero_()
+        free = torch.ones(2 * M)
+        free[MEAN_CHANNELS:M] = 0
+        last.weight.register_hook(lambda g: g * free.to(g).view(-1, 1, 1, 1))
+        last.bias.register_hook(lambda g: g * free.to(g))
         self.hyper_prior = FactorizedDensity(N)
         self.gains = BalancedRateGains(config.levels, M)
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lcodec.models import lifting, train
+from lcodec.models import lifting
 from lcodec.models.frozen import LIFTING_HALO_LATENTS, run_tiled
 from lcodec.models.networks import LiftingHyperprior, ModelConfig
+from lcodec.models.training import train
 
 # CDF 9/7 analysis low-pass taps (JPEG 2000 Part 1, Table F.4), normalised to a DC gain of 1.
 CDF97_LOW = (0.602949018236358, 0.266864118442872, -0.078223266528988, -0.016864118442875, 0.026748757410810)
@@ -95,6 +96,11 @@ def test_training_the_whole_model_keeps_it_invertible(tmp_path):
     x = torch.from_numpy(rng.random((1, 3, 64, 128))).float()
     with torch.no_grad():
         assert (model.synthesis(model.analysis(x)) - x).abs().max().item() * 255 < 1e-3
+    # h_s predicts a mean for LL4 only: the detail channels' mean weights are still exactly zero.
+    last = model.hyper_synthesis[-1]
+    M = lifting.LATENT_CHANNELS
+    assert last.weight[lifting.MEAN_CHANNELS:M].abs().max() == 0 and last.bias[lifting.MEAN_CHANNELS:M].abs().max() == 0
+    assert last.weight[:lifting.MEAN_CHANNELS].abs().max() > 0
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 6
 
 
