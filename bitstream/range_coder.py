@@ -15,6 +15,12 @@ returns bytes; the layout of the stream is specified in `bitstream/SPEC.md`,
 * the words are written big-endian and trailing zero bytes are dropped (the
   decoder reads missing bytes as zeros, exactly as constriction reads missing words).
 
+An item as big as a large image's latent (10^8 symbols for an 8K image with 768
+latent channels) is worked through in runs of at most `CHUNK` positions: beyond
+its input, only the coding order (int32) and, when decoding, the symbols are as
+long as the item. Coding a group in several calls with the same model gives the
+same stream as one call.
+
 Everything that changes the bits is pinned: `perfect=False` and `lazy=False`
 for `Categorical`, probabilities passed as float64 (so constriction's 24-bit
 CDF is an exact integer function of the stored frequencies), and
@@ -42,6 +48,7 @@ _MODELS: "weakref.WeakKeyDictionary[CdfTables, list]" = weakref.WeakKeyDictionar
 _ESCAPE_LENGTH_MODEL = constriction.stream.model.Uniform(ESCAPE_LENGTH_ALPHABET)
 _SIGN_MODEL = constriction.stream.model.Uniform(2)
 _LOW_BITS_FAMILY = constriction.stream.model.Uniform()  # size = 2**(n - 1), given per symbol
+CHUNK = 1 << 22  # positions per run: bounds the 64-bit temporaries to a few tens of MB
 
 
 def _model(tables: CdfTables, t: int):
@@ -63,11 +70,22 @@ def _grouping(table_idx: np.ndarray, num_tables: int) -> tuple[np.ndarray, list[
 
     Returns (order, groups) where groups lists (t, start, end) for every table in
     use, ascending t; order[start:end] are the positions coded with table t.
+    A stable sort of each run of CHUNK positions, merged run by run into order.
     """
-    key = table_idx.astype(np.uint16 if num_tables <= 1 << 16 else np.int64)  # uint16 sorts in linear time
-    order = np.argsort(key, kind="stable")  # stable: positions stay in increasing order within a group
-    counts = np.bincount(table_idx, minlength=num_tables)
+    n = table_idx.size
+    order = np.empty(n, dtype=np.int32 if n <= np.iinfo(np.int32).max else np.int64)
+    runs = [(a, table_idx[a:a + CHUNK]) for a in range(0, n, CHUNK)]
+    run_counts = [np.bincount(key, minlength=num_tables) for _, key in runs]
+    counts = np.sum(run_counts, axis=0) if runs else np.zeros(num_tables, dtype=np.int64)
     ends = np.cumsum(counts)
+    filled = ends - counts  # where each table's next positions go
+    for (a, key), c in zip(runs, run_counts):
+        # uint16 sorts in linear time; stable: positions stay in increasing order within a group
+        local = np.argsort(key.astype(np.uint16 if num_tables <= 1 << 16 else np.int64), kind="stable")
+        local_ends = np.cumsum(c)
+        for t in np.flatnonzero(c):
+            order[filled[t]:filled[t] + c[t]] = local[local_ends[t] - c[t]:local_ends[t]] + a
+            filled[t] += c[t]
     groups = [(int(t), int(ends[t] - counts[t]), int(ends[t])) for t in np.flatnonzero(counts)]
     return order, groups
 
@@ -84,12 +102,16 @@ def encode(items: Sequence[tuple[np.ndarray, np.ndarray, CdfTables]]) -> bytes:
         symbols, table_idx = tables.check_symbols(symbols, table_idx)
         if symbols.size == 0:
             continue
-        columns = tables.columns(symbols, table_idx)
         order, groups = _grouping(table_idx, tables.num_tables)
-        coded = columns[order].astype(np.int32)
+        escaped = []
         for t, start, end in groups:
-            encoder.encode(coded[start:end], _model(tables, t))
-        escaped = symbols[columns == tables.lengths[table_idx]]  # in position order
+            for a in range(start, end, CHUNK):
+                positions = order[a:min(a + CHUNK, end)]
+                columns = tables.columns(symbols[positions], table_idx[positions])
+                encoder.encode(columns.astype(np.int32), _model(tables, t))
+                escaped.append(positions[columns == tables.lengths[t]])
+        del order
+        escaped = symbols[np.sort(np.concatenate(escaped))]  # in position order
         if escaped.size:
             _encode_escapes(encoder, escaped)
     words = encoder.get_compressed().astype(_WORD)
@@ -141,10 +163,12 @@ class Decoder:
         symbols = np.empty(table_idx.size, dtype=np.int32)
         escaped = []
         for t, start, end in groups:
-            coded = self._decode(_model(tables, t), end - start)
-            positions = order[start:end]
-            symbols[positions] = coded + tables.offsets[t]
-            escaped.append(positions[coded == tables.lengths[t]])
+            for a in range(start, end, CHUNK):
+                b = min(a + CHUNK, end)
+                coded = self._decode(_model(tables, t), b - a)
+                positions = order[a:b]
+                symbols[positions] = coded + tables.offsets[t]
+                escaped.append(positions[coded == tables.lengths[t]])
         del order
         escaped = np.sort(np.concatenate(escaped)) if escaped else np.empty(0, dtype=np.int64)  # position order
         if escaped.size:

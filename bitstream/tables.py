@@ -173,7 +173,8 @@ class CdfTables:
         return table_idx
 
     def check_symbols(self, symbols: np.ndarray, table_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(symbols as int64, table_idx as `check_table_idx` gives it); ValueError unless they are 1-D integer arrays of equal
+        """(symbols, table_idx), each as int64 only if its own integer type does not fit in it (no
+        copy of a large image's int32 symbols); ValueError unless they are 1-D integer arrays of equal
         length, every index is in 0..T-1 and every value has |value| < 2**24 (the escape bound)."""
         table_idx = self.check_table_idx(table_idx)
         symbols = np.asarray(symbols)
@@ -181,8 +182,10 @@ class CdfTables:
             raise ValueError(f"symbols {symbols.shape} and table_idx {table_idx.shape} must have the same shape")
         if symbols.size and not np.issubdtype(symbols.dtype, np.integer):
             raise ValueError(f"symbols must be integers, got {symbols.dtype}")
-        symbols = symbols.astype(np.int64, copy=False)
-        if symbols.size and np.abs(symbols).max() >= 1 << ESCAPE_MAX_BITS:
+        if not np.can_cast(symbols.dtype, np.int64):  # uint64: huge values turn negative and fail below
+            symbols = symbols.astype(np.int64)
+        bound = 1 << ESCAPE_MAX_BITS
+        if symbols.size and (symbols.min() <= -bound or symbols.max() >= bound):
             raise ValueError(f"cannot code a value with |value| >= 2**{ESCAPE_MAX_BITS}")
         return symbols, table_idx
 

@@ -95,7 +95,15 @@ def encode(image: Image.Image | np.ndarray, *, bpp: float | None = None, size: i
     >>> data = lcodec.encode(Image.open("photo.png"), bpp=0.5)   # doctest: +SKIP
     """
     _check_target(bpp, size, rate)
-    return _engine().encode_array(*_pixels(image), bpp=bpp, size=size, rate=rate).data
+    return _encode(*_pixels(image), bpp=bpp, size=size, rate=rate).data
+
+
+def _encode(pixels: np.ndarray, mode: str, *, bpp: float | None, size: int | None, rate: float | None):
+    """One pass at the default model for `rate`; for a bpp or size target, the better file of the
+    models the encoder chooses between (`engine.encode_best`)."""
+    if rate is not None:
+        return _engine().encode_array(pixels, mode, rate=rate)
+    return _engine().encode_best(pixels, mode, bpp=bpp, size=size)
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -127,7 +135,7 @@ def encode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, bpp
     with _output(src, dst, force) as out:
         pixels, mode = load_image(src, max_pixels=max_pixels)
         with _named(src):
-            result = _engine().encode_array(pixels, mode, bpp=bpp, size=size, rate=rate)
+            result = _encode(pixels, mode, bpp=bpp, size=size, rate=rate)
         out.write(result.data)
     height, width = pixels.shape[:2]
     return EncodedFile(_path_of(dst), len(result.data), width, height, mode, result.bpp, result.rate,

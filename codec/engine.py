@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import torch.nn.functional as F
 from . import ratecontrol
 from .bitstream import container, range_coder
 from .bitstream.container import RATE_SCALE
+from .bitstream.tables import ESCAPE_MAX_BITS
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
-from .models.frozen import PAD, FrozenModel, sha256_file
-from .models.registry import DEFAULT_MODEL_ID, MODELS
+from .models.frozen import PAD, FrozenModel, hyper_tiles, latent_region, sha256_file
+from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS
 
 OVERHEAD = container.OVERHEAD_BYTES
 
@@ -121,16 +123,26 @@ def _to_tensor(pixels: np.ndarray, mode: str) -> torch.Tensor:
     if mode == "L":
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     h, w = pixels.shape[:2]
-    x = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)[None].float().div_(255.0)
     hp, wp = math.ceil(h / PAD) * PAD, math.ceil(w / PAD) * PAD
     # Edge replication is cheaper to code than zeros; the decoder crops it away.
     return F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
 
 
+def _table_index_dtype(model: FrozenModel) -> np.dtype:
+    """The smallest integer type that holds every y table index (uint8 for the shipped models):
+    the whole latent's indices are kept at once on both sides."""
+    return np.min_scalar_type(model.y_tables.num_tables - 1)
+
+
 class Encoder:
     """One image's encoder state with one model: g_a runs once, when it is made; each rate rq
     then costs only what depends on it -- `estimate_bytes` for a rate-control probe, `payload`
-    for a real encode. `tile_latents` sets g_a's tiles (None: the model's own)."""
+    for a real encode. `tile_latents` sets g_a's tiles (None: the model's own).
+
+    Everything after h_a runs tile by tile (`frozen.hyper_tiles`): a probe never holds more
+    than one tile's means, indices and symbols, and a real encode keeps only the symbols
+    (int32) and table indices (`_table_index_dtype`) of the whole latent, which the coder needs."""
 
     def __init__(self, model: FrozenModel, pixels: np.ndarray, mode: str, *, tile_latents: int | None = None):
         self.model, self.mode = model, mode
@@ -139,22 +151,40 @@ class Encoder:
         zh, zw = self.y.shape[2] // 4, self.y.shape[3] // 4
         self.z_index = np.repeat(np.arange(model.config.N), zh * zw)
 
-    def _symbols(self, rq: int, exact: bool = True):
-        """ẑ, the y symbols and their table indices at rate rq. `exact=False` runs h_s in
-        float32 (for estimates only: a few indices may differ from the bitstream's)."""
+    def _hyper_latent(self, rq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gain (1, M, 1, 1) and ẑ (1, N, zh, zw) at rate rq."""
         gain, _ = self.model.gains(rq / RATE_SCALE)
-        y_g = self.y * gain
-        z = self.model.hyper_latent(y_g)
+        return gain, self.model.hyper_latent(self.y * gain)
+
+    def _symbol_tiles(self, gain: torch.Tensor, z: torch.Tensor, exact: bool = True
+                      ) -> Iterator[tuple[tuple[slice, slice], torch.Tensor, torch.Tensor]]:
+        """For each h_s tile: its rows and columns of y, and there the symbols s = round(y * gain - mean)
+        (int32) and their table indices (int32), each (1, M, rows, columns). `exact=False` runs h_s
+        in float32 (for estimates only: a few indices may differ from the bitstream's)."""
         params = self.model.entropy_parameters if exact else self.model.approximate_entropy_parameters
-        mean, idx = params(z)
-        sym = torch.round(y_g - mean).to(torch.int64)
-        return z.numpy().ravel(), sym.numpy().ravel(), idx.numpy().ravel()
+        for tile in hyper_tiles(z):
+            rows, cols = latent_region(tile)
+            mean, idx = params(z, tile)
+            # Clamped so that the int32 conversion is defined; the coder refuses |s| >= 2^24 anyway.
+            sym = torch.round(self.y[:, :, rows, cols] * gain - mean).clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS)
+            yield (rows, cols), sym.to(torch.int32), idx
+
+    def _symbols(self, rq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ẑ, the y symbols and their table indices at rate rq, flat in C order, as coded."""
+        gain, z = self._hyper_latent(rq)
+        shape = self.y.shape[1:]
+        sym, idx = np.empty(shape, dtype=np.int32), np.empty(shape, dtype=_table_index_dtype(self.model))
+        for (rows, cols), tile_sym, tile_idx in self._symbol_tiles(gain, z):
+            sym[:, rows, cols], idx[:, rows, cols] = tile_sym[0].numpy(), tile_idx[0].numpy()
+        return z.numpy().ravel(), sym.ravel(), idx.ravel()
 
     def estimate_bytes(self, rq: int) -> float:
         """Predicted file size at rq: the ideal code length under the frozen tables (the real
         coder is within ~0.01% of it), with the fast float32 hyper-synthesis."""
-        z, sym, idx = self._symbols(rq, exact=False)
-        bits = self.model.z_tables.cost_bits(z, self.z_index) + self.model.y_tables.cost_bits(sym, idx)
+        gain, z = self._hyper_latent(rq)
+        bits = self.model.z_tables.cost_bits(z.numpy().ravel(), self.z_index)
+        for _, sym, idx in self._symbol_tiles(gain, z, exact=False):
+            bits += self.model.y_tables.cost_bits(sym.numpy().ravel(), idx.numpy().ravel())
         return OVERHEAD + bits / 8
 
     def payload(self, rq: int) -> bytes:
@@ -243,15 +273,44 @@ def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS,
     dec = range_coder.Decoder(payload)
     z = dec.decode(np.repeat(np.arange(N), zh * zw), model.z_tables)
     z = torch.from_numpy(z.astype(np.int64)).view(1, N, zh, zw)
-    mean, idx = model.entropy_parameters(z)
-    sym = dec.decode(idx.numpy().ravel(), model.y_tables)
+    # h_s tile by tile, into whole-latent buffers: the means (ŷ once the symbols are added) and
+    # the table indices; nothing else as big as the latent is alive while the symbols decode.
+    y_hat = torch.empty(1, M, zh * 4, zw * 4)
+    idx = np.empty((M, zh * 4, zw * 4), dtype=_table_index_dtype(model))
+    for tile in hyper_tiles(z):
+        rows, cols = latent_region(tile)
+        mean, tile_idx = model.entropy_parameters(z, tile)
+        y_hat[:, :, rows, cols], idx[:, rows, cols] = mean, tile_idx[0].numpy()
+    sym = dec.decode(idx.ravel(), model.y_tables)
     dec.finish()
     del idx
-    y_hat = torch.from_numpy(sym.astype(np.float32)).view(1, M, zh * 4, zw * 4).add_(mean)
-    del sym, mean
+    y_hat.add_(torch.from_numpy(sym).view(1, M, zh * 4, zw * 4))
+    del sym
     x = model.synthesize(y_hat, header.rate_q / RATE_SCALE, **_tiles(tile_latents))[0, :, :header.height, :header.width]
     # In place: at 8K each full-size float temporary would cost 400 MB of peak memory.
     pixels = x.nan_to_num_(nan=0.0).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
     if header.mode == "L":
         return np.round(pixels.astype(np.float32).mean(axis=2)).astype(np.uint8), "L"
     return np.ascontiguousarray(pixels), "RGB"
+
+
+def encode_best(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size: int | None = None,
+                model_ids: tuple[int, ...] = CHOICE_MODEL_IDS) -> EncodeResult:
+    """Encode to a bpp or size target with each model of `model_ids` and keep the file whose
+    decoded pixels have the higher PSNR (on a tie, the earlier model). The file names its model,
+    so every decoder reads it. A model that cannot reach the target for this image is skipped;
+    if none can, the last model's `RateError` is raised."""
+    best, best_mse, error = None, math.inf, None
+    for model_id in model_ids:
+        try:
+            result = encode_array(pixels, mode, bpp=bpp, size=size, model_id=model_id)
+        except RateError as exc:
+            error = exc
+            continue
+        decoded, _ = decode_array(result.data)
+        mse = float(np.mean((decoded.astype(np.float64) - pixels) ** 2))
+        if mse < best_mse:
+            best, best_mse = result, mse
+    if best is None:
+        raise error
+    return best

@@ -1,6 +1,10 @@
 """lcodec on large images: 2K, 4K and 8K made from Kodak, time, peak RSS, rate accuracy, tiling.
 
     nice -n 19 python -m kodak_eval.large_images --bpp 0.25 --out runs/large_images
+    nice -n 19 python -m kodak_eval.large_images --sizes 8K --weights runs/x/frozen.pt --out runs/large-x
+
+`--weights F` measures the frozen file F, installed or not, under `--model`'s id
+(the files made carry that id and F's digest; the reports name F and its SHA-256).
 
 The test images are a 2 x 2 mosaic of kodim01..04 (1536 x 1024) resized with
 Pillow's LANCZOS to 2048 x 1080 (2K DCI), 3840 x 2160 (4K UHD) and 7680 x 4320
@@ -8,10 +12,11 @@ Pillow's LANCZOS to 2048 x 1080 (2K DCI), 3840 x 2160 (4K UHD) and 7680 x 4320
 of the heights is a multiple of 64, so padding and cropping are exercised.
 
 Every (size, phase) runs in its own child process, which reports its own peak
-RSS (`ru_maxrss`): encode (at `--bpp`, rate search included) and decode are
-measured separately. Rate accuracy: the file must be <= the target and >= 97% of
-it. If the model cannot reach the target (a `RateError`), the child times a
-one-pass encode at `--rate` instead, and the row says so.
+RSS (`ru_maxrss`; a decode's is read before its PSNR is computed): encode (at
+`--bpp`, rate search included) and decode are measured separately. Rate
+accuracy: the file must be <= the target and >= 97% of it. If the model cannot
+reach the target (a `RateError`), the child times a one-pass encode at `--rate`
+instead (its peak RSS covers both), and the row says so.
 
 Tiling: the engine runs g_a and g_s on tiles of `lcodec.models.frozen.TILE_LATENTS`
 latents (1024 x 1024 pixels) with a halo of `HALO_LATENTS` (64 pixels). On the 2K
@@ -57,9 +62,12 @@ def make_image(width: int, height: int):
 
 
 def psnr(a, b) -> float:
+    """PSNR over all samples, summed 256 rows at a time: whole-image float64 copies would take
+    800 MB each at 8K, in the process whose peak RSS is measured."""
     import numpy as np
 
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    squared = sum(float(np.sum((a[r:r + 256].astype(np.float64) - b[r:r + 256]) ** 2)) for r in range(0, len(a), 256))
+    mse = squared / a.size
     return float("inf") if mse == 0 else 10 * float(np.log10(255**2 / mse))
 
 
@@ -75,26 +83,30 @@ def child(job: dict) -> dict:
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     tile_latents = UNTILED if job.get("untiled") else frozen.TILE_LATENTS
-    engine.load_model(job["model"])
-    out: dict = {"rss_after_model_load_mb": _rss_mb(), "torch_threads": torch.get_num_threads()}
+    weights = engine.Weights.load(Path(job["weights"])) if job["weights"] else engine.installed_weights(job["model"])
+    coding = {"model_id": job["model"], "weights": weights}
+    out: dict = {"rss_after_model_load_mb": _rss_mb(), "torch_threads": torch.get_num_threads(),
+                 "weights_sha256": weights.sha256}
     pixels = np.load(job["image"])
     h, w = pixels.shape[:2]
     lc = Path(job["lc"])
     if job["phase"] == "encode":
         if job["bpp"] == "mid":  # a target inside what the model can reach (one-pass sizes, not timed)
-            lo, hi = engine.load_model(job["model"]).rate_range
-            sizes = [len(engine.encode_array(pixels, "RGB", rate=q, model_id=job["model"]).data) for q in (lo, hi)]
+            lo, hi = weights.model.rate_range
+            sizes = [len(engine.encode_array(pixels, "RGB", rate=q, **coding).data) for q in (lo, hi)]
             job["bpp"] = 8 * (min(sizes) * max(sizes)) ** 0.5 / (w * h)
             out["bpp_target"] = job["bpp"]
         target = int(job["bpp"] * w * h / 8)
         start = time.perf_counter()
         try:
-            result = engine.encode_array(pixels, "RGB", bpp=job["bpp"], model_id=job["model"])
+            result = engine.encode_array(pixels, "RGB", bpp=job["bpp"], **coding)
             out.update(status="ok", warning=result.warning)
         except RateError as e:
             out.update(status="unreachable", message=str(e), search_s=time.perf_counter() - start)
+            result = None
+        if result is None:  # not in the except block, whose traceback keeps the failed search's latent alive
             start = time.perf_counter()
-            result = engine.encode_array(pixels, "RGB", rate=job["rate"], model_id=job["model"])
+            result = engine.encode_array(pixels, "RGB", rate=job["rate"], **coding)
         out["seconds"] = time.perf_counter() - start
         size = len(result.data)
         out.update(bytes=size, target_bytes=target, bpp=8 * size / (w * h), rate=result.rate)
@@ -104,21 +116,21 @@ def child(job: dict) -> dict:
     elif job["phase"] == "decode":
         data = lc.read_bytes()
         start = time.perf_counter()
-        decoded, _ = engine.decode_array(data)
+        decoded, _ = engine.decode_array(data, weights=weights)
         out["seconds"] = time.perf_counter() - start
+        out["peak_rss_mb"] = _rss_mb()
         out["psnr_db"] = psnr(pixels, decoded)
     else:  # "one-pass": encode at a fixed rate and decode, for the tiling comparison
         start = time.perf_counter()
-        data = engine.encode_array(pixels, "RGB", rate=job["rate"], model_id=job["model"],
-                                   tile_latents=tile_latents).data
+        data = engine.encode_array(pixels, "RGB", rate=job["rate"], tile_latents=tile_latents, **coding).data
         out["encode_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        decoded, _ = engine.decode_array(data, tile_latents=tile_latents)
+        decoded, _ = engine.decode_array(data, weights=weights, tile_latents=tile_latents)
         out["decode_s"] = time.perf_counter() - start
         out.update(bytes=len(data), bpp=8 * len(data) / (w * h), psnr_db=psnr(pixels, decoded),
                    tile_latents=tile_latents)
         np.save(job["lc"] + (".untiled" if job.get("untiled") else ".tiled") + ".decoded.npy", decoded)
-    out["peak_rss_mb"] = _rss_mb()
+    out.setdefault("peak_rss_mb", _rss_mb())  # a decode's is read before its PSNR is computed
     return out
 
 
@@ -146,7 +158,8 @@ def _bpp(text: str) -> float | str:
 
 
 def markdown(s: dict) -> str:
-    lines = [f"# lcodec on large images (model {s['model']}, target {s['bpp']} bpp)", "",
+    lines = [f"# lcodec on large images (model {s['model']}, weights: {s['weights']}, target {s['bpp']} bpp)", "",
+             f"Weights SHA-256 {s.get('weights_sha256')}.", "",
              f"{s['torch_threads']} torch threads on {s['cpus']} CPUs; load average {s['load_average_start'][0]:.1f} "
              f"at start, {s['load_average_end'][0]:.1f} at end (other jobs share the CPUs); commit {s['commit']}.", "",
              "| image | size | encode s | encode RSS MB | decode s | decode RSS MB | bytes / target | rate ok | PSNR dB |",
@@ -185,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                              "one-pass sizes for each image (a target the rate search can reach)")
     parser.add_argument("--rate", type=float, default=2.0, help="one-pass rate for the tiling check and fallbacks")
     parser.add_argument("--model", type=int, default=DEFAULT_MODEL_ID)
+    parser.add_argument("--weights", type=Path,
+                        help="measure this frozen weights file (installed or not) under --model's id, "
+                             "instead of that model's installed weights")
     parser.add_argument("--sizes", default="2K,4K,8K")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
@@ -198,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import numpy as np
 
-    summary: dict = {"model": args.model, "bpp": args.bpp, "cpus": os.cpu_count(), "machine": platform.platform(),
+    summary: dict = {"model": args.model, "weights": str(args.weights) if args.weights else "installed",
+                     "bpp": args.bpp, "cpus": os.cpu_count(), "machine": platform.platform(),
                      "load_average_start": os.getloadavg(), "commit": git_state(ROOT)["commit"], "sizes": {},
                      "what": "wall-clock seconds and peak RSS (ru_maxrss) of one child process per phase; "
                              "bpp = 8 x file bytes / pixels; PSNR on RGB 0..255 over the whole image"}
@@ -209,12 +226,14 @@ def main(argv: list[str] | None = None) -> int:
             image = str(Path(tmp) / f"{name}.npy")
             np.save(image, make_image(w, h))
             job = {"image": image, "lc": str(Path(tmp) / f"{name}.lc"), "bpp": args.bpp, "rate": args.rate,
-                   "model": args.model, "threads": args.threads}
+                   "model": args.model, "weights": str(args.weights.resolve()) if args.weights else None,
+                   "threads": args.threads}
             row = {"size": f"{w}x{h}", "encode": run_child({**job, "phase": "encode"}, args.timeout)}
             row["decode"] = (run_child({**job, "phase": "decode"}, args.timeout) if "error" not in row["encode"]
                              else {"error": "no file"})
             summary["sizes"][name] = row
             summary["torch_threads"] = row["encode"].get("torch_threads")
+            summary["weights_sha256"] = row["encode"].get("weights_sha256")
             print(name, json.dumps(row), flush=True)
             if name == "2K" and not args.no_tiling_check:
                 tiled = run_child({**job, "phase": "one-pass"}, args.timeout)

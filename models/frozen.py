@@ -88,9 +88,12 @@ def run_tiled(fn, x: torch.Tensor, scale: int, tile: int, halo: int, inverse: bo
     out = None
     step = max(workers, 1)
     with ThreadPoolExecutor(max_workers=step) as pool:
+        # One worker: this thread. What a worker thread frees stays in its own malloc arena, out of
+        # reach of this thread's later allocations (measured: 450 MB after g_a on 8K, lifting model).
+        compute = pool.map if step > 1 else map
         for i in range(0, len(grid), step):
             group = grid[i:i + step]
-            for t, crop in zip(group, pool.map(one_tile, group)):
+            for t, crop in zip(group, compute(one_tile, group)):
                 if out is None:
                     out = torch.empty(1, crop.shape[1], f(H), f(W), dtype=crop.dtype)
                 out[:, :, f(t.rows.start):f(t.rows.stop), f(t.cols.start):f(t.cols.stop)] = crop
@@ -197,9 +200,11 @@ class FrozenModel:
 
     @torch.no_grad()
     def synthesize(self, y_hat_gained: torch.Tensor, q: float, *, tile_latents: int = TILE_LATENTS) -> torch.Tensor:
-        """ŷ in the gained domain -> x̂ (1, 3, Hp, Wp), clamped to [0, 1], on tiles of `tile_latents` latents."""
+        """ŷ in the gained domain -> x̂ (1, 3, Hp, Wp), clamped to [0, 1], on tiles of `tile_latents` latents.
+        Takes over `y_hat_gained`: it is multiplied by the inverse gain in place (a copy would cost
+        4 bytes per latent, 400 MB for an 8K image with 768 latent channels)."""
         _, inv_gain = self.gains(q)
-        y = y_hat_gained * inv_gain
+        y = y_hat_gained.mul_(inv_gain)
         with one_thread_per_operation() as threads:
             x = run_tiled(self.synthesis, y, 16, tile_latents, self.halo_latents, inverse=True, workers=threads)
         return x.clamp_(0, 1)

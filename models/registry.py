@@ -48,6 +48,12 @@ MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     5: ModelEntry(5, "hp-64-96-v3", "hp-64-96-v3.pt", "5560e388cdaac252f6275d262e4dda74dc5d437b309cef2df5debee2d64635aa", retired=True),
     # id 6: mean-scale hyperprior, N=64, M=96, nine levels 0.04-2 bpp (weights/MODEL_CARD.md).
     6: ModelEntry(6, "hp-64-96-v4", "hp-64-96-v4.pt", "f89554407887dafa92299f583f77ec29d3529cdca8dcaa910cc4feb36fa6b806"),
+    # id 7: mean-scale hyperprior over CDF 9/7 lifting (arch "lifting"), N=128, M=768, nine levels.
+    7: ModelEntry(7, "lift-97-128", "lift-97-128.pt", "2a16471fa6dc7483043a7169f9bad3793a04232ca40591f5bd62979b3ac6ab51"),
 })
 
+# The model of one-pass encodes (`rate=`) and of `model_info`.
 DEFAULT_MODEL_ID = 6
+# The models an encode to a bpp or size target chooses between, per image: it keeps the file
+# whose decoded pixels have the higher PSNR (ties: the first). Id 6 wins at low rates, id 7 at high.
+CHOICE_MODEL_IDS = (6, 7)

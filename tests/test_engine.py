@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import lcodec.models
 from conftest import smooth_rgb
 from lcodec import engine, ratecontrol
 from lcodec.bitstream import container
@@ -19,6 +21,7 @@ from lcodec.models.integer_hyper import ACT_BITS, IntegerHyperSynthesis, table_i
 from lcodec.models.registry import MODELS
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
+RUNTIME_MODULES = sorted(m.name for m in pkgutil.iter_modules(lcodec.models.__path__, "lcodec.models.") if not m.ispkg)
 MANIFEST = json.loads((GOLDEN / "golden.json").read_text())
 TINY = 0
 
@@ -97,21 +100,35 @@ def test_integer_hyper_synthesis_is_exact_against_an_int64_reference():
     assert ACT_BITS == 8
 
 
+def _whole_latent(entropy_parameters, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The means and table indices of every latent, put together from h_s's tiles."""
+    from lcodec.models import frozen
+
+    parts = [(frozen.latent_region(tile), entropy_parameters(z, tile)) for tile in frozen.hyper_tiles(z)]
+    shape = (1, parts[0][1][0].shape[1], 4 * z.shape[2], 4 * z.shape[3])
+    mean, idx = torch.empty(shape), torch.empty(shape, dtype=torch.int32)
+    for (rows, cols), (tile_mean, tile_idx) in parts:
+        mean[:, :, rows, cols], idx[:, :, rows, cols] = tile_mean, tile_idx
+    return mean, idx
+
+
 def test_hyper_synthesis_in_tiles_gives_the_same_tables_and_means(monkeypatch):
-    """Large images run h_s tile by tile to bound memory; with a halo wider than its receptive
+    """The codec runs h_s tile by tile to bound memory; with a halo wider than its receptive
     field the integer path must not change a single table index or mean (nor may the
     float32 estimate path change by more than its rounding)."""
     from lcodec.models import frozen
 
     model = engine.load_model(TINY)
     z = torch.from_numpy(np.random.default_rng(2).integers(-40, 41, (1, model.config.N, 11, 13)))
-    whole = model.entropy_parameters(z)
-    approx_whole = model.approximate_entropy_parameters(z)
+    assert len(frozen.hyper_tiles(z)) == 1
+    whole = _whole_latent(model.entropy_parameters, z)
+    approx_whole = _whole_latent(model.approximate_entropy_parameters, z)
     monkeypatch.setattr(frozen, "HYPER_TILE", 3)  # 4 x 5 tiles of 3 x 3, with the shipped halo
-    tiled = model.entropy_parameters(z)
-    assert whole[1].dtype == torch.int32 and whole[0].shape == tiled[0].shape
+    assert len(frozen.hyper_tiles(z)) == 20
+    tiled = _whole_latent(model.entropy_parameters, z)
+    assert model.entropy_parameters(z, frozen.hyper_tiles(z)[0])[1].dtype == torch.int32
     assert torch.equal(whole[0], tiled[0]) and torch.equal(whole[1], tiled[1])
-    approx_tiled = model.approximate_entropy_parameters(z)
+    approx_tiled = _whole_latent(model.approximate_entropy_parameters, z)
     torch.testing.assert_close(approx_whole[0], approx_tiled[0])
 
 
@@ -130,8 +147,8 @@ def test_decoding_survives_perturbed_hyper_synthesis_means(monkeypatch):
     original = model.entropy_parameters
     sign = {"v": 1.0}
 
-    def perturbed(z):
-        mean, idx = original(z)
+    def perturbed(z, tile):
+        mean, idx = original(z, tile)
         return mean * (1 + sign["v"] * 1e-6), idx
 
     monkeypatch.setattr(model, "entropy_parameters", perturbed)
@@ -264,22 +281,15 @@ def test_odd_sizes_round_trip(shape, mode):
     assert pixels.shape == img.shape and out_mode == mode
 
 
-def test_model_card_table_measures_real_files(tmp_path):
-    """`python -m lcodec.models.evaluate`: one-pass rates are real file sizes, exact rates stay under target."""
-    from lcodec.models import evaluate
-
-    Image.fromarray(smooth_rgb(176, 192)).save(tmp_path / "a.png")  # MS-SSIM needs sides over 160
-    result = evaluate.evaluate(tmp_path, model_id=0)
-    assert result["model"]["model_id"] == 0 and result["images"] == 1
-    levels = result["model"]["levels"]
-    assert [r["target"] for r in result["rows"]] == levels
-    img = np.asarray(Image.open(tmp_path / "a.png"))
-    one_pass = 8 * len(engine.encode_array(img, "RGB", rate=0.0, model_id=0).data) / (176 * 192)
-    assert result["rows"][0]["one_pass_bpp"]["mean"] == pytest.approx(one_pass)
-    for row in result["rows"]:
-        if row["exact"] is not None:
-            assert row["exact"]["bpp"] <= row["target"]
-    assert "| target bpp |" in evaluate.markdown(result)
+@pytest.mark.parametrize("module", [*RUNTIME_MODULES, "lcodec.engine"])
+def test_the_runtime_does_not_import_the_codec_or_the_training_tools(module):
+    """One direction: the codec imports the model runtime (the modules of `lcodec.models`), and
+    the training tools (`lcodec.models.training`) may import the codec. A runtime module that
+    imported either would make a cycle; the engine must not need the training tools."""
+    forbidden = ["lcodec.models.training"] + (["lcodec.engine"] if module != "lcodec.engine" else [])
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith({tuple(forbidden)!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"{module} imports {out.strip()}"
 
 
 def test_rate_search_starts_where_the_size_stops_falling():

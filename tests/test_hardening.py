@@ -4,7 +4,8 @@ Hostile headers are refused by the engine and the CLI before anything is
 allocated; a decode that fails late (in the payload, or on the pixel cap) leaves
 no output file; odd inputs (48-bit PNG, animated GIF, unreadable paths,
 directories) are mapped or refused as `lcodec.imageio` says; decoding gives the
-same pixels with 1, 2 and 4 torch threads and with smaller g_s tiles.
+same pixels with 1, 2 and 4 torch threads and with smaller g_s tiles; what bounds
+the memory of a large image (h_s tiles, the range coder's runs) changes no bit.
 
 The test marked xfail(strict=True) reproduces an open bug in a file this suite
 does not own; it says what the fix should make true, and turns into a failure
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import lcodec
@@ -264,6 +266,57 @@ def test_smaller_g_s_tiles_decode_the_same_pixels():
     tiled, _ = engine.decode_array(data, tile_latents=4)
     assert np.abs(whole.astype(np.int16) - tiled.astype(np.int16)).max() <= 1
     assert engine.encode_array(pixels, "RGB", rate=4.0, model_id=6, tile_latents=4).data == data
+
+
+# -- large images: bounded memory, same bits ----------------------------------------------------------------
+
+
+def test_h_s_tiles_change_no_byte_and_no_pixel(monkeypatch):
+    """Everything after h_a runs on h_s's tiles (`frozen.hyper_tiles`), and only the symbols and table
+    indices of the whole latent are kept: 1 x 1-hyper-latent tiles (16 x 16 of them here) must give
+    the same file and the same pixels as one tile, and estimates within float rounding."""
+    pixels = smooth_rgb(1024, 1024, seed=4)
+    enc = engine.Encoder(engine.load_model(0), pixels, "RGB")
+    data = engine.encode_array(pixels, "RGB", rate=3.0, model_id=0).data
+    decoded, _ = engine.decode_array(data)
+    estimate = enc.estimate_bytes(3 * engine.RATE_SCALE)
+    monkeypatch.setattr(frozen, "HYPER_TILE", 1)
+    assert len(frozen.hyper_tiles(torch.zeros(1, 1, 16, 16))) == 256
+    assert engine.encode_array(pixels, "RGB", rate=3.0, model_id=0).data == data
+    assert np.array_equal(engine.decode_array(data)[0], decoded)
+    assert enc.estimate_bytes(3 * engine.RATE_SCALE) == pytest.approx(estimate, rel=1e-3)
+
+
+def test_the_range_coder_works_in_runs_without_changing_a_bit(monkeypatch):
+    """The range coder goes through an item in runs of CHUNK positions (an 8K image's latent can hold
+    10^8 symbols): runs of any length give the same stream and the same symbols, and beyond its input
+    (int32 symbols, uint8 table indices) it holds about 8 bytes per symbol (columns or symbols, and
+    the coding order, int32), one run's temporaries and the stream (measured here: 10 and 12 bytes
+    per symbol to encode and decode)."""
+    from lcodec.bitstream import range_coder
+
+    tables = engine.load_model(6).y_tables
+    rng = np.random.default_rng(7)
+    n = 1 << 16
+    idx = rng.integers(0, tables.num_tables, n).astype(np.uint8)
+    sym = np.round(rng.normal(0, 2, n)).astype(np.int32)
+    sym[::97] = rng.integers(-2**20, 2**20, sym[::97].size)
+    assert (tables.columns(sym, idx) == tables.lengths[idx]).any()  # escapes included
+    data = range_coder.encode([(sym.astype(np.int64), idx.astype(np.int64), tables)])
+    monkeypatch.setattr(range_coder, "CHUNK", n // 64)
+    tracemalloc.start()
+    try:
+        assert range_coder.encode([(sym, idx, tables)]) == data
+        _, encode_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        decoder = range_coder.Decoder(data)
+        decoded = decoder.decode(idx, tables)
+        decoder.finish()
+        _, decode_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(decoded, sym)
+    assert encode_peak < 12 * n and decode_peak < 14 * n
 
 
 # -- open bugs in files this suite does not own (see the module docstring) -------------------------------------
