@@ -363,6 +363,11 @@ class LcodecCodec(Codec):
     def version(self) -> str:
         from importlib.metadata import version
 
+        if self.mode == "bpp":  # a target: the better file of the models the encoder chooses between
+            from lcodec.models.registry import CHOICE_MODEL_IDS, MODELS
+
+            models = ", ".join(f"{MODELS[i].name} {MODELS[i].sha256}" for i in CHOICE_MODEL_IDS)
+            return f"lcodec {version('lcodec')}; per image the better of: {models}"
         info = self.model_info()
         return f"lcodec {version('lcodec')}; model {info.get('name')} {info.get('digest')}"
 

@@ -10,8 +10,8 @@ Karhunen-Loeve transform): this script fits it on blocks of the training crops
 Kodak images reconstructed from them.
 
 A learned non-linear transform with overlapping support can beat block PCA,
-so this is a guide rather than a hard limit. It is why the M = 96 model's top
-levels saturated near 29 dB (see models/weights/MODEL_CARD.md).
+so this is a guide rather than a hard limit. It is why the M = 96 model's (id 6)
+top levels flatten out near 31 dB (see models/weights/MODEL_CARD.md).
 """
 
 from __future__ import annotations

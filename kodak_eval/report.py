@@ -55,6 +55,13 @@ def codec_descriptions(codecs: Sequence[Codec], log: RunLog) -> dict:
     return out
 
 
+def _lcodec_models(lcodec: LcodecCodec) -> dict:
+    """The one-pass model (`model_info`) and the models a `bpp=` encode chooses between."""
+    from lcodec.models.registry import CHOICE_MODEL_IDS, MODELS
+
+    return {**lcodec.model_info(), "choice": ", ".join(f"{MODELS[i].name} (id {i})" for i in CHOICE_MODEL_IDS)}
+
+
 def build(log: RunLog, codecs: Sequence[Codec], *, targets: Sequence[float], images_dir: Path, repo: Path,
           threads: int, argv: Sequence[str], published: dict | None) -> dict:
     rows = summary.aggregate(log.results)
@@ -68,7 +75,7 @@ def build(log: RunLog, codecs: Sequence[Codec], *, targets: Sequence[float], ima
         "machine": {"cpu": machine_id(), "python": sys.version.split()[0], "platform": platform.platform(),
                     "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                     "threads_per_codec": threads},
-        "lcodec_model": lcodec.model_info() if lcodec is not None else None,
+        "lcodec_model": _lcodec_models(lcodec) if lcodec is not None else None,
         "images": {"folder": str(images_dir), "count": len(log.images), "list": log.images},
         "targets_bpp": list(targets),
         "codecs": codec_descriptions(codecs, log),
@@ -117,7 +124,9 @@ def markdown(doc: dict) -> str:
         "# kodak_eval results", "",
         f"- date: {doc['date']}; command: `{doc['command']}`",
         f"- git: {g['commit']}{' (dirty)' if g['dirty'] else ''}",
-        f"- lcodec model: {model['name']} {model['digest']}" if model else "- lcodec: not measured in this run",
+        (f"- lcodec models: `bpp=` the better file per image of {model['choice']}; one pass {model['name']} "
+         f"{model['digest']}" if model and model.get("choice") else
+         f"- lcodec model: {model['name']} {model['digest']}" if model else "- lcodec: not measured in this run"),
         f"- machine: {doc['machine']['cpu']}; {doc['machine']['threads_per_codec']} thread(s) per codec",
         f"- images: {doc['images']['count']} from `{doc['images']['folder']}`; run time {doc['run_seconds']:.0f} s "
         f"({doc['results_from_cache']} peer results from cache)",

@@ -24,7 +24,7 @@ wraps public functions of lcodec with a timing shim (nothing in lcodec is edited
     g_s             FrozenModel.synthesize   (the synthesis transform, tiled)
 
 Shares are of the summed median times over all images. When the model cannot
-reach the target (a `RateError`: e.g. interim weights whose file size does not
+reach the target (a `RateError`: e.g. weights under training whose file size does not
 rise with the rate parameter), the encode time is what the failing search cost,
 the image is marked ``unreachable``, and the one-pass encode at ``--rate``
 (no search) is timed as well; the Markdown then also gives a projection
@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lcodec.models.registry import DEFAULT_MODEL_ID
+from lcodec.models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID
 
 from .report import git_state
 
@@ -167,7 +167,10 @@ def _measure(phase: str, args: argparse.Namespace, files: Path, weights: Weights
                 for r in range(args.runs + (1 if k == 0 else 0)):  # one warm-up on the first image
                     start, cpu = time.perf_counter(), time.process_time()
                     try:
-                        result = engine.encode_array(rgb, "RGB", model_id=args.model, weights=weights, **kwargs)
+                        if args.choice and label == "bpp":  # the API's policy: the better of the models
+                            result = engine.encode_best(rgb, "RGB", **kwargs)
+                        else:
+                            result = engine.encode_array(rgb, "RGB", model_id=args.model, weights=weights, **kwargs)
                         status, data = "ok", result.data
                     except RateError as e:
                         status, data = "unreachable", None
@@ -188,7 +191,7 @@ def _measure(phase: str, args: argparse.Namespace, files: Path, weights: Weights
             runs = []
             for r in range(args.runs + (1 if k == 0 else 0)):
                 start, cpu = time.perf_counter(), time.process_time()
-                pixels, _ = engine.decode_array(data, weights=weights)
+                pixels, _ = engine.decode_array(data, weights=None if args.choice and label == "bpp" else weights)
                 total, cpu = time.perf_counter() - start, time.process_time() - cpu
                 seconds, calls = shim.take()
                 if k == 0 and r == 0:
@@ -261,7 +264,7 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
     summary = {
         "what": "wall-clock seconds per image (median of --runs runs after one warm-up), peak RSS per phase process",
         "images": len(rows), "runs": args.runs, "bpp_target": args.bpp, "one_pass_rate": enc["one_pass_rate"],
-        "model_id": args.model, "weights": str(args.weights) if args.weights else "installed",
+        "model_id": args.model, "choice": args.choice, "weights": str(args.weights) if args.weights else "installed",
         "weights_sha256": enc["weights_sha256"],
         "torch_threads": enc["torch_threads"], "cpus": os.cpu_count(), "machine": platform.platform(),
         "load_average_start": args.load_start, "load_average_end": os.getloadavg(),
@@ -315,7 +318,8 @@ def markdown(s: dict) -> str:
     e, o, d, rss = s["encode_at_bpp"], s["encode_one_pass"], s["decode"], s["peak_rss_mb"]
     ok = lambda v, t: "yes" if v is not None and v <= t else "NO"  # noqa: E731
     lines = [
-        f"# lcodec speed on Kodak ({s['images']} images, model {s['model_id']}, weights: {s['weights']})",
+        f"# lcodec speed on Kodak ({s['images']} images, model {s['model_id']}, weights: {s['weights']}"
+        + (f"; bpp encodes choose per image between models {', '.join(map(str, CHOICE_MODEL_IDS))})" if s.get("choice") else ")"),
         "",
         f"Weights SHA-256 {s['weights_sha256']}. "
         f"Median wall-clock seconds per 768x512 image over {s['runs']} runs after a warm-up; "
@@ -357,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path,
                         help="time this frozen weights file (installed or not) under --model's id, "
                              "instead of that model's installed weights")
+    parser.add_argument("--choice", action="store_true",
+                        help="encode to --bpp as the API does: with each model of CHOICE_MODEL_IDS, keeping the "
+                             "file with the higher PSNR (the one-pass encode stays --model's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "speed")
     parser.add_argument("--child", choices=["encode", "decode"], help=argparse.SUPPRESS)
@@ -371,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args.load_start = os.getloadavg()
     passed = [f"--bpp={args.bpp}", f"--runs={args.runs}", f"--images={args.images}", f"--model={args.model}",
               f"--threads={args.threads}"] + ([f"--rate={args.rate}"] if args.rate is not None else []) + (
-              [f"--weights={args.weights}"] if args.weights else [])
+              [f"--weights={args.weights}"] if args.weights else []) + (["--choice"] if args.choice else [])
     with tempfile.TemporaryDirectory(prefix="lcodec-speed-") as tmp:
         enc = run_phase("encode", passed, Path(tmp))
         dec = run_phase("decode", passed, Path(tmp))

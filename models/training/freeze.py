@@ -1,6 +1,6 @@
 """Freeze a trained model into the file the codec ships and runs.
 
-    python -m lcodec.models.training.freeze runs/hp64/checkpoint.pt models/weights/hp-64-96.pt
+    python -m lcodec.models.training.freeze runs/hp64/checkpoint.pt models/weights/my-model.pt
 
 Freezing is an explicit step (STYLE: train -> freeze): it
 * stores g_a, g_s, h_a and the rate gains in fp16,
