@@ -6,7 +6,7 @@ and `lcodec.api` imports this module lazily, so `lcodec info` stays light.
 
 Which weights code an image is an argument, never a global: by default the
 installed weights of a model id in the (read-only) model table, or any frozen
-file loaded with `Weights.load` -- e.g. interim weights to benchmark.
+file loaded with `Weights.load` -- e.g. weights under training, to benchmark.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def start(estimate: Callable[[int], float], lo: int, below: float) -> int:
 
     Below level 0 the gains are extrapolated, and a channel whose gain falls from level 0
     to level 1 gets a larger gain there: the size can grow again towards the bottom of the
-    range (model 3's does, from about q = -0.5 down). The search needs a range where the
+    range (an M = 256 hyperprior's did, from about q = -0.5 down). The search needs a range where the
     size rises with rq, so the walk stops where the size stops falling. A target at or
     above level 0's size costs no step at all (the search probes level 0 anyway)."""
     step = RATE_SCALE // 4

@@ -213,7 +213,7 @@ class FrozenModel:
 def hyper_tiles(z: torch.Tensor) -> list[Tile]:
     """The tiles h_s runs on, for ẑ (1, N, zh, zw). Run on a whole large image, its float64
     convolutions peak at about 130 bytes per pixel (9 GB for a 21-byte file declaring
-    8192 x 8192, model 3), and everything computed from its output (means, table indices,
+    8192 x 8192 with an M = 256 hyperprior), and everything computed from its output (means, table indices,
     symbols) is as big as the latent: the codec works tile by tile, which bounds both, and
     the integer h_s gives the same integers either way, since every tile sees all of its
     receptive field."""

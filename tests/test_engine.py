@@ -293,7 +293,7 @@ def test_the_runtime_does_not_import_the_codec_or_the_training_tools(module):
 
 
 def test_rate_search_starts_where_the_size_stops_falling():
-    """Extrapolated gains can make files grow again below level 0 (model 3 does): walking
+    """Extrapolated gains can make files grow again below level 0: walking
     down from level 0, the search starts at the first size under the target, else at the
     smallest size; a target above level 0's size needs no walk at all."""
     lo = -2 * engine.RATE_SCALE
