@@ -275,7 +275,7 @@ def test_speed_times_the_weights_file_it_is_given(tmp_path):
         pytest.skip(f"needs the Kodak images at {os.path.normpath(speed.KODAK)}")
     interim = tmp_path / "interim.pt"  # the tiny model 0, under a name the model table does not know
     interim.write_bytes(MODELS[0].path.read_bytes())
-    args = argparse.Namespace(bpp=1.0, rate=None, runs=1, images=1, model=DEFAULT_MODEL_ID, weights=interim,
+    args = argparse.Namespace(bpp=1.0, rate=None, runs=1, images=1, model=DEFAULT_MODEL_ID, weights=interim, choice=False,
                               threads=0, load_start=os.getloadavg())
     files = tmp_path / "files"
     files.mkdir()

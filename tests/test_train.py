@@ -114,15 +114,16 @@ def test_small_copy_resumes_without_optimizer_state(tiny_data, tmp_path):
     assert full["level_losses"] == copy["level_losses"]
 
 
-def test_committed_checkpoint_resumes(tiny_data, tmp_path):
-    """The checkpoint shipped in models/checkpoints/ is where the next training run starts: one more step."""
-    [shipped] = (Path(lcodec.models.__file__).parent / "checkpoints").glob("*.pt")
+@pytest.mark.parametrize("name", ["hp-64-96-run.pt", "lift-97-128-run.pt"])
+def test_committed_checkpoint_resumes(tiny_data, tmp_path, name):
+    """Each checkpoint shipped in models/checkpoints/ is where the next training run starts: one more step."""
+    shipped = Path(lcodec.models.__file__).parent / "checkpoints" / name
     out = tmp_path / "run"
     out.mkdir()
     shutil.copyfile(shipped, out / "checkpoint.pt")
     ck = torch.load(shipped, weights_only=False)
-    shape = ["--N", str(ck["config"]["N"]), "--M", str(ck["config"]["M"]),  # the later flag wins
-             "--levels", *map(str, ck["config"]["levels"])]
+    shape = ["--arch", ck["config"]["arch"], "--N", str(ck["config"]["N"]),  # the later flag wins
+             "--M", str(ck["config"]["M"]), "--levels", *map(str, ck["config"]["levels"])]
     train.main(_args(tiny_data, out, ck["step"] + 1, shape))
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == ck["step"] + 1
 
