@@ -2,6 +2,7 @@
 across subbands, tiles without seams, and a transform that stays invertible while it trains."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,7 +79,8 @@ def test_tiles_give_the_whole_image_transform(side):
     assert (tiled - whole).abs().max().item() < 1e-4
 
 
-def test_training_the_whole_model_keeps_it_invertible(tmp_path):
+def _train_lifting(tmp_path, steps: int, *extra: str) -> Path:
+    """A few real training steps of a small lifting model on random 64x64 pictures; the run folder."""
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
     data.mkdir()
@@ -86,8 +88,14 @@ def test_training_the_whole_model_keeps_it_invertible(tmp_path):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
     out = tmp_path / "run"
     train.main(["--arch", "lifting", "--data", str(data), "--kodak", str(data / "none"), "--out", str(out),
-                "--N", "8", "--steps", "6", "--batch", "2", "--crop", "64", "--lr", "1e-2", "--log-every", "2",
-                "--levels", "0.25", "1", "--no-progress", "--threads", "1"])
+                "--N", "8", "--steps", str(steps), "--batch", "2", "--crop", "64", "--lr", "1e-2", "--log-every", "2",
+                "--levels", "0.25", "1", "--no-progress", "--threads", "1", *extra])
+    return out
+
+
+def test_training_the_whole_model_keeps_it_invertible(tmp_path):
+    out = _train_lifting(tmp_path, 6)
+    rng = np.random.default_rng(1)
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     model = LiftingHyperprior(ModelConfig.from_dict(ck["config"]))
     model.load_state_dict(ck["model"])
@@ -105,15 +113,7 @@ def test_training_the_whole_model_keeps_it_invertible(tmp_path):
 
 
 def test_the_frozen_transform_can_train_only_the_entropy_model(tmp_path):
-    rng = np.random.default_rng(1)
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
-    out = tmp_path / "run"
-    train.main(["--arch", "lifting", "--data", str(data), "--kodak", str(data / "none"), "--out", str(out),
-                "--N", "8", "--steps", "2", "--batch", "2", "--crop", "64", "--lr", "1e-2", "--freeze-transform",
-                "--levels", "0.25", "1", "--no-progress", "--threads", "1"])
+    out = _train_lifting(tmp_path, 2, "--freeze-transform")
     state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
     assert all(state[k].abs().max() == 0 for k in state if k.startswith("analysis.predict") and k.endswith("2.weight"))
     assert torch.allclose(state["analysis.colour"], torch.tensor(lifting.YCBCR))
