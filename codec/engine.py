@@ -300,17 +300,19 @@ def encode_best(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size
     decoded pixels have the higher PSNR (on a tie, the earlier model). The file names its model,
     so every decoder reads it. A model that cannot reach the target for this image is skipped;
     if none can, the last model's `RateError` is raised."""
-    best, best_mse, error = None, math.inf, None
+    results, error = [], None
     for model_id in model_ids:
         try:
-            result = encode_array(pixels, mode, bpp=bpp, size=size, model_id=model_id)
+            results.append(encode_array(pixels, mode, bpp=bpp, size=size, model_id=model_id))
         except RateError as exc:
             error = exc
-            continue
-        decoded, _ = decode_array(result.data)
-        mse = float(np.mean((decoded.astype(np.float64) - pixels) ** 2))
-        if mse < best_mse:
-            best, best_mse = result, mse
-    if best is None:
+    if not results:
         raise error
-    return best
+    if len(results) == 1:  # nothing to compare: no decode needed
+        return results[0]
+
+    def mse(result: EncodeResult) -> float:
+        decoded, _ = decode_array(result.data)
+        return float(np.mean((decoded.astype(np.float64) - pixels) ** 2))
+
+    return min(results, key=mse)  # min keeps the earliest of equal values
