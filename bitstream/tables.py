@@ -287,6 +287,33 @@ def gaussian_tables(scales: np.ndarray, precision: int = 16, tail_mass: float = 
     return _assemble(rows, precision)
 
 
+def laplace_tables(scales: np.ndarray, precision: int = 16, tail_mass: float = 1e-6) -> CdfTables:
+    """One zero-mean discretised Laplacian table per scale (diversity b; the y tables of a model
+    trained with `likelihood="laplace"`).
+
+    p(k) = F(k + 1/2) - F(k - 1/2) with F the Laplace(0, b) CDF, for |k| <= K_b, the smallest
+    K >= 0 with exp(-(K + 1/2) / b) < tail_mass (the mass outside the table, which the escape
+    symbol gets, at least one count). Then `quantize_pmf`. Stored with the weights, like the
+    Gaussian tables.
+    """
+    scales = np.asarray(scales, dtype=np.float64)
+    if scales.ndim != 1 or scales.size == 0 or not np.all(np.isfinite(scales)) or scales.min() <= 0:
+        raise ValueError("scales must be a non-empty 1-D array of positive numbers")
+    if not 0 < tail_mass < 1:
+        raise ValueError(f"tail_mass must be in (0, 1), got {tail_mass}")
+    rows = []
+    for b in scales:
+        K = max(0, int(math.floor(b * math.log(1 / tail_mass) - 0.5)) + 1)
+        k = np.arange(1, K + 1)
+        # For k >= 1: (e^{-(k-1/2)/b} - e^{-(k+1/2)/b}) / 2 = e^{-k/b} sinh(1/(2b)).
+        q = np.exp(-k / b) * math.sinh(0.5 / b)
+        centre = -math.expm1(-0.5 / b)
+        tail = math.exp(-(K + 0.5) / b)
+        pmf = np.concatenate([q[::-1], [centre], q, [tail]])  # values -K..K, then the escape
+        rows.append((-K, quantize_pmf(pmf, precision)))
+    return _assemble(rows, precision)
+
+
 def pmf_tables(pmf: np.ndarray, support_start: int, precision: int = 16, tail_mass: float = 1e-6) -> CdfTables:
     """One table per row of `pmf` (T, S) over support_start .. support_start + S - 1 (the z tables).
 

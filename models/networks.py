@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .entropy_models import FactorizedDensity, gaussian_likelihood
+from .entropy_models import LIKELIHOODS, FactorizedDensity
 from .layers import GDN, conv, deconv
 from .lifting import LATENT_CHANNELS, MEAN_CHANNELS, InverseLifting, LiftingTransform
 
@@ -45,13 +45,19 @@ class ModelConfig:
     N: int = 64
     M: int = 96
     levels: tuple[float, ...] = DEFAULT_LEVELS
+    likelihood: str = "gaussian"  # the conditional of y given (mean, scale): "gaussian" or "laplace"
+
+    def __post_init__(self) -> None:
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {self.likelihood!r}; known: {', '.join(LIKELIHOODS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(arch=str(d["arch"]), N=int(d["N"]), M=int(d["M"]), levels=tuple(float(v) for v in d["levels"]))
+        return cls(arch=str(d["arch"]), N=int(d["N"]), M=int(d["M"]), levels=tuple(float(v) for v in d["levels"]),
+                   likelihood=str(d.get("likelihood", "gaussian")))
 
 
 class AnalysisTransform(nn.Sequential):
@@ -176,27 +182,37 @@ class MeanScaleHyperprior(nn.Module):
         self.hyper_prior = FactorizedDensity(N)
         self.gains = RateGains(config.levels, M)
 
+    @property
+    def likelihood(self):
+        """The conditional of y given (mean, scale), as `ModelConfig.likelihood` names it."""
+        return LIKELIHOODS[self.config.likelihood]
+
     def forward(self, x: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training pass. Returns x_hat and per-image bits of the noisy latents
-        (the differentiable R̃) and of the really quantised latents (R̂, no grad)."""
+        (the differentiable R̃), of y rounded and z noisy (differentiable) and of the really
+        quantised latents (R̂, no grad)."""
         gain, inv_gain = self.gains(q)
         y = self.analysis(x) * gain
         z = self.hyper_analysis(y)
         z_tilde = _uniform_noise(z)
         mean, scale = self.hyper_synthesis(z_tilde).chunk(2, dim=1)
         y_tilde = _uniform_noise(y)
-        bits_y = -torch.log2(gaussian_likelihood(y_tilde, mean, scale)).sum((1, 2, 3))
+        bits_y = -torch.log2(self.likelihood(y_tilde, mean, scale)).sum((1, 2, 3))
         bits_z = -torch.log2(self.hyper_prior.likelihood(z_tilde)).sum((1, 2, 3))
         # Synthesis sees the rounded residual (straight-through), as the decoder will.
         y_q = _round_ste(y - mean) + mean
+        # The same rate with y rounded (straight-through) and z noisy: what the coder spends on y,
+        # for training the entropy model (`train --entropy-rate`).
+        bits_rounded = -torch.log2(self.likelihood(y_q, mean, scale)).sum((1, 2, 3)) + bits_z
         x_hat = self.synthesis(y_q * inv_gain)
         with torch.no_grad():
             z_hat = torch.round(z)
             mean_h, scale_h = self.hyper_synthesis(z_hat).chunk(2, dim=1)
             y_hat = torch.round(y - mean_h) + mean_h
-            bits_hat = -torch.log2(gaussian_likelihood(y_hat, mean_h, scale_h)).sum((1, 2, 3))
+            bits_hat = -torch.log2(self.likelihood(y_hat, mean_h, scale_h)).sum((1, 2, 3))
             bits_hat = bits_hat - torch.log2(self.hyper_prior.likelihood(z_hat)).sum((1, 2, 3))
-        return {"x_hat": x_hat, "bits_noisy": bits_y + bits_z, "bits_quantized": bits_hat}
+        return {"x_hat": x_hat, "bits_noisy": bits_y + bits_z, "bits_rounded": bits_rounded,
+                "bits_quantized": bits_hat}
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -206,7 +222,7 @@ class MeanScaleHyperprior(nn.Module):
         z_hat = torch.round(self.hyper_analysis(y))
         mean, scale = self.hyper_synthesis(z_hat).chunk(2, dim=1)
         y_hat = torch.round(y - mean) + mean
-        bits = -torch.log2(gaussian_likelihood(y_hat, mean, scale)).sum((1, 2, 3))
+        bits = -torch.log2(self.likelihood(y_hat, mean, scale)).sum((1, 2, 3))
         bits = bits - torch.log2(self.hyper_prior.likelihood(z_hat)).sum((1, 2, 3))
         return {"x_hat": self.synthesis(y_hat * inv_gain), "bits": bits}
 

@@ -5,8 +5,9 @@
 Freezing is an explicit step (STYLE: train -> freeze): it
 * stores g_a, g_s, h_a and the rate gains in fp16,
 * quantises h_s to integer layers (`integer_hyper`),
-* builds the entropy tables: one zero-mean discretised Gaussian per entry of
-  the scale table for y (64 scales, log-spaced 0.11 .. 256, as in CompressAI),
+* builds the entropy tables: one zero-mean discretised Gaussian (or Laplacian,
+  as the model was trained) per entry of the scale table for y (64 scales,
+  log-spaced 0.11 .. 256, as in CompressAI),
   and one table per channel of z from the learned factorized prior,
 * prints the SHA-256 that goes into the model table (`registry.py`, SPEC.md).
 The runtime (`FrozenModel`) accepts nothing else.
@@ -22,14 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...bitstream.tables import gaussian_tables, pmf_tables
+from ...bitstream.tables import gaussian_tables, laplace_tables, pmf_tables
 from ..frozen import FROZEN_FORMAT, sha256_file
 from ..integer_hyper import quantize_hyper_synthesis, scale_thresholds
 from ..networks import MeanScaleHyperprior, ModelConfig, build_model
 
 SCALE_TABLE = np.exp(np.linspace(math.log(0.11), math.log(256.0), 64))
 Z_SUPPORT = 255  # the z prior is tabulated on -255..255 before trimming its tails
-RATE_MARGIN = (2.0, 1.0)  # q may go this far below level 0 and above the top level
+RATE_MARGIN = (2.0, 2.0)  # q may go this far below level 0 and above the top level
+Y_TABLES = {"gaussian": gaussian_tables, "laplace": laplace_tables}
 
 
 def _fp16(module: torch.nn.Module) -> dict:
@@ -57,7 +59,7 @@ def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None) -> s
         "hyper_synthesis": quantize_hyper_synthesis(model.hyper_synthesis),
         "log_gain": model.gains.log_gain.detach().half(),
         "log_inv_gain": model.gains.log_inv_gain.detach().half(),
-        "y_tables": _tables_state(gaussian_tables(SCALE_TABLE, precision=20)),
+        "y_tables": _tables_state(Y_TABLES[model.config.likelihood](SCALE_TABLE, precision=20)),
         "scale_thresholds": scale_thresholds(torch.from_numpy(SCALE_TABLE)),
         "z_tables": _tables_state(pmf_tables(pmf, int(support[0]))),
         "rate_range": [-RATE_MARGIN[0], L - 1 + RATE_MARGIN[1]],

@@ -208,6 +208,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--M", type=int, default=None, help="default 96; the lifting architecture has M = 768")
     p.add_argument("--freeze-transform", action="store_true",
                    help="train only the entropy model and the gains (g_a and g_s stay as they are)")
+    p.add_argument("--entropy-rate", action="store_true",
+                   help="the entropy model (h_a, h_s, the z prior) minimises the rate itself, of y rounded "
+                        "(straight-through) and z noisy; the loss J trains "
+                        "the rest. With --freeze-transform D does not depend on the entropy model, and J's target-rate "
+                        "penalty -- zero at the target, reversed below it -- gives it no reason to spend fewer bits")
+    p.add_argument("--likelihood", choices=["gaussian", "laplace"], default="gaussian",
+                   help="the conditional of y given its predicted mean and scale")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start a new run from the weights (and gains) of this checkpoint; its likelihood may differ")
     p.add_argument("--levels", type=float, nargs="+", default=list(DEFAULT_LEVELS))
     p.add_argument("--loss", choices=["best", "adaptive", "baseline", "lambda"], default="best")
     p.add_argument("--beta-scale", type=float, default=1.0, help="multiplies thesis Table 5.3(a) β")
@@ -295,7 +304,8 @@ class Trainer:
 
         if args.M is None:
             args.M = LATENT_CHANNELS if args.arch == "lifting" else 96
-        self.config = ModelConfig(arch=args.arch, N=args.N, M=args.M, levels=tuple(args.levels))
+        self.config = ModelConfig(arch=args.arch, N=args.N, M=args.M, levels=tuple(args.levels),
+                                  likelihood=args.likelihood)
         torch.manual_seed(args.seed)
         self.model = build_model(self.config).to(self.device)
         if args.freeze_transform:
@@ -310,9 +320,14 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(args.seed * 1000 + self.rank)
         if self.ckpt_path.exists():
             self.resume()
+        elif args.init is not None:
+            init = torch.load(args.init, map_location=self.device, weights_only=False)
+            if ModelConfig.from_dict(init["config"] | {"likelihood": args.likelihood}) != self.config:
+                raise SystemExit(f"{args.init} was trained with {init['config']}, not {self.config.to_dict()}")
+            self.model.load_state_dict({k: v.float() for k, v in init["model"].items()})
 
         self.images = load_images(args.data, args.limit_images)
-        if self.step == 0 and hasattr(self.model, "init_gains"):
+        if self.step == 0 and args.init is None and hasattr(self.model, "init_gains"):
             sample = random_batch(self.images, 32, args.crop, torch.Generator().manual_seed(args.seed))
             self.model.init_gains(sample.to(self.device))
         self.train_model = torch.compile(self.model) if args.compile else self.model
@@ -421,7 +436,14 @@ class Trainer:
             weight = 1.0 if args.no_level_norm else 1.0 / self.d_mean[lv]
             loss = loss + weight * J.sum() / args.batch
         self.optimizer.zero_grad(set_to_none=True)
+        if args.entropy_rate:
+            entropy = self.entropy_parameters()
+            rounded = out["bits_rounded"].float().mean() / pixels
+            rate_grads = torch.autograd.grad(rounded, entropy, retain_graph=True)
         loss.backward()
+        if args.entropy_rate:
+            for p, g in zip(entropy, rate_grads):
+                p.grad = g
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
         self.optimizer.step()
@@ -433,6 +455,11 @@ class Trainer:
                 self.d_mean[lv] = 0.99 * self.d_mean[lv] + 0.01 * stats[lv][2] / n
         self.window.add(loss.item(), mse.mean().item(), stats)
         self.step += 1
+
+    def entropy_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters of the entropy model: h_a, h_s and the prior of z."""
+        return [p for m in (self.model.hyper_analysis, self.model.hyper_synthesis, self.model.hyper_prior)
+                for p in m.parameters() if p.requires_grad]
 
     def write_log(self) -> dict:
         """Append the record of the steps since the last one (means over them) and start a new window."""
