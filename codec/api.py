@@ -45,6 +45,11 @@ from .imageio import ImageSource, load_image, pixels_from_array, pixels_from_ima
 
 PathLike = str | os.PathLike
 
+# Encode effort: 0 is the one-pass encoder; 1-9 refine the latents for longer (`lcodec.refine`),
+# for a better picture at the same size. Images of more than 4 megapixels are coded at effort 0.
+MAX_EFFORT = 9
+DEFAULT_EFFORT = 0
+
 
 @dataclass(frozen=True)
 class EncodedFile:
@@ -85,8 +90,12 @@ class ModelInfo:
 
 
 def encode(image: Image.Image | np.ndarray, *, bpp: float | None = None, size: int | None = None,
-           rate: float | None = None) -> bytes:
+           rate: float | None = None, effort: int = DEFAULT_EFFORT, progress=None) -> bytes:
     """Encode a PIL image or a uint8 array to .lc bytes; give exactly one of bpp, size, rate.
+
+    `effort` (0-9) buys quality with encode time at the same size: the latents are
+    refined for this image; the file decodes like any other. `progress`, a tqdm-like
+    object, is reset to the number of refinement steps and updated after each.
 
     A PIL image is mapped to RGB or grayscale as `lcodec.imageio` describes
     (EXIF orientation applied; fully opaque alpha dropped, real transparency
@@ -95,15 +104,17 @@ def encode(image: Image.Image | np.ndarray, *, bpp: float | None = None, size: i
     >>> data = lcodec.encode(Image.open("photo.png"), bpp=0.5)   # doctest: +SKIP
     """
     _check_target(bpp, size, rate)
-    return _encode(*_pixels(image), bpp=bpp, size=size, rate=rate).data
+    _check_effort(effort)
+    return _encode(*_pixels(image), bpp=bpp, size=size, rate=rate, effort=effort, progress=progress).data
 
 
-def _encode(pixels: np.ndarray, mode: str, *, bpp: float | None, size: int | None, rate: float | None):
-    """One pass at the default model for `rate`; for a bpp or size target, the better file of the
-    models the encoder chooses between (`engine.encode_best`)."""
+def _encode(pixels: np.ndarray, mode: str, *, bpp: float | None, size: int | None, rate: float | None,
+            effort: int, progress):
+    """The default model at `rate`; for a bpp or size target, the better file of the models the
+    encoder chooses between (`engine.encode_best`)."""
     if rate is not None:
-        return _engine().encode_array(pixels, mode, rate=rate)
-    return _engine().encode_best(pixels, mode, bpp=bpp, size=size)
+        return _engine().encode_array(pixels, mode, rate=rate, effort=effort, progress=progress)
+    return _engine().encode_best(pixels, mode, bpp=bpp, size=size, effort=effort, progress=progress)
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -120,8 +131,9 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
 
 def encode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, bpp: float | None = None,
                 size: int | None = None, rate: float | None = None, force: bool = False,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> EncodedFile:
-    """Encode an image file to an .lc file; give exactly one of bpp, size, rate.
+                max_pixels: int = DEFAULT_MAX_PIXELS, effort: int = DEFAULT_EFFORT, progress=None) -> EncodedFile:
+    """Encode an image file to an .lc file; give exactly one of bpp, size, rate
+    (`effort` and `progress` as for `encode`).
 
     `src` is a path or a binary file object; `dst` a path, a binary file
     object, or None for `src` with the suffix ``.lc``. An existing `dst` is an
@@ -131,11 +143,12 @@ def encode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, bpp
     header before its pixels are read.
     """
     _check_target(bpp, size, rate)
+    _check_effort(effort)
     dst = _default_output(src, dst, ".lc")
     with _output(src, dst, force) as out:
         pixels, mode = load_image(src, max_pixels=max_pixels)
         with _named(src):
-            result = _encode(pixels, mode, bpp=bpp, size=size, rate=rate)
+            result = _encode(pixels, mode, bpp=bpp, size=size, rate=rate, effort=effort, progress=progress)
         out.write(result.data)
     height, width = pixels.shape[:2]
     return EncodedFile(_path_of(dst), len(result.data), width, height, mode, result.bpp, result.rate,
@@ -229,6 +242,11 @@ def _check_target(bpp: float | None, size: int | None, rate: float | None) -> No
         raise RateError(f"size must be a positive whole number of bytes, got {size}")
     if rate is not None and not math.isfinite(rate):
         raise RateError(f"rate must be a finite number, got {rate}")
+
+
+def _check_effort(effort: int) -> None:
+    if isinstance(effort, bool) or not isinstance(effort, int) or not 0 <= effort <= MAX_EFFORT:
+        raise ValueError(f"effort must be an integer from 0 to {MAX_EFFORT}, got {effort!r}")
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ those into the options here.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -76,10 +77,14 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               metavar="N", help="Refuse images with more pixels than this (read from the image's header).")
+@click.option("-e", "--effort", type=click.IntRange(0, api.MAX_EFFORT), default=api.DEFAULT_EFFORT,
+              show_default=True, metavar="E",
+              help=f"0-{api.MAX_EFFORT}: encode time spent for a better picture at the same size "
+                   "(refines the latents; every lcodec decodes the result).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Encode several inputs in N worker processes.")
 def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output: str | None, force: bool,
-           max_pixels: int, jobs: int) -> None:
+           max_pixels: int, effort: int, jobs: int) -> None:
     """Encode images to .lc files no larger than --bpp or --size asks.
 
     Give exactly one of --bpp and --size. Inputs are PNG, JPEG, TIFF, WebP or
@@ -89,6 +94,7 @@ def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output:
     \b
     Examples:
       lcodec encode photo.png --bpp 0.5            # writes photo.lc
+      lcodec encode photo.png --bpp 0.5 --effort 9 # slower, better at the same size
       lcodec encode a.png b.jpg --size 20000 -o out/ -j 2
       lcodec encode huge.tif --bpp 0.1 --max-pixels 100000000
       cat photo.png | lcodec encode - --bpp 0.25 -o - > photo.lc
@@ -101,7 +107,12 @@ def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output:
     def report(src: str, dst: str, r: api.EncodedFile) -> str:
         return f"{_shown(src, 'in')} -> {_shown(dst, 'out')}: {r.size:,} bytes, {r.bpp:.4f} bpp ({target})"
 
-    _run(plan, _encode_one, dict(bpp=bpp, size=size, force=force, max_pixels=max_pixels), report, jobs)
+    options = dict(bpp=bpp, size=size, force=force, max_pixels=max_pixels, effort=effort)
+    if effort and len(plan) == 1:
+        with _steps() as bar:  # one file: a bar over its refinement steps
+            _run(plan, _encode_one, options | {"progress": bar}, report, jobs)
+    else:
+        _run(plan, _encode_one, options, report, jobs)
 
 
 @main.command()
@@ -351,6 +362,18 @@ def _progress(total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="file", file=sys.stderr, disable=None, leave=False)
+
+
+@contextlib.contextmanager
+def _steps() -> Iterator:
+    """A progress bar on stderr over one encode's refinement steps (hidden when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="step", desc="refining", file=sys.stderr, disable=None, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def _shown(name: str, direction: str) -> str:

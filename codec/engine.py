@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ratecontrol
+from . import ratecontrol, refine
 from .bitstream import container, range_coder
 from .bitstream.container import RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
-from .models.frozen import PAD, FrozenModel, hyper_tiles, latent_region, sha256_file
+from .models.frozen import PAD, FrozenModel, hyper_tiles, latent_region, one_thread_per_operation, sha256_file
 from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS
 
 OVERHEAD = container.OVERHEAD_BYTES
@@ -145,7 +147,7 @@ class Encoder:
     (int32) and table indices (`_table_index_dtype`) of the whole latent, which the coder needs."""
 
     def __init__(self, model: FrozenModel, pixels: np.ndarray, mode: str, *, tile_latents: int | None = None):
-        self.model, self.mode = model, mode
+        self.model, self.mode, self.pixels = model, mode, pixels
         self.height, self.width = pixels.shape[:2]
         self.y = model.analyze(_to_tensor(pixels, mode), **_tiles(tile_latents))
         zh, zw = self.y.shape[2] // 4, self.y.shape[3] // 4
@@ -187,14 +189,17 @@ class Encoder:
             bits += self.model.y_tables.cost_bits(sym.numpy().ravel(), idx.numpy().ravel())
         return OVERHEAD + bits / 8
 
-    def payload(self, rq: int) -> bytes:
-        """The range-coded stream at rq (everything of the file but the header and CRC)."""
+    def payload(self, rq: int, symbols: np.ndarray | None = None) -> bytes:
+        """The range-coded stream at rq (everything of the file but the header and CRC); with
+        `symbols`, these y symbols (flat int32, as `refine.refine` gives) instead of g_a's."""
         z, sym, idx = self._symbols(rq)
+        if symbols is not None:
+            sym = symbols
         return range_coder.encode([(z, self.z_index, self.model.z_tables), (sym, idx, self.model.y_tables)])
 
-    def file(self, rq: int, model_id: int, digest4: bytes) -> bytes:
+    def file(self, rq: int, model_id: int, digest4: bytes, symbols: np.ndarray | None = None) -> bytes:
         """The whole .lc file at rq, naming model `model_id` and weights digest `digest4`."""
-        payload = self.payload(rq)
+        payload = self.payload(rq, symbols)
         header = container.Header(
             version=container.FORMAT_VERSION, model_id=model_id, weights_digest=digest4,
             width=self.width, height=self.height, mode=self.mode, rate_q=rq, payload_size=len(payload))
@@ -203,7 +208,7 @@ class Encoder:
 
 def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size: int | None = None,
                  rate: float | None = None, model_id: int = DEFAULT_MODEL_ID, weights: Weights | None = None,
-                 tile_latents: int | None = None) -> EncodeResult:
+                 tile_latents: int | None = None, effort: int = 0, progress=None) -> EncodeResult:
     """Encode uint8 pixels ((H, W, 3) RGB or (H, W) L) to .lc bytes.
 
     One target, as `lcodec.api` checks (exactly one, with a usable value): `rate` (the rate
@@ -211,26 +216,142 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
     included) or `size` (file <= size bytes), met by `lcodec.ratecontrol`. The file names `model_id` and the digest of
     `weights`, by default that id's installed weights. `tile_latents` sets g_a's tiles (None:
     the model's own); it changes no more than float rounding.
+
+    `effort` 1-9 refines the latents (`lcodec.refine`) within the same budget -- for `rate`, the
+    size of the one-pass file -- and keeps the refined file only if it decodes closer to the
+    image. `progress`, a tqdm-like object, is reset to the number of refinement iterations
+    and updated after each.
     """
     _check_pixels(pixels, mode)
-    height, width = pixels.shape[:2]
     if weights is None:
         weights = installed_weights(model_id)
-    model = weights.model
-    lo, hi = _rate_bounds(model)
-    if rate is not None:
-        rq = round(rate * RATE_SCALE)
-        if not lo <= rq <= hi:
-            raise RateError(f"rate parameter {rate} is outside the model's range {model.rate_range}")
-        data = Encoder(model, pixels, mode, tile_latents=tile_latents).file(rq, model_id, weights.digest4)
-        return EncodeResult(data, rq / RATE_SCALE, 8 * len(data) / (width * height), None)
+    job = _Job(pixels, mode, bpp, size, rate, model_id, weights, tile_latents)
+    if not _refines(pixels, effort):
+        return _unrefined(job.fit(), effort)
+    return _refined_best(pixels, [job], effort, progress)
 
-    goal = ratecontrol.target(width, height, bpp=bpp, size=size)
-    enc = Encoder(model, pixels, mode, tile_latents=tile_latents)  # runs g_a: only after the cheap checks
-    fit = ratecontrol.fit(goal, enc.estimate_bytes, lambda rq: enc.file(rq, model_id, weights.digest4),
-                          lo, hi, model.levels)
-    return EncodeResult(fit.data, fit.rq / RATE_SCALE, 8 * len(fit.data) / (width * height), goal.bytes,
-                        fit.warning, fit.probes, fit.encodes)
+
+@dataclass(frozen=True)
+class _Job:
+    """One model's encode of one image to one target."""
+
+    pixels: np.ndarray
+    mode: str
+    bpp: float | None
+    size: int | None
+    rate: float | None
+    model_id: int
+    weights: Weights
+    tile_latents: int | None = None
+
+    def fit(self, keep: list | None = None) -> EncodeResult:
+        """The one-pass file at the target; the Encoder is appended to `keep` if given."""
+        height, width = self.pixels.shape[:2]
+        model = self.weights.model
+        lo, hi = _rate_bounds(model)
+        if self.rate is not None:
+            rq = round(self.rate * RATE_SCALE)
+            if not lo <= rq <= hi:
+                raise RateError(f"rate parameter {self.rate} is outside the model's range {model.rate_range}")
+            enc = Encoder(model, self.pixels, self.mode, tile_latents=self.tile_latents)
+            data = enc.file(rq, self.model_id, self.weights.digest4)
+            result = EncodeResult(data, rq / RATE_SCALE, 8 * len(data) / (width * height), None)
+        else:
+            goal = ratecontrol.target(width, height, bpp=self.bpp, size=self.size)
+            enc = Encoder(model, self.pixels, self.mode, tile_latents=self.tile_latents)  # g_a: after the cheap checks
+            fit = ratecontrol.fit(goal, enc.estimate_bytes, lambda rq: enc.file(rq, self.model_id, self.weights.digest4),
+                                  lo, hi, model.levels)
+            result = EncodeResult(fit.data, fit.rq / RATE_SCALE, 8 * len(fit.data) / (width * height), goal.bytes,
+                                  fit.warning, fit.probes, fit.encodes)
+        if keep is not None:
+            keep.append(enc)
+        return result
+
+    def refined(self, enc: Encoder, result: EncodeResult, iterations: int, tick) -> EncodeResult | None:
+        """The refined file of the one-pass `result`, or None if refinement found nothing better
+        in the budget: the target, or for a rate the one-pass file's size."""
+        rq = round(result.rate * RATE_SCALE)
+        budget = result.target_bytes if result.target_bytes is not None else len(result.data)
+        floor = min((1 - refine.RATE_SLACK) * budget, len(result.data))
+        x = _to_tensor(self.pixels, self.mode)
+        symbols = refine.refine(enc.model, x, enc.height, enc.width, enc.y, rq, budget, floor, iterations, tick)
+        if symbols is None:
+            return None
+        data = enc.file(rq, self.model_id, self.weights.digest4, symbols)
+        if not floor <= len(data) <= budget:
+            return None
+        return replace(result, data=data, bpp=8 * len(data) / (enc.height * enc.width), warning=None,
+                       encodes=result.encodes + 1)
+
+
+def _refines(pixels: np.ndarray, effort: int) -> bool:
+    """Whether `effort` refines this image: 1-9, and not larger than `refine.MAX_PIXELS`."""
+    if not isinstance(effort, int) or not 0 <= effort < len(refine.ITERATIONS):
+        raise ValueError(f"effort must be an integer from 0 to {len(refine.ITERATIONS) - 1}, got {effort!r}")
+    return effort > 0 and pixels.shape[0] * pixels.shape[1] <= refine.MAX_PIXELS
+
+
+def _unrefined(result: EncodeResult, effort: int) -> EncodeResult:
+    """`result` of an image refinement does not take, with a warning if an effort was asked for."""
+    if effort == 0:
+        return result
+    note = (f"effort {effort} does not apply to images of more than {refine.MAX_PIXELS:,} pixels: "
+            "encoded at effort 0")
+    return replace(result, warning=note if result.warning is None else f"{result.warning}; {note}")
+
+
+class _Stopped(Exception):
+    """Raised in a refining thread when the caller was interrupted."""
+
+
+def _refined_best(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -> EncodeResult:
+    """Each job's one-pass file and its refinement, computed side by side, one thread per torch
+    operation (the same bytes whatever the thread setting); the candidate whose decoded pixels
+    are closest to the image wins (a tie: the earlier job, its one-pass file first)."""
+    iterations = refine.iterations(effort)
+    stop = threading.Event()
+    if progress is not None:
+        progress.reset(total=iterations * len(jobs))
+
+    def tick() -> None:
+        if stop.is_set():
+            raise _Stopped
+        if progress is not None:
+            progress.update()
+
+    def run(job: _Job) -> list[EncodeResult]:
+        keep: list[Encoder] = []
+        try:
+            result = job.fit(keep)
+        except RateError as exc:
+            return [exc]
+        better = job.refined(keep[0], result, iterations, tick)
+        return [result] if better is None else [result, better]
+
+    with one_thread_per_operation() as threads:
+        with ThreadPoolExecutor(max(min(threads, len(jobs)), 1)) as pool:
+            futures = [pool.submit(run, job) for job in jobs]
+            try:
+                outcomes = [future.result() for future in futures]
+            except BaseException:
+                stop.set()
+                raise
+    candidates = [r for outcome in outcomes for r in outcome if isinstance(r, EncodeResult)]
+    if not candidates:
+        raise outcomes[-1][0]  # every model's RateError: the last one's, as without refinement
+    return _closest(pixels, candidates)
+
+
+def _closest(pixels: np.ndarray, results: list[EncodeResult]) -> EncodeResult:
+    """The result whose decoded pixels have the least squared error (a tie: the earliest)."""
+    if len(results) == 1:  # nothing to compare: no decode needed
+        return results[0]
+
+    def mse(result: EncodeResult) -> float:
+        decoded, _ = decode_array(result.data)
+        return float(np.mean((decoded.astype(np.float64) - pixels) ** 2))
+
+    return min(results, key=mse)  # min keeps the earliest of equal values
 
 
 def coded_sizes(model: FrozenModel, pixels: np.ndarray, mode: str, rates: list[float]) -> list[int]:
@@ -295,24 +416,22 @@ def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS,
 
 
 def encode_best(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size: int | None = None,
-                model_ids: tuple[int, ...] = CHOICE_MODEL_IDS) -> EncodeResult:
+                model_ids: tuple[int, ...] = CHOICE_MODEL_IDS, effort: int = 0, progress=None) -> EncodeResult:
     """Encode to a bpp or size target with each model of `model_ids` and keep the file whose
     decoded pixels have the higher PSNR (on a tie, the earlier model). The file names its model,
     so every decoder reads it. A model that cannot reach the target for this image is skipped;
-    if none can, the last model's `RateError` is raised."""
+    if none can, the last model's `RateError` is raised. `effort` and `progress` as for
+    `encode_array`: each model's file is refined, and its one-pass file stays a candidate."""
+    _check_pixels(pixels, mode)
+    jobs = [_Job(pixels, mode, bpp, size, None, model_id, installed_weights(model_id)) for model_id in model_ids]
+    if _refines(pixels, effort):
+        return _refined_best(pixels, jobs, effort, progress)
     results, error = [], None
-    for model_id in model_ids:
+    for job in jobs:
         try:
-            results.append(encode_array(pixels, mode, bpp=bpp, size=size, model_id=model_id))
+            results.append(job.fit())
         except RateError as exc:
             error = exc
     if not results:
         raise error
-    if len(results) == 1:  # nothing to compare: no decode needed
-        return results[0]
-
-    def mse(result: EncodeResult) -> float:
-        decoded, _ = decode_array(result.data)
-        return float(np.mean((decoded.astype(np.float64) - pixels) ** 2))
-
-    return min(results, key=mse)  # min keeps the earliest of equal values
+    return _unrefined(_closest(pixels, results), effort)

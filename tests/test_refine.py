@@ -1,0 +1,118 @@
+"""Encode effort: latent refinement buys quality at the same exact size, in the same format."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lcodec
+from lcodec import api, engine, refine
+from lcodec.bitstream import container
+
+from conftest import ANY_SIZE, smooth_rgb
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2))
+
+
+def decoded(data: bytes) -> np.ndarray:
+    return engine.decode_array(data)[0]
+
+
+class Steps:
+    """A tqdm stand-in that counts."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.total, self.n, self.stop_after = None, 0, stop_after
+
+    def reset(self, total: int) -> None:
+        self.total, self.n = total, 0
+
+    def update(self) -> None:
+        self.n += 1
+        if self.stop_after is not None and self.n >= self.stop_after:
+            raise KeyboardInterrupt
+
+
+def test_every_effort_level_has_its_iterations():
+    assert len(refine.ITERATIONS) == api.MAX_EFFORT + 1
+    assert refine.ITERATIONS[0] == 0 and list(refine.ITERATIONS) == sorted(set(refine.ITERATIONS))
+
+
+@pytest.mark.parametrize("bpp", [0.25, 1.0])
+def test_refinement_improves_the_picture_at_the_same_exact_size(kodak_crop, bpp):
+    budget = int(bpp * kodak_crop.shape[0] * kodak_crop.shape[1] / 8)
+    plain = engine.encode_array(kodak_crop, "RGB", bpp=bpp, model_id=6)
+    steps = Steps()
+    refined = engine.encode_array(kodak_crop, "RGB", bpp=bpp, model_id=6, effort=4, progress=steps)
+    assert steps.total == steps.n == refine.ITERATIONS[4]
+    assert 0.97 * budget <= len(refined.data) <= budget
+    assert refined.data != plain.data
+    # Measured on this crop after 20 iterations: +0.19 dB at 0.25 bpp, +0.55 dB at 1 bpp.
+    assert psnr(kodak_crop, decoded(refined.data)) > psnr(kodak_crop, decoded(plain.data)) + 0.1
+
+
+def test_the_lifting_model_refines_within_the_budget_and_is_never_worse(kodak_crop):
+    budget = int(0.5 * kodak_crop.shape[0] * kodak_crop.shape[1] / 8)
+    plain = engine.encode_array(kodak_crop, "RGB", bpp=0.5, model_id=7)
+    refined = engine.encode_array(kodak_crop, "RGB", bpp=0.5, model_id=7, effort=2)
+    assert container.read_header(refined.data).model_id == 7
+    assert 0.97 * budget <= len(refined.data) <= budget
+    assert psnr(kodak_crop, decoded(refined.data)) >= psnr(kodak_crop, decoded(plain.data))
+
+
+def test_a_refined_one_pass_file_is_no_larger_than_the_unrefined_one():
+    pixels = smooth_rgb(64, 96)
+    lo, hi = engine.load_model(6).rate_range
+    plain = engine.encode_array(pixels, "RGB", rate=(lo + hi) / 2, model_id=6)
+    refined = engine.encode_array(pixels, "RGB", rate=(lo + hi) / 2, model_id=6, effort=1)
+    assert len(refined.data) <= len(plain.data)
+    assert psnr(pixels, decoded(refined.data)) >= psnr(pixels, decoded(plain.data))
+
+
+def test_the_same_bytes_whatever_the_thread_count(kodak_crop, tmp_path):
+    np.save(tmp_path / "crop.npy", kodak_crop)
+    code = ("import sys, hashlib, numpy as np, torch; torch.set_num_threads(int(sys.argv[1])); import lcodec\n"
+            "px = np.load(sys.argv[2]); print(hashlib.sha256(lcodec.encode(px, bpp=0.3, effort=1)).hexdigest())")
+    children = [subprocess.Popen([sys.executable, "-c", code, threads, str(tmp_path / "crop.npy")],
+                                 stdout=subprocess.PIPE) for threads in ("1", "2")]
+    digests = [child.communicate(timeout=300)[0] for child in children]
+    assert all(child.returncode == 0 for child in children)
+    assert digests[0] == digests[1]
+
+
+def test_images_over_the_pixel_limit_are_coded_at_effort_0_with_a_warning(monkeypatch):
+    pixels = smooth_rgb(64, 64)
+    monkeypatch.setattr(refine, "MAX_PIXELS", 64 * 64 - 1)
+    plain = engine.encode_best(pixels, "RGB", size=ANY_SIZE)
+    asked = engine.encode_best(pixels, "RGB", size=ANY_SIZE, effort=3)
+    assert asked.data == plain.data
+    assert "effort 3 does not apply" in asked.warning
+
+
+@pytest.mark.parametrize("effort", [-1, 10, 2.0, True])
+def test_an_effort_outside_0_to_9_is_refused(effort):
+    with pytest.raises(ValueError, match="effort must be an integer from 0 to 9"):
+        lcodec.encode(smooth_rgb(16, 16), size=ANY_SIZE, effort=effort)
+
+
+def test_interrupted_refinement_leaves_no_file(tmp_path, no_leftovers):
+    src = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.fromarray(smooth_rgb(64, 64)).save(src)
+    with pytest.raises(KeyboardInterrupt):
+        lcodec.encode_file(src, tmp_path / "out.lc", size=2000, effort=9, progress=Steps(stop_after=3))
+    no_leftovers(tmp_path, "in.png")
+
+
+def test_the_cli_takes_an_effort(cli, rgb_png):
+    result = cli("encode", rgb_png, "--size", "2000", "--effort", "2")
+    assert result.exit_code == 0, result.output
+    assert rgb_png.with_suffix(".lc").stat().st_size <= 2000
+    refused = cli("encode", rgb_png, "--size", "2000", "--effort", "10", "-f")
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
