@@ -137,12 +137,19 @@ class ApproximateHyperSynthesis:
         return a
 
 
-def scale_thresholds(scales: torch.Tensor) -> torch.Tensor:
-    """Integer thresholds t_k = floor(s_k * 2^OUT_BITS) of the scale table (int64)."""
-    return torch.tensor([math.floor(float(s) * 2**OUT_BITS) for s in scales], dtype=torch.int64)
+def scale_thresholds(scales: torch.Tensor, nearest: bool = False) -> torch.Tensor:
+    """Integer thresholds of the scale table (int64): t_k = floor(s_k * 2^OUT_BITS), so that a
+    predicted scale gets the smallest table scale not below it, or with `nearest` the geometric
+    midpoints floor(sqrt(s_k * s_k+1) * 2^OUT_BITS) (the last threshold is never compared), so that
+    it gets the table scale nearest in log. They are stored with the weights: a decoder uses
+    whichever the model was frozen with."""
+    s = [float(v) for v in scales]
+    if nearest:
+        s = [math.sqrt(a * b) for a, b in zip(s[:-1], s[1:])] + s[-1:]
+    return torch.tensor([math.floor(v * 2**OUT_BITS) for v in s], dtype=torch.int64)
 
 
 def table_index(scale_int: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Index of the smallest table scale >= the predicted scale: #{k < K-1 : t_k < scale_int}.
-    Integer comparisons only, so encoder and decoder always agree."""
+    """Index of the first table whose threshold is not below the predicted scale:
+    #{k < K-1 : t_k < scale_int}. Integer comparisons only, so encoder and decoder always agree."""
     return torch.searchsorted(thresholds[:-1].contiguous(), scale_int.contiguous(), right=False, out_int32=True)

@@ -17,7 +17,7 @@ from conftest import smooth_rgb
 from lcodec import engine, ratecontrol
 from lcodec.bitstream import container
 from lcodec.errors import ModelMismatchError, RateError
-from lcodec.models.integer_hyper import ACT_BITS, IntegerHyperSynthesis, table_index
+from lcodec.models.integer_hyper import ACT_BITS, IntegerHyperSynthesis, scale_thresholds, table_index
 from lcodec.models.registry import MODELS
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -136,6 +136,15 @@ def test_table_index_picks_the_smallest_table_scale_not_below_the_prediction():
     thresholds = torch.tensor([10, 20, 40, 80])
     scale_int = torch.tensor([0, 10, 11, 20, 21, 79, 80, 81, 10**9])
     assert table_index(scale_int, thresholds).tolist() == [0, 0, 1, 1, 2, 3, 3, 3, 3]
+
+
+def test_nearest_thresholds_pick_the_table_scale_nearest_in_log():
+    scales = torch.tensor([1.0, 4.0, 16.0])
+    thresholds = scale_thresholds(scales, nearest=True)  # midpoints 2 and 8
+    predicted = torch.tensor([0.5, 1.9, 2.1, 7.9, 8.1, 100.0])
+    index = table_index(torch.floor(predicted * 2**16).long(), thresholds)
+    assert index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert table_index(torch.floor(predicted * 2**16).long(), scale_thresholds(scales)).tolist() == [0, 1, 1, 2, 2, 2]
 
 
 def test_decoding_survives_perturbed_hyper_synthesis_means(monkeypatch):

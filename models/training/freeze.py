@@ -44,8 +44,10 @@ def _tables_state(tables) -> dict:
         "precision": int(tables.precision)}
 
 
-def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None) -> str:
-    """Write the frozen file for `model` to `out` (atomically); return its SHA-256."""
+def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None, nearest_scale: bool = True) -> str:
+    """Write the frozen file for `model` to `out` (atomically); return its SHA-256. Each latent is
+    coded with the table whose scale is nearest in log to its predicted one (`nearest_scale`), or
+    with the smallest table scale not below it (the rule models 0-7 were frozen with)."""
     model = model.float().eval()
     support, pmf = model.hyper_prior.integer_pmf(-Z_SUPPORT, Z_SUPPORT)
     L = len(model.config.levels)
@@ -60,7 +62,7 @@ def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None) -> s
         "log_gain": model.gains.log_gain.detach().half(),
         "log_inv_gain": model.gains.log_inv_gain.detach().half(),
         "y_tables": _tables_state(Y_TABLES[model.config.likelihood](SCALE_TABLE, precision=20)),
-        "scale_thresholds": scale_thresholds(torch.from_numpy(SCALE_TABLE)),
+        "scale_thresholds": scale_thresholds(torch.from_numpy(SCALE_TABLE), nearest=nearest_scale),
         "z_tables": _tables_state(pmf_tables(pmf, int(support[0]))),
         "rate_range": [-RATE_MARGIN[0], L - 1 + RATE_MARGIN[1]],
         "info": dict(info or {}),
@@ -88,9 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path)
+    p.add_argument("--round-scale-up", action="store_true",
+                   help="code each latent with the smallest table scale not below its predicted scale "
+                        "(default: the table scale nearest in log)")
     args = p.parse_args(argv)
     model, meta = load_checkpoint(args.checkpoint)
-    digest = freeze(model, args.out, info={"training": meta})
+    digest = freeze(model, args.out, info={"training": meta}, nearest_scale=not args.round_scale_up)
     print(f"{args.out}: sha256 {digest} (step {meta['step']})")
 
 
