@@ -40,6 +40,8 @@ ITERATIONS = (0, 5, 10, 15, 20, 30, 40, 60, 80, 100)
 MAX_PIXELS = 4_194_304  # 2048 x 2048
 BITS_CAP = 64.0  # code length of a table's unused columns in the rate proxy (they are +inf in the tables)
 RATE_SLACK = 0.03  # a refined file may be this much under the budget (as rate control's tolerance)
+AIM = 0.01  # μ steers the size towards this much under the budget ...
+STEER = 3.0  # ... multiplying μ by exp(STEER * relative excess) after every iteration
 
 
 def iterations(effort: int) -> int:
@@ -122,7 +124,7 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
     ref = Refiner(model, x, height, width, y, rq)
     # The range coder ends within a few bytes of the ideal length (0.01% measured): keep a guard.
     ceiling = budget - 4 - 1e-3 * budget
-    aim = ceiling - 2e-3 * budget
+    aim = (1 - AIM) * budget
     bpp = 8 * budget / (height * width)
 
     with torch.no_grad():
@@ -151,7 +153,7 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
         for group in optimizer.param_groups:  # cosine decay over the run
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / iterations))
         optimizer.step()
-        mu *= math.exp(0.5 * (size / aim - 1))
+        mu *= math.exp(STEER * (size / aim - 1))
         if progress is not None:
             progress()
     return best
