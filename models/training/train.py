@@ -304,6 +304,9 @@ class Trainer:
 
         if args.M is None:
             args.M = LATENT_CHANNELS if args.arch == "lifting" else 96
+        if args.arch == "factorized" and (args.entropy_rate or args.likelihood != "gaussian"):
+            raise SystemExit("--entropy-rate and --likelihood are for the hyperprior architectures "
+                             "(the factorized prior has no h_a, h_s or conditional of y)")
         self.config = ModelConfig(arch=args.arch, N=args.N, M=args.M, levels=tuple(args.levels),
                                   likelihood=args.likelihood)
         torch.manual_seed(args.seed)
@@ -443,6 +446,9 @@ class Trainer:
         loss.backward()
         if args.entropy_rate:
             for p, g in zip(entropy, rate_grads):
+                if self.distributed:  # DDP averages what backward() computes, not autograd.grad's results
+                    dist.all_reduce(g)
+                    g /= dist.get_world_size()
                 p.grad = g
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)

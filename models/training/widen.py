@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from ..entropy_models import gaussian_likelihood
+from ..entropy_models import LIKELIHOODS
 from .losses import make_level_losses
 from ..networks import MeanScaleHyperprior, ModelConfig, interpolate_levels
 from .train import load_images
@@ -80,7 +80,7 @@ def widen_state(old: dict, old_config: ModelConfig, M: int, seed: int = 0) -> tu
     M0, N = old_config.M, old_config.N
     if M < M0:
         raise ValueError(f"cannot narrow M from {M0} to {M}")
-    config = ModelConfig(arch="hyperprior", N=N, M=M, levels=old_config.levels)
+    config = ModelConfig(arch="hyperprior", N=N, M=M, levels=old_config.levels, likelihood=old_config.likelihood)
     torch.manual_seed(seed)
     new = {k: v.clone() for k, v in MeanScaleHyperprior(config).state_dict().items()}
     old = {k: v.float() for k, v in old.items()}
@@ -132,7 +132,8 @@ def narrow_state(old: dict, old_config: ModelConfig, M: int, images: torch.Tenso
     M0 = old_config.M
     if not 0 < M < M0:
         raise ValueError(f"cannot narrow M from {M0} to {M}")
-    config = ModelConfig(arch="hyperprior", N=old_config.N, M=M, levels=old_config.levels)
+    config = ModelConfig(arch="hyperprior", N=old_config.N, M=M, levels=old_config.levels,
+                         likelihood=old_config.likelihood)
     old = {k: v.float() for k, v in old.items()}
     model = MeanScaleHyperprior(old_config).eval()
     model.load_state_dict(old)
@@ -150,7 +151,7 @@ def narrow_state(old: dict, old_config: ModelConfig, M: int, images: torch.Tenso
         h2 = hs[3](hs[2](h1))
         mean, scale = hs[4](h2).chunk(2, dim=1)
         y_hat = torch.round(y - mean) + mean
-        bits += -torch.log2(gaussian_likelihood(y_hat, mean, scale)).sum((0, 2, 3))
+        bits += -torch.log2(LIKELIHOODS[old_config.likelihood](y_hat, mean, scale)).sum((0, 2, 3))
         act1 += h1.mean((0, 2, 3))
         act2 += h2.mean((0, 2, 3))
     keep = bits.topk(M).indices.sort().values
@@ -192,7 +193,8 @@ def add_level(checkpoint: dict, rate: float) -> dict:
     for key in ("gains.log_gain", "gains.log_inv_gain"):
         g = state[key].float()
         state[key] = torch.cat([g[:at], interpolate_levels(g, q)[None], g[at:]]).to(state[key].dtype)
-    new_config = ModelConfig(arch=config.arch, N=config.N, M=config.M, levels=levels[:at] + (rate,) + levels[at:])
+    new_config = ModelConfig(arch=config.arch, N=config.N, M=config.M, levels=levels[:at] + (rate,) + levels[at:],
+                             likelihood=config.likelihood)
     args = checkpoint["args"]
     fresh = make_level_losses(args["loss"], (rate,), args["steps"], args["beta_scale"], args["decay_fraction"])[0]
     out = {k: v for k, v in checkpoint.items() if k != "optimizer"}
