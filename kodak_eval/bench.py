@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .codecs import Codec, LcodecCodec, PeerCodec
+from .codecs import EFFORT_TARGETS, Codec, LcodecCodec, PeerCodec
 from .search import Prober, search
 
 SEARCH_VERSION = "bracket-falsepos-1"  # bump when search.py changes which file it picks
@@ -183,10 +183,14 @@ def _measure(codec: Codec, rgb: np.ndarray, data: bytes, base: dict) -> Result:
 
 
 def _tasks(codec: Codec, targets: Sequence[float], levels: Sequence[int] | None) -> list[tuple[float, int | None]]:
+    """(target, level) pairs: lcodec one pass at its levels; an effort codec (slow) at the targets
+    that are also in EFFORT_TARGETS; every other codec at every target."""
     if isinstance(codec, LcodecCodec) and codec.mode == "onepass":
         all_levels = codec.levels()
         chosen = range(len(all_levels)) if levels is None else levels
         return sorted((all_levels[i], i) for i in chosen)
+    if isinstance(codec, LcodecCodec) and codec.effort:
+        targets = [t for t in targets if any(abs(t - e) < 1e-9 for e in EFFORT_TARGETS)]
     return [(t, None) for t in sorted(targets)]
 
 
@@ -213,6 +217,10 @@ def run(
     for codec in codecs:
         log.codec_versions[codec.name] = codec.version()
     plan = {c.name: _tasks(c, targets, onepass_levels) for c in codecs}
+    for codec in codecs:
+        if isinstance(codec, LcodecCodec) and codec.effort and not plan[codec.name]:
+            allowed = ", ".join(f"{t:g}" for t in EFFORT_TARGETS)
+            log.notes.append(f"{codec.name} not measured: it runs only at {allowed} bpp")
     warmed: set[str] = set()
     hints: dict[tuple[str, float], int] = {}  # (codec, target) -> quality index chosen for the previous image
     bar = tqdm(total=len(image_paths) * sum(len(t) for t in plan.values()), unit="result", disable=not progress,
@@ -235,7 +243,7 @@ def run(
             bar.set_description(f"{path.name} {codec.name}")
             for result in _run_codec(codec, rgb, path.name, sha, plan[codec.name], cache, machine, warmed, hints, log):
                 log.results.append(result)
-                if result.status == "error" or (result.codec == "lcodec" and result.status == "overshoot"):
+                if result.status == "error" or (isinstance(codec, LcodecCodec) and result.status == "overshoot"):
                     log.failures.append(f"{result.image}: {result.codec} at {result.target_bpp:g} bpp failed: {result.message}")
                 bar.update(1)
     bar.close()

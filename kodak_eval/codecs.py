@@ -3,7 +3,9 @@
 A peer (`PeerCodec`) exposes an ordered list of quality-knob values, lowest
 quality first, and encodes RGB pixels at one of them; `search.py` drives it to a
 byte budget. lcodec (`LcodecCodec`) reaches the target itself, either by exact
-rate control (`bpp=`) or in one pass at a trained level (`rate=i`).
+rate control (`bpp=`) or in one pass at a trained level (`rate=i`); an effort
+codec (`lcodec-effortE`) is `bpp=` with the latents refined per image, measured
+only at `EFFORT_TARGETS` because it takes tens of seconds per image.
 
 Every codec imports its library lazily, so a missing peer costs a message
 (`unavailable()`), never an ImportError at start-up. `version()` names every
@@ -20,6 +22,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from lcodec.api import DEFAULT_EFFORT, MAX_EFFORT  # constants only: lcodec.api imports torch lazily
 
 
 class Codec:
@@ -320,18 +323,23 @@ class HevcX265(PeerCodec):
 
 class LcodecCodec(Codec):
     """lcodec through its library API. mode "bpp": exact rate control to the target
-    (the rate search is part of the timed encode); mode "onepass": one encode at a
-    trained level index (`rate=i`), whose nominal bpp is the target."""
+    (the rate search is part of the timed encode), at `effort` (0: one pass; 1-9:
+    latents refined per image, the refinement timed too); mode "onepass": one encode
+    at a trained level index (`rate=i`), whose nominal bpp is the target."""
 
     stream = "whole .lc file (header included)"
 
-    def __init__(self, mode: str, threads: int = 1) -> None:
+    def __init__(self, mode: str, threads: int = 1, effort: int = 0) -> None:
         super().__init__(threads)
-        if mode not in ("bpp", "onepass"):
-            raise ValueError(mode)
-        self.mode = mode
-        self.name = "lcodec" if mode == "bpp" else "lcodec-1pass"
-        self.label = "lcodec (bpp=, rate control)" if mode == "bpp" else "lcodec (rate=i, one pass)"
+        if mode not in ("bpp", "onepass") or not 0 <= effort <= MAX_EFFORT or (effort and mode != "bpp"):
+            raise ValueError(f"mode {mode!r} at effort {effort!r}")
+        self.mode, self.effort = mode, effort
+        if effort:
+            self.name, self.label = effort_name(effort), f"lcodec effort {effort} (bpp=, refined latents)"
+        elif mode == "bpp":
+            self.name, self.label = "lcodec", "lcodec (bpp=, rate control)"
+        else:
+            self.name, self.label = "lcodec-1pass", "lcodec (rate=i, one pass)"
 
     def unavailable(self) -> str | None:
         try:
@@ -367,14 +375,22 @@ class LcodecCodec(Codec):
             from lcodec.models.registry import CHOICE_MODEL_IDS, MODELS
 
             models = ", ".join(f"{MODELS[i].name} {MODELS[i].sha256}" for i in CHOICE_MODEL_IDS)
-            return f"lcodec {version('lcodec')}; per image the better of: {models}"
+            refined = f"; effort {self.effort}: {self._iterations()} Adam iterations per model" if self.effort else ""
+            return f"lcodec {version('lcodec')}; per image the better of: {models}{refined}"
         info = self.model_info()
         return f"lcodec {version('lcodec')}; model {info.get('name')} {info.get('digest')}"
 
     def settings(self) -> dict:
         import torch
 
-        return {"mode": self.mode, "torch": torch.__version__, "torch_threads": self.threads}
+        refined = {"refine_iterations": self._iterations()} if self.effort else {}
+        return {"mode": self.mode, "effort": self.effort, **refined, "torch": torch.__version__,
+                "torch_threads": self.threads}
+
+    def _iterations(self) -> int:
+        from lcodec import refine
+
+        return refine.iterations(self.effort)
 
     def prepare(self) -> None:
         import torch
@@ -387,15 +403,15 @@ class LcodecCodec(Codec):
 
         image = Image.fromarray(rgb)
         if self.mode == "bpp":
-            return lcodec.encode(image, bpp=target)
-        return lcodec.encode(image, rate=level)
+            return lcodec.encode(image, bpp=target, effort=self.effort)
+        return lcodec.encode(image, rate=level, effort=0)
 
     def warm_up_encode(self, rgb: np.ndarray) -> bytes:
         """A one-pass encode at level 0: loads the model without a target a tiny image may not reach."""
         import lcodec
         from PIL import Image
 
-        return lcodec.encode(Image.fromarray(rgb), rate=0)
+        return lcodec.encode(Image.fromarray(rgb), rate=0, effort=0)
 
     def decode(self, data: bytes) -> np.ndarray:
         import lcodec
@@ -403,8 +419,17 @@ class LcodecCodec(Codec):
         return np.asarray(lcodec.decode(data).convert("RGB"))
 
 
+def effort_name(effort: int) -> str:
+    return f"lcodec-effort{effort}"
+
+
 PEERS: tuple[type[PeerCodec], ...] = (JpegPillow, WebP, Avif, JpegXL, Jpeg2000, HevcX265)
-ALL_NAMES: tuple[str, ...] = ("lcodec", "lcodec-1pass") + tuple(p.name for p in PEERS)
+# Effort codecs: the library's highest effort, and its default one if that refines.
+EFFORTS: tuple[int, ...] = tuple(sorted({DEFAULT_EFFORT, MAX_EFFORT} - {0}))
+EFFORT_NAMES: tuple[str, ...] = tuple(effort_name(e) for e in EFFORTS)
+# An effort codec is slow: it runs only at these targets, both ends of the BD-rate range and one between.
+EFFORT_TARGETS: tuple[float, ...] = (0.12, 0.5, 1.0)
+ALL_NAMES: tuple[str, ...] = ("lcodec", *EFFORT_NAMES, "lcodec-1pass") + tuple(p.name for p in PEERS)
 
 
 def make_codecs(names: Sequence[str], threads: int = 1) -> list[Codec]:
@@ -418,6 +443,8 @@ def make_codecs(names: Sequence[str], threads: int = 1) -> list[Codec]:
             continue
         if name == "lcodec":
             out.append(LcodecCodec("bpp", threads))
+        elif name in EFFORT_NAMES:
+            out.append(LcodecCodec("bpp", threads, effort=EFFORTS[EFFORT_NAMES.index(name)]))
         elif name == "lcodec-1pass":
             out.append(LcodecCodec("onepass", threads))
         else:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import metrics, summary
 from .bench import RunLog, machine_id
-from .codecs import Codec, LcodecCodec, PeerCodec
+from .codecs import EFFORT_TARGETS, Codec, LcodecCodec, PeerCodec
 
 
 def git_state(repo: Path) -> dict:
@@ -78,6 +78,7 @@ def build(log: RunLog, codecs: Sequence[Codec], *, targets: Sequence[float], ima
         "lcodec_model": _lcodec_models(lcodec) if lcodec is not None else None,
         "images": {"folder": str(images_dir), "count": len(log.images), "list": log.images},
         "targets_bpp": list(targets),
+        "effort_targets_bpp": list(EFFORT_TARGETS),
         "codecs": codec_descriptions(codecs, log),
         "skipped_codecs": log.skipped,
         "definitions": metrics.DEFINITIONS,
@@ -98,6 +99,27 @@ def build(log: RunLog, codecs: Sequence[Codec], *, targets: Sequence[float], ima
 
 def _f(x: float | None, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
+
+
+def _effort(doc: dict, codec: str) -> int:
+    """The encode effort of an lcodec codec (0: one pass); 0 for a peer (whose own `effort` setting,
+    as JPEG XL's, is another knob)."""
+    if not codec.startswith("lcodec"):
+        return 0
+    return doc["codecs"].get(codec, {}).get("settings", {}).get("effort", 0)
+
+
+def _effort_lines(doc: dict) -> list[str]:
+    """One line per effort codec: its effort, and the targets it ran at (it is slow)."""
+    allowed = ", ".join(f"{t:g}" for t in doc["effort_targets_bpp"])
+    lines = []
+    for name, d in doc["codecs"].items():
+        if _effort(doc, name):
+            ran = sorted({r["target_bpp"] for r in doc["aggregates"] if r["codec"] == name})
+            lines.append(f"- {d['label']}: `effort={_effort(doc, name)}`, {d['settings']['refine_iterations']} Adam "
+                         f"iterations per model; slow, so it runs only at {allowed} bpp (in this run: "
+                         f"{', '.join(f'{t:g}' for t in ran) or 'none'})")
+    return lines
 
 
 def markdown(doc: dict) -> str:
@@ -130,6 +152,7 @@ def markdown(doc: dict) -> str:
         f"- machine: {doc['machine']['cpu']}; {doc['machine']['threads_per_codec']} thread(s) per codec",
         f"- images: {doc['images']['count']} from `{doc['images']['folder']}`; run time {doc['run_seconds']:.0f} s "
         f"({doc['results_from_cache']} peer results from cache)",
+        *_effort_lines(doc),
         "- every number is from a real file: bpp = 8 × file bytes (headers included) / (H × W); metrics on 8-bit RGB; "
         "means over images. Definitions, versions and per-image values: `results.json`.", "",
         "Peers are driven to each target by bisection on their quality knob (highest quality with file ≤ target). "
@@ -169,7 +192,7 @@ def markdown(doc: dict) -> str:
         lines.append("(lcodec was not measured in this run.)")
     lines += ["", "## Speed", "",
               "Median over all files of one encode / decode call (peers: the encode at the chosen quality, not the search; "
-              "lcodec `bpp=`: including its rate search). Wall and process-CPU seconds; × = ratio of wall times to lcodec (`bpp=`), × 1-pass to lcodec `rate=i`. "
+              "lcodec `bpp=`: including its rate search, and at an effort its refinement, over its targets only). Wall and process-CPU seconds; × = ratio of wall times to lcodec (`bpp=`), × 1-pass to lcodec `rate=i`. "
               "Under CPU contention CPU time is the fairer comparison.", "",
               "| codec | encode s | decode s | encode CPU s | decode CPU s | encode × | decode × | encode × 1-pass | decode × 1-pass |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -186,7 +209,8 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {name} | skipped: {why} | | |")
     for title, items in (("Targets not met", doc["not_reached"]), ("Failures", doc["failures"]), ("Notes", doc["notes"])):
         lines += ["", f"## {title}", ""] + ([f"- {x}" for x in items] or ["- none"])
-    lines += ["", "Plots: `rd.png` (PSNR and MS-SSIM vs bpp, published curves dashed), `rate_accuracy.png`.", ""]
+    lines += ["", "Plots: `rd.png` (PSNR and MS-SSIM vs bpp, published curves dashed, effort codecs dash-dotted), "
+              "`rate_accuracy.png`.", ""]
     return "\n".join(lines)
 
 
@@ -224,7 +248,8 @@ def plots(doc: dict, published: dict | None, out: Path) -> list[Path]:
             if not pts:
                 continue
             style = dict(color=colours(i % 10), lw=2.2 if codec.startswith("lcodec") else 1.4)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=labels.get(codec, codec), **style)
+            line = "-." if _effort(doc, codec) else "-"  # an effort codec: dash-dot (published curves are dashed)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], line, label=labels.get(codec, codec), **style)
             ax.plot([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], "o", ms=5, color=style["color"])
             ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o", ms=5, mfc="none", color=style["color"])
         others = iter(plt.get_cmap("Dark2").colors * 3)

@@ -2,6 +2,7 @@
 
     nice -n 19 python -m kodak_eval.speed --bpp 0.25 --runs 3 --out runs/speed
     nice -n 19 python -m kodak_eval.speed --weights runs/x/frozen.pt --out runs/speed-x
+    nice -n 19 python -m kodak_eval.speed --efforts 0,1,5,9 --choice --out runs/speed-effort
 
 `--weights F` times the frozen file F, installed or not, under `--model`'s id:
 the engine takes the weights as an argument, so the files made carry that id
@@ -22,6 +23,11 @@ wraps public functions of lcodec with a timing shim (nothing in lcodec is edited
     range decode    range_coder.Decoder      (__init__, decode, finish)
     h_s             FrozenModel.entropy_parameters on decode (the integer hyper-synthesis)
     g_s             FrozenModel.synthesize   (the synthesis transform, tiled)
+
+`--efforts E,...` also times the encode at `--bpp` at each effort level E > 0
+(rate search and latent refinement included; effort 0 is the encode above),
+through the same engine call with ``effort=E``; the reports give each level's
+median seconds per image and its ratio to effort 0.
 
 Shares are of the summed median times over all images. When the model cannot
 reach the target (a `RateError`: e.g. weights under training whose file size does not
@@ -51,6 +57,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lcodec.api import DEFAULT_EFFORT, MAX_EFFORT
 from lcodec.models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID
 
 from .report import git_state
@@ -162,12 +169,13 @@ def _measure(phase: str, args: argparse.Namespace, files: Path, weights: Weights
         rgb = np.array(Image.open(path).convert("RGB"))
         row: dict = {"image": path.name, "height": rgb.shape[0], "width": rgb.shape[1]}
         if phase == "encode":
-            for label, kwargs in (("bpp", {"bpp": args.bpp}), ("one_pass", {"rate": args.rate})):
+            efforts = [(f"effort{e}", {"bpp": args.bpp, "effort": e}) for e in args.efforts if e > 0]
+            for label, kwargs in [("bpp", {"bpp": args.bpp}), ("one_pass", {"rate": args.rate}), *efforts]:
                 runs = []
                 for r in range(args.runs + (1 if k == 0 else 0)):  # one warm-up on the first image
                     start, cpu = time.perf_counter(), time.process_time()
                     try:
-                        if args.choice and label == "bpp":  # the API's policy: the better of the models
+                        if args.choice and "bpp" in kwargs:  # the API's policy: the better of the models
                             result = engine.encode_best(rgb, "RGB", **kwargs)
                         else:
                             result = engine.encode_array(rgb, "RGB", model_id=args.model, weights=weights, **kwargs)
@@ -246,6 +254,8 @@ def run_phase(phase: str, argv: list[str], files: Path) -> dict:
 
 
 def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dict | None) -> dict:
+    from lcodec import refine
+
     rows = [{**e, **d} for e, d in zip(enc["rows"], dec["rows"])]
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
     bpp_ok = [r for r in rows if r["bpp"]["status"] == "ok"]
@@ -259,6 +269,13 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
     def enc_parts(phase_rows: list[dict]) -> list[dict]:
         return [{**r, "real_encodes_excl_coder": r.get("real_encodes", 0) - r.get("range_encode", 0)}
                 for r in phase_rows]
+
+    def by_effort(effort: int) -> dict:
+        runs = [r["bpp" if effort == 0 else f"effort{effort}"] for r in rows]  # effort 0: the `bpp` encode
+        ok = [r for r in runs if r["status"] == "ok"]
+        return {"effort": effort, "iterations": refine.iterations(effort), "reached": len(ok),
+                "median_s": med([r["total"] for r in runs]), "median_cpu_s": med([r["cpu"] for r in runs]),
+                "median_bpp": med([r["bpp"] for r in ok])}
 
     one_pass = [r["one_pass"] for r in rows]
     summary = {
@@ -281,6 +298,7 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
             "shares": shares(enc_parts([r["bpp"] for r in rows]), 
                              ["g_a", "probes", "range_encode", "real_encodes_excl_coder"]),
         },
+        "encode_by_effort": [by_effort(e) for e in args.efforts],
         "encode_one_pass": {
             "median_s": med([r["total"] for r in one_pass]),
             "median_cpu_s": med([r["cpu"] for r in one_pass]),
@@ -313,6 +331,16 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
     return summary
 
 
+def _efforts(value: str) -> list[int]:
+    """`--efforts`: comma-separated levels 0..MAX_EFFORT, sorted, without repeats."""
+    try:
+        efforts = sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not efforts or not all(0 <= e <= MAX_EFFORT for e in efforts):
+        raise argparse.ArgumentTypeError(f"efforts must be integers from 0 to {MAX_EFFORT}, got {value!r}")
+    return efforts
+
 
 def markdown(s: dict) -> str:
     e, o, d, rss = s["encode_at_bpp"], s["encode_one_pass"], s["decode"], s["peak_rss_mb"]
@@ -343,6 +371,16 @@ def markdown(s: dict) -> str:
         f"real encodes per image; one probe takes {s['median_probe_s']:.4f} s. Inside probes and real encodes "
         "(median s per image): " + ", ".join(f"{k} {v:.3f}" for k, v in e["inside_probes_and_encodes_s"].items()) + ".",
     ]
+    base = e["median_s"]
+    lines += ["", f"Encode at {s['bpp_target']:g} bpp by effort (`--efforts`; rate search and latent refinement "
+              "included; median s per image):", "",
+              "| effort | Adam iterations | median s | median CPU s | × effort 0 | median bpp | reached |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in s["encode_by_effort"]:
+        ratio = f"{x['median_s'] / base:.1f}" if base and x["median_s"] is not None else "–"
+        bpp = "–" if x["median_bpp"] is None else f"{x['median_bpp']:.3f}"
+        lines.append(f"| {x['effort']} | {x['iterations']} | {x['median_s']:.3f} | {x['median_cpu_s']:.3f} | {ratio} | "
+                     f"{bpp} | {x['reached']}/{s['images']} |")
     if "projected_encode_s" in s:
         p = s["projected_encode_s"]
         lines.append(f"Projected encode with a working search: {p['value']:.3f} s = {p['formula']} "
@@ -364,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--choice", action="store_true",
                         help="encode to --bpp as the API does: with each model of CHOICE_MODEL_IDS, keeping the "
                              "file with the higher PSNR (the one-pass encode stays --model's)")
+    parser.add_argument("--efforts", type=_efforts, default=[DEFAULT_EFFORT],
+                        help="also time the encode at --bpp at these effort levels, e.g. 0,1,5,9 "
+                             f"(0-{MAX_EFFORT}; default: the library's default, {DEFAULT_EFFORT})")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "speed")
     parser.add_argument("--child", choices=["encode", "decode"], help=argparse.SUPPRESS)
@@ -377,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the Kodak images are not at {os.path.normpath(KODAK)}")
     args.load_start = os.getloadavg()
     passed = [f"--bpp={args.bpp}", f"--runs={args.runs}", f"--images={args.images}", f"--model={args.model}",
-              f"--threads={args.threads}"] + ([f"--rate={args.rate}"] if args.rate is not None else []) + (
+              f"--threads={args.threads}", f"--efforts={','.join(map(str, args.efforts))}"] + (
+              [f"--rate={args.rate}"] if args.rate is not None else []) + (
               [f"--weights={args.weights}"] if args.weights else []) + (["--choice"] if args.choice else [])
     with tempfile.TemporaryDirectory(prefix="lcodec-speed-") as tmp:
         enc = run_phase("encode", passed, Path(tmp))

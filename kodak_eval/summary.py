@@ -13,9 +13,11 @@ from dataclasses import asdict
 
 from . import metrics
 from .bench import Result
+from .codecs import EFFORT_NAMES
 
 BD_RANGE = (0.12, 1.0)  # bpp targets whose mean points enter BD-rate / BD-PSNR
-LCODEC_MODES = ("lcodec", "lcodec-1pass")
+LCODEC_MODES = ("lcodec", *EFFORT_NAMES, "lcodec-1pass")
+SPEED_REFS = ("lcodec", "lcodec-1pass")  # the speed table's ratios are to these
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -89,7 +91,8 @@ def bd_table(rows: Sequence[dict], method: str = "pchip") -> list[dict]:
 
 
 def speed_table(results: Sequence[Result]) -> list[dict]:
-    """Median encode/decode wall and CPU times per codec over all its files, with ratios to lcodec."""
+    """Median encode/decode wall and CPU times per codec over all its files (an effort codec's are
+    at its fewer targets), with ratios to lcodec `bpp=` and one pass."""
     by_codec: dict[str, list[Result]] = defaultdict(list)
     for r in results:
         if r.has_file:
@@ -98,7 +101,7 @@ def speed_table(results: Sequence[Result]) -> list[dict]:
     for codec, rs in by_codec.items():
         rows.append({"codec": codec, "n": len(rs),
                      **{k: _median([getattr(r, k) for r in rs]) for k in ("encode_s", "decode_s", "encode_cpu_s", "decode_cpu_s")}})
-    for ref in LCODEC_MODES:
+    for ref in SPEED_REFS:
         base = next((r for r in rows if r["codec"] == ref), None)
         for row in rows:
             for k in ("encode_s", "decode_s", "encode_cpu_s", "decode_cpu_s"):

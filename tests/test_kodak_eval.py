@@ -244,6 +244,112 @@ def test_cli_help_shows_an_example():
     assert res.exit_code == 2 and "unknown codec" in res.output
 
 
+def test_effort_codecs_follow_the_library_and_run_only_at_three_targets():
+    """`lcodec-effort{MAX_EFFORT}` comes right after `lcodec`, a default effort above 0 gets a codec
+    of its own, and an effort codec runs only at the targets of EFFORT_TARGETS the run has."""
+    import subprocess
+
+    from kodak_eval import bench
+    from kodak_eval.evaluate import TARGETS
+    from lcodec.api import DEFAULT_EFFORT, MAX_EFFORT
+
+    top = f"lcodec-effort{MAX_EFFORT}"
+    assert codecs.ALL_NAMES[:2] == ("lcodec", top) and "lcodec-1pass" in codecs.ALL_NAMES
+    assert (f"lcodec-effort{DEFAULT_EFFORT}" in codecs.ALL_NAMES) == (DEFAULT_EFFORT > 0)
+    names = subprocess.run([sys.executable, "-c", "import lcodec.api; lcodec.api.DEFAULT_EFFORT = 3; "
+                            "from kodak_eval import codecs; print(*codecs.ALL_NAMES)"],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+    assert names.stdout.split()[:4] == ["lcodec", "lcodec-effort3", top, "lcodec-1pass"]
+
+    plain, effort = codecs.make_codecs(["lcodec", top])
+    assert (effort.name, effort.mode, effort.effort, plain.effort) == (top, "bpp", MAX_EFFORT, 0)
+    assert effort.settings()["effort"] == MAX_EFFORT and effort.settings()["refine_iterations"] > 0
+    assert f"effort {MAX_EFFORT}: {effort.settings()['refine_iterations']} Adam iterations" in effort.version()
+    with pytest.raises(ValueError):
+        codecs.LcodecCodec("onepass", effort=1)
+    assert bench._tasks(effort, TARGETS, None) == [(0.12, None), (0.5, None), (1.0, None)]
+    assert bench._tasks(effort, [2.0, 0.5, 0.25], None) == [(0.5, None)]
+    assert bench._tasks(effort, [0.25], None) == []
+    assert bench._tasks(plain, TARGETS, None) == [(t, None) for t in TARGETS]
+
+
+def test_effort_codec_rows_in_the_report(tmp_path, monkeypatch):
+    """An effort codec with fewer targets than the others: its files keep the exact-size contract,
+    and it has rows in the tables, the BD section and the speed table, and a line saying where it ran
+    (JPEG XL's own `effort` setting does not make it one)."""
+    from conftest import smooth_rgb
+    from kodak_eval import summary
+    from lcodec import refine
+    from lcodec.api import MAX_EFFORT
+
+    monkeypatch.setattr(refine, "ITERATIONS", (0,) + (1,) * MAX_EFFORT)  # one Adam step: the plumbing, fast
+    top = f"lcodec-effort{MAX_EFFORT}"
+    images = tmp_path / "img"
+    images.mkdir()
+    Image.fromarray(smooth_rgb(32, 32)).save(images / "a.png")
+    out = evaluate(images=images, out=tmp_path / "out", codecs=["lcodec", top, "jpeg", "jpegxl"],
+                   targets=[0.5, 1.0, 2.0], cache_path=None, progress=False)
+    assert out.exit_code == 0, out.failures
+    doc = out.doc
+    mine = [r for r in doc["results"] if r["codec"] == top]
+    assert [r["target_bpp"] for r in mine] == [0.5, 1.0] and {r["status"] for r in mine} == {"ok"}
+    assert all(r["bytes"] <= metrics.byte_budget(r["target_bpp"], 32, 32) for r in mine)
+    settings = doc["codecs"][top]["settings"]
+    assert (settings["effort"], settings["refine_iterations"]) == (MAX_EFFORT, 1)
+    assert top in summary.LCODEC_MODES
+    assert {b["anchor"] for b in doc["bd"] if b["test"] == top} == {"jpeg", "jpegxl"}
+    assert {s["codec"] for s in doc["speed"]} == {"lcodec", top, "jpeg", "jpegxl"}
+    md = (tmp_path / "out" / "summary.md").read_text()
+    label = doc["codecs"][top]["label"]
+    psnr = md.split("### PSNR")[1].split("###")[0]
+    assert f"| {label} | {mine[0]['psnr']:.2f} | {mine[1]['psnr']:.2f} | – |" in psnr
+    assert "runs only at 0.12, 0.5, 1 bpp (in this run: 0.5, 1)" in md and md.count("runs only at") == 1  # not JPEG XL's
+    speed = next(s for s in doc["speed"] if s["codec"] == top)
+    assert f"| {top} | JPEG (libjpeg-turbo) |" in md and f"| {label} | {speed['encode_s']:.4f} |" in md
+    assert {p.name for p in out.written} >= {"rd.png", "rate_accuracy.png"}
+    # None of its targets in the run: no rows, a note, and the report is still written.
+    none = evaluate(images=images, out=tmp_path / "none", codecs=[top, "jpeg"], targets=[2.0], cache_path=None,
+                    progress=False)
+    assert none.exit_code == 0 and f"{top} not measured: it runs only at 0.12, 0.5, 1 bpp" in none.doc["notes"]
+    assert "(in this run: none)" in (tmp_path / "none" / "summary.md").read_text()
+
+
+def test_speed_reports_each_effort(tmp_path):
+    """`python -m kodak_eval.speed --efforts 0,1`: the encode at --bpp is timed at each effort (here
+    with the tiny model 0), and the JSON and Markdown give each level's median time."""
+    import argparse
+    import os
+
+    from kodak_eval import speed
+    from lcodec import refine
+    from lcodec.models.registry import MODELS
+
+    assert speed._efforts("9,0,1,1") == [0, 1, 9]
+    for bad in ("10", "-1", "x", ","):
+        with pytest.raises(argparse.ArgumentTypeError):
+            speed._efforts(bad)
+    with pytest.raises(SystemExit):
+        speed.main(["--efforts", "10"])
+    if not speed.KODAK.is_dir():
+        pytest.skip(f"needs the Kodak images at {os.path.normpath(speed.KODAK)}")
+    tiny = tmp_path / "tiny.pt"
+    tiny.write_bytes(MODELS[0].path.read_bytes())
+    args = argparse.Namespace(bpp=1.5, rate=None, runs=1, images=1, model=0, weights=tiny, choice=False,
+                              efforts=[0, 1], threads=0, load_start=os.getloadavg())  # model 0 reaches 1.5 bpp
+    files = tmp_path / "files"
+    files.mkdir()
+    enc = speed.child("encode", args, files)
+    dec = speed.child("decode", args, files)
+    s = speed.summarize(enc, dec, args, None)
+    zero, one = s["encode_by_effort"]
+    assert (zero["effort"], zero["iterations"], one["effort"], one["iterations"]) == (0, 0, 1, refine.ITERATIONS[1])
+    assert zero["median_s"] == s["encode_at_bpp"]["median_s"] and one["median_s"] > 0
+    assert zero["reached"] == one["reached"] == 1 and one["median_bpp"] <= 1.5
+    report = speed.markdown(s)
+    assert f"| 1 | {refine.ITERATIONS[1]} | {one['median_s']:.3f} |" in report and "by effort" in report
+    json.dumps(s)  # the JSON report
+
+
 def test_latent_bound_grows_with_the_width_and_is_exact_at_full_width(tmp_path):
     from kodak_eval.latent_bound import pca_bound
 
@@ -276,7 +382,7 @@ def test_speed_times_the_weights_file_it_is_given(tmp_path):
     interim = tmp_path / "interim.pt"  # the tiny model 0, under a name the model table does not know
     interim.write_bytes(MODELS[0].path.read_bytes())
     args = argparse.Namespace(bpp=1.0, rate=None, runs=1, images=1, model=DEFAULT_MODEL_ID, weights=interim, choice=False,
-                              threads=0, load_start=os.getloadavg())
+                              efforts=[0], threads=0, load_start=os.getloadavg())
     files = tmp_path / "files"
     files.mkdir()
     estimate_bytes = engine.Encoder.estimate_bytes
