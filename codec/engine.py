@@ -305,13 +305,11 @@ class _Stopped(Exception):
 
 
 def _refined_best(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -> EncodeResult:
-    """Each job's one-pass file and its refinement, computed side by side, one thread per torch
-    operation (the same bytes whatever the thread setting); the candidate whose decoded pixels
-    are closest to the image wins (a tie: the earlier job, its one-pass file first)."""
-    iterations = refine.iterations(effort)
+    """Each job's one-pass file, then the refinement of those within `refine.WITHIN_DB` of the best
+    one (refinement gains less than that), computed side by side with one thread per torch
+    operation, so the bytes do not depend on the thread setting. The candidate whose decoded
+    pixels are closest to the image wins (a tie: the earlier job, its one-pass file first)."""
     stop = threading.Event()
-    if progress is not None:
-        progress.reset(total=iterations * len(jobs))
 
     def tick() -> None:
         if stop.is_set():
@@ -319,39 +317,53 @@ def _refined_best(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -
         if progress is not None:
             progress.update()
 
-    def run(job: _Job) -> list[EncodeResult]:
+    def fit(job: _Job) -> tuple[EncodeResult, Encoder] | RateError:
         keep: list[Encoder] = []
         try:
-            result = job.fit(keep)
+            return job.fit(keep), keep[0]
         except RateError as exc:
-            return [exc]
-        better = job.refined(keep[0], result, iterations, tick)
-        return [result] if better is None else [result, better]
+            return exc
 
     with one_thread_per_operation() as threads:
         with ThreadPoolExecutor(max(min(threads, len(jobs)), 1)) as pool:
-            futures = [pool.submit(run, job) for job in jobs]
-            try:
-                outcomes = [future.result() for future in futures]
-            except BaseException:
-                stop.set()
-                raise
-    candidates = [r for outcome in outcomes for r in outcome if isinstance(r, EncodeResult)]
-    if not candidates:
-        raise outcomes[-1][0]  # every model's RateError: the last one's, as without refinement
-    return _closest(pixels, candidates)
+            fitted = _all(pool, fit, jobs, stop)
+            if all(isinstance(f, RateError) for f in fitted):
+                raise fitted[-1]  # every model's RateError: the last one's, as without refinement
+            ready = [(job, *f) for job, f in zip(jobs, fitted) if not isinstance(f, RateError)]
+            errors = [_squared_error(pixels, result, job.weights) for job, result, _ in ready]
+            best = min(errors)
+            chosen = [r for r, e in zip(ready, errors) if e <= best * 10 ** (refine.WITHIN_DB / 10)]
+            if progress is not None:
+                progress.reset(total=refine.iterations(effort) * len(chosen))
+            refined = _all(pool, lambda r: r[0].refined(r[2], r[1], refine.iterations(effort), tick), chosen, stop)
+    candidates = [(r[1], e) for r, e in zip(ready, errors)]
+    for (job, _, _), result in zip(chosen, refined):
+        if result is not None:
+            candidates.append((result, _squared_error(pixels, result, job.weights)))
+    return min(candidates, key=lambda c: c[1])[0]  # min keeps the earliest of equal values
 
 
-def _closest(pixels: np.ndarray, results: list[EncodeResult]) -> EncodeResult:
+def _all(pool: ThreadPoolExecutor, fn, items: list, stop: threading.Event) -> list:
+    """fn of every item in `pool`, in order; on an interruption, `stop` tells the others to end."""
+    futures = [pool.submit(fn, item) for item in items]
+    try:
+        return [future.result() for future in futures]
+    except BaseException:
+        stop.set()
+        raise
+
+
+def _squared_error(pixels: np.ndarray, result: EncodeResult, weights: Weights) -> float:
+    """Mean squared error of the file's decoded pixels (0 when the file decodes exactly)."""
+    decoded, _ = decode_array(result.data, weights=weights)
+    return float(np.mean((decoded.astype(np.float64) - pixels) ** 2))
+
+
+def _closest(pixels: np.ndarray, results: list[tuple[EncodeResult, Weights]]) -> EncodeResult:
     """The result whose decoded pixels have the least squared error (a tie: the earliest)."""
     if len(results) == 1:  # nothing to compare: no decode needed
-        return results[0]
-
-    def mse(result: EncodeResult) -> float:
-        decoded, _ = decode_array(result.data)
-        return float(np.mean((decoded.astype(np.float64) - pixels) ** 2))
-
-    return min(results, key=mse)  # min keeps the earliest of equal values
+        return results[0][0]
+    return min(results, key=lambda r: _squared_error(pixels, *r))[0]  # min keeps the earliest of equal values
 
 
 def coded_sizes(model: FrozenModel, pixels: np.ndarray, mode: str, rates: list[float]) -> list[int]:
@@ -429,7 +441,7 @@ def encode_best(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size
     results, error = [], None
     for job in jobs:
         try:
-            results.append(job.fit())
+            results.append((job.fit(), job.weights))
         except RateError as exc:
             error = exc
     if not results:

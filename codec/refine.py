@@ -39,6 +39,7 @@ ITERATIONS = (0, 5, 10, 15, 20, 30, 40, 60, 80, 100)
 # Refinement holds the synthesis's activations for the backward pass: larger images are coded at effort 0.
 MAX_PIXELS = 4_194_304  # 2048 x 2048
 BITS_CAP = 64.0  # code length of a table's unused columns in the rate proxy (they are +inf in the tables)
+WITHIN_DB = 1.0  # the encoder refines only models whose one-pass file is this close (PSNR) to the best
 RATE_SLACK = 0.03  # a refined file may be this much under the budget (as rate control's tolerance)
 AIM = 0.01  # μ steers the size towards this much under the budget ...
 STEER = 3.0  # ... multiplying μ by exp(STEER * relative excess) after every iteration

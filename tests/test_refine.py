@@ -116,3 +116,15 @@ def test_the_cli_takes_an_effort(cli, rgb_png):
     assert rgb_png.with_suffix(".lc").stat().st_size <= 2000
     refused = cli("encode", rgb_png, "--size", "2000", "--effort", "10", "-f")
     assert refused.exit_code == 2 and "Traceback" not in refused.output
+
+
+def test_weights_that_are_not_installed_refine_and_decode_with_themselves(tmp_path):
+    """The encoder compares candidates by decoding them with the weights that made them."""
+    copy = tmp_path / "interim.pt"
+    copy.write_bytes(engine.MODELS[0].path.read_bytes())
+    weights = engine.Weights.load(copy)
+    pixels = smooth_rgb(64, 64)
+    result = engine.encode_array(pixels, "RGB", size=3000, model_id=6, weights=weights, effort=1)
+    assert len(result.data) <= 3000
+    assert container.read_header(result.data).weights_digest == weights.digest4
+    engine.decode_array(result.data, weights=weights)
