@@ -27,21 +27,26 @@ def test_the_chosen_file_is_the_better_of_the_models(bpp):
     assert lcodec.encode(pixels, bpp=bpp) == chosen.data  # what the API does for a target
 
 
-def test_a_model_that_cannot_reach_the_target_is_skipped(monkeypatch):
+@pytest.mark.parametrize("effort", [0, 1])
+def test_a_model_that_cannot_reach_the_target_is_skipped(monkeypatch, effort):
     pixels = smooth_rgb(64, 64, seed=2)
-    real = engine.encode_array
+    real = engine._Job.fit
 
-    def first_fails(*args, model_id, **kwargs):
-        if model_id == CHOICE_MODEL_IDS[0]:
+    def first_fails(job, *args, **kwargs):
+        if job.model_id == CHOICE_MODEL_IDS[0]:
             raise RateError("cannot reach")
-        return real(*args, model_id=model_id, **kwargs)
+        return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "encode_array", first_fails)
-    data = engine.encode_best(pixels, "RGB", bpp=1.0).data
+    monkeypatch.setattr(engine._Job, "fit", first_fails)
+    data = engine.encode_best(pixels, "RGB", bpp=1.0, effort=effort).data
     assert container.read_header(data).model_id == CHOICE_MODEL_IDS[1]
-    monkeypatch.setattr(engine, "encode_array", lambda *a, **k: (_ for _ in ()).throw(RateError("no")))
-    with pytest.raises(RateError):
-        engine.encode_best(pixels, "RGB", bpp=1.0)
+
+    def every_fails(job, *args, **kwargs):
+        raise RateError(f"model {job.model_id} cannot")
+
+    monkeypatch.setattr(engine._Job, "fit", every_fails)
+    with pytest.raises(RateError, match=f"model {CHOICE_MODEL_IDS[-1]} cannot"):
+        engine.encode_best(pixels, "RGB", bpp=1.0, effort=effort)
 
 
 def test_one_pass_encodes_use_the_default_model():
