@@ -193,6 +193,9 @@ def _measure(phase: str, args: argparse.Namespace, files: Path, weights: Weights
                     row[label]["bytes"] = len(data)
                     row[label]["bpp"] = 8 * len(data) / (rgb.shape[0] * rgb.shape[1])
                     (files / f"{path.stem}.{label}.lc").write_bytes(data)
+                    if label == "bpp" or label.startswith("effort"):  # what the effort buys (not timed)
+                        decoded, _ = engine.decode_array(data, weights=None if args.choice else weights)
+                        row[label]["psnr"] = _psnr(rgb, decoded)
         else:
             label = "bpp" if (files / f"{path.stem}.bpp.lc").exists() else "one_pass"
             data = (files / f"{path.stem}.{label}.lc").read_bytes()
@@ -275,7 +278,8 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
         ok = [r for r in runs if r["status"] == "ok"]
         return {"effort": effort, "iterations": refine.iterations(effort), "reached": len(ok),
                 "median_s": med([r["total"] for r in runs]), "median_cpu_s": med([r["cpu"] for r in runs]),
-                "median_bpp": med([r["bpp"] for r in ok])}
+                "median_bpp": med([r["bpp"] for r in ok]),
+                "mean_psnr": sum(r["psnr"] for r in ok) / len(ok) if ok else None}
 
     one_pass = [r["one_pass"] for r in rows]
     summary = {
@@ -374,13 +378,17 @@ def markdown(s: dict) -> str:
     base = e["median_s"]
     lines += ["", f"Encode at {s['bpp_target']:g} bpp by effort (`--efforts`; rate search and latent refinement "
               "included; median s per image):", "",
-              "| effort | Adam iterations | median s | median CPU s | × effort 0 | median bpp | reached |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "| effort | Adam iterations | median s | median CPU s | × effort 0 | median bpp | mean PSNR (dB) | "
+              "Δ PSNR vs effort 0 | reached |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    psnr0 = next((x.get("mean_psnr") for x in s["encode_by_effort"] if x["effort"] == 0), None)
     for x in s["encode_by_effort"]:
         ratio = f"{x['median_s'] / base:.1f}" if base and x["median_s"] is not None else "–"
         bpp = "–" if x["median_bpp"] is None else f"{x['median_bpp']:.3f}"
+        psnr = x.get("mean_psnr")
+        gain = f"{psnr - psnr0:+.2f}" if psnr is not None and psnr0 is not None else "–"
         lines.append(f"| {x['effort']} | {x['iterations']} | {x['median_s']:.3f} | {x['median_cpu_s']:.3f} | {ratio} | "
-                     f"{bpp} | {x['reached']}/{s['images']} |")
+                     f"{bpp} | {'–' if psnr is None else f'{psnr:.2f}'} | {gain} | {x['reached']}/{s['images']} |")
     if "projected_encode_s" in s:
         p = s["projected_encode_s"]
         lines.append(f"Projected encode with a working search: {p['value']:.3f} s = {p['formula']} "

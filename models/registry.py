@@ -50,10 +50,13 @@ MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     6: ModelEntry(6, "hp-64-96-v4", "hp-64-96-v4.pt", "f89554407887dafa92299f583f77ec29d3529cdca8dcaa910cc4feb36fa6b806"),
     # id 7: mean-scale hyperprior over CDF 9/7 lifting (arch "lifting"), N=128, M=768, nine levels.
     7: ModelEntry(7, "lift-97-128", "lift-97-128.pt", "2a16471fa6dc7483043a7169f9bad3793a04232ca40591f5bd62979b3ac6ab51"),
+    # id 8: id 7's transform and gains with an entropy model trained on the rate of the rounded latents
+    # and Laplacian tables, nine levels.
+    8: ModelEntry(8, "lift-97-128-v2", "lift-97-128-v2.pt", "85b5359839bbd22eca5016425fb1b927b94f2d306c1d3009a2b468a54b6abc61"),
 })
 
 # The model of one-pass encodes (`rate=`) and of `model_info`.
 DEFAULT_MODEL_ID = 6
 # The models an encode to a bpp or size target chooses between, per image: it keeps the file
-# whose decoded pixels have the higher PSNR (ties: the first). Id 6 wins at low rates, id 7 at high.
-CHOICE_MODEL_IDS = (6, 7)
+# whose decoded pixels have the higher PSNR (ties: the first). Id 6 wins at low rates, id 8 at high.
+CHOICE_MODEL_IDS = (6, 8)
