@@ -147,7 +147,7 @@ class Encoder:
     (int32) and table indices (`_table_index_dtype`) of the whole latent, which the coder needs."""
 
     def __init__(self, model: FrozenModel, pixels: np.ndarray, mode: str, *, tile_latents: int | None = None):
-        self.model, self.mode, self.pixels = model, mode, pixels
+        self.model, self.mode = model, mode
         self.height, self.width = pixels.shape[:2]
         self.y = model.analyze(_to_tensor(pixels, mode), **_tiles(tile_latents))
         zh, zw = self.y.shape[2] // 4, self.y.shape[3] // 4
@@ -227,7 +227,7 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
         weights = installed_weights(model_id)
     job = _Job(pixels, mode, bpp, size, rate, model_id, weights, tile_latents)
     if not _refines(pixels, effort):
-        return _unrefined(job.fit(), effort)
+        return _unrefined(job.fit()[0], effort)
     return _refined_best(pixels, [job], effort, progress)
 
 
@@ -244,8 +244,8 @@ class _Job:
     weights: Weights
     tile_latents: int | None = None
 
-    def fit(self, keep: list | None = None) -> EncodeResult:
-        """The one-pass file at the target; the Encoder is appended to `keep` if given."""
+    def fit(self) -> tuple[EncodeResult, Encoder]:
+        """The one-pass file at the target, and the encoder that made it."""
         height, width = self.pixels.shape[:2]
         model = self.weights.model
         lo, hi = _rate_bounds(model)
@@ -263,9 +263,7 @@ class _Job:
                                   lo, hi, model.levels)
             result = EncodeResult(fit.data, fit.rq / RATE_SCALE, 8 * len(fit.data) / (width * height), goal.bytes,
                                   fit.warning, fit.probes, fit.encodes)
-        if keep is not None:
-            keep.append(enc)
-        return result
+        return result, enc
 
     def refined(self, enc: Encoder, result: EncodeResult, iterations: int, tick) -> EncodeResult | None:
         """The refined file of the one-pass `result`, or None if refinement found nothing better
@@ -318,9 +316,8 @@ def _refined_best(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -
             progress.update()
 
     def fit(job: _Job) -> tuple[EncodeResult, Encoder] | RateError:
-        keep: list[Encoder] = []
         try:
-            return job.fit(keep), keep[0]
+            return job.fit()
         except RateError as exc:
             return exc
 
@@ -406,14 +403,8 @@ def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS,
     dec = range_coder.Decoder(payload)
     z = dec.decode(np.repeat(np.arange(N), zh * zw), model.z_tables)
     z = torch.from_numpy(z.astype(np.int64)).view(1, N, zh, zw)
-    # h_s tile by tile, into whole-latent buffers: the means (ŷ once the symbols are added) and
-    # the table indices; nothing else as big as the latent is alive while the symbols decode.
-    y_hat = torch.empty(1, M, zh * 4, zw * 4)
-    idx = np.empty((M, zh * 4, zw * 4), dtype=_table_index_dtype(model))
-    for tile in hyper_tiles(z):
-        rows, cols = latent_region(tile)
-        mean, tile_idx = model.entropy_parameters(z, tile)
-        y_hat[:, :, rows, cols], idx[:, rows, cols] = mean, tile_idx[0].numpy()
+    # The means become ŷ once the symbols are added.
+    y_hat, idx = model.latent_entropy_parameters(z, _table_index_dtype(model))
     sym = dec.decode(idx.ravel(), model.y_tables)
     dec.finish()
     del idx
@@ -441,7 +432,7 @@ def encode_best(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size
     results, error = [], None
     for job in jobs:
         try:
-            results.append((job.fit(), job.weights))
+            results.append((job.fit()[0], job.weights))
         except RateError as exc:
             error = exc
     if not results:

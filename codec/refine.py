@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
-from .models.frozen import FrozenModel, hyper_tiles, latent_region
+from .bitstream.tables import ESCAPE_MAX_BITS
+from .models.frozen import FrozenModel
 
 # Adam iterations per effort level (0: the one-pass encoder; `lcodec.api.MAX_EFFORT` is the last).
 ITERATIONS = (0, 5, 10, 15, 20, 30, 40, 60, 80, 100)
@@ -88,13 +89,9 @@ class Refiner:
         gain, self.inv_gain = model.gains(rq / RATE_SCALE)
         self.u0 = y * gain
         z = model.hyper_latent(self.u0)
-        self.mean = torch.empty_like(self.u0)
-        self.idx = torch.empty(self.u0.shape, dtype=torch.int64)
-        for tile in hyper_tiles(z):
-            rows, cols = latent_region(tile)
-            mean, idx = model.entropy_parameters(z, tile)
-            self.mean[:, :, rows, cols], self.idx[:, :, rows, cols] = mean, idx
-        self.idx_np = self.idx.numpy().ravel()
+        self.mean, idx = model.latent_entropy_parameters(z, np.dtype(np.int64))
+        self.idx = torch.from_numpy(idx)[None]
+        self.idx_np = idx.ravel()
         z_flat = z.numpy().ravel()
         self.z_bits = model.z_tables.cost_bits(z_flat, np.repeat(np.arange(model.config.N), z_flat.size // model.config.N))
 
@@ -109,7 +106,9 @@ class Refiner:
         return OVERHEAD_BYTES + (self.z_bits + self.model.y_tables.cost_bits(symbols, self.idx_np)) / 8
 
     def symbols(self, u: torch.Tensor) -> np.ndarray:
-        return torch.round(u - self.mean).clamp_(-2**23, 2**23).to(torch.int32).numpy().ravel()
+        # As `Encoder._symbol_tiles`: the coder refuses |s| >= 2^24 anyway.
+        s = torch.round(u - self.mean).clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS)
+        return s.to(torch.int32).numpy().ravel()
 
 
 def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,

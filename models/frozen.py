@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -193,6 +194,20 @@ class FrozenModel:
         mean_int, scale_int = out.chunk(2, dim=1)
         mean = mean_int.double().div_(2**OUT_BITS).float()
         return mean, table_index(scale_int, self.scale_thresholds)
+
+    def latent_entropy_parameters(self, z_int: torch.Tensor, index_dtype: np.dtype
+                                  ) -> tuple[torch.Tensor, np.ndarray]:
+        """`entropy_parameters` for the whole latent, computed tile by tile into two buffers: the
+        means (1, M, H, W) float32 and the table indices (M, H, W) as `index_dtype`; nothing else
+        as big as the latent is alive meanwhile."""
+        M, zh, zw = self.config.M, z_int.shape[2], z_int.shape[3]
+        mean = torch.empty(1, M, zh * 4, zw * 4)
+        idx = np.empty((M, zh * 4, zw * 4), dtype=index_dtype)
+        for tile in hyper_tiles(z_int):
+            rows, cols = latent_region(tile)
+            tile_mean, tile_idx = self.entropy_parameters(z_int, tile)
+            mean[:, :, rows, cols], idx[:, rows, cols] = tile_mean, tile_idx[0].numpy()
+        return mean, idx
 
     @torch.no_grad()
     def approximate_entropy_parameters(self, z_int: torch.Tensor, tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
