@@ -85,9 +85,10 @@ class FactorizedDensity(nn.Module):
         return support.numpy().astype(np.int64), pmf.numpy()
 
 
-def gaussian_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def gaussian_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                        bound: float = SCALE_BOUND) -> torch.Tensor:
     """P(bin of width 1 around y) under N(mean, scale^2); scale is lower-bounded."""
-    scale = lower_bound(scale, SCALE_BOUND)
+    scale = lower_bound(scale, bound)
     v = torch.abs(y - mean)
     # Upper tail form: Phi((1/2 - v)/s) - Phi((-1/2 - v)/s), accurate far from the mean.
     upper = _std_normal_cdf((0.5 - v) / scale)
@@ -95,11 +96,12 @@ def gaussian_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor
     return lower_bound(upper - lower, LIKELIHOOD_BOUND)
 
 
-def laplace_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def laplace_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                       bound: float = SCALE_BOUND) -> torch.Tensor:
     """P(bin of width 1 around y) under Laplace(mean, scale), `scale` the diversity b (the
     standard deviation is b·√2); scale is lower-bounded. Wavelet details given their scale are
     closer to Laplacian than to Gaussian: sharper at zero, heavier in the tails."""
-    scale = lower_bound(scale, SCALE_BOUND)
+    scale = lower_bound(scale, bound)
     v = torch.abs(y - mean)
     # Phi_L((1/2 - v)/b) - Phi_L((-1/2 - v)/b); each branch clamped so that the unused one stays finite.
     t = 0.5 - v

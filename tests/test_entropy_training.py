@@ -21,7 +21,7 @@ from lcodec.models.training import freeze, train
 from test_lifting import _train_lifting
 from test_train import _args
 
-SCALES = freeze.SCALE_TABLE
+SCALES = freeze.scale_table(0.11)
 tiny_data = test_train.tiny_data  # the fixture of test_train: six 64x64 training pictures
 
 
@@ -127,8 +127,9 @@ def test_model_config_names_the_likelihood():
     assert ModelConfig.from_dict(old).likelihood == "gaussian"
     laplace = ModelConfig(N=8, M=12, likelihood="laplace")
     assert ModelConfig.from_dict(laplace.to_dict()) == laplace
-    assert MeanScaleHyperprior(laplace).likelihood is laplace_likelihood
-    assert MeanScaleHyperprior(ModelConfig(N=8, M=12)).likelihood is gaussian_likelihood
+    assert MeanScaleHyperprior(laplace).likelihood.func is laplace_likelihood
+    assert MeanScaleHyperprior(laplace).likelihood.keywords == {"bound": 0.11}
+    assert MeanScaleHyperprior(ModelConfig(N=8, M=12)).likelihood.func is gaussian_likelihood
     # Every likelihood a model can be trained with has y tables to freeze it with.
     assert set(freeze.Y_TABLES) == set(LIKELIHOODS)
     with pytest.raises(SystemExit):

@@ -6,8 +6,9 @@ Freezing is an explicit step (STYLE: train -> freeze): it
 * stores g_a, g_s, h_a and the rate gains in fp16,
 * quantises h_s to integer layers (`integer_hyper`),
 * builds the entropy tables: one zero-mean discretised Gaussian (or Laplacian,
-  as the model was trained) per entry of the scale table for y (64 scales,
-  log-spaced 0.11 .. 256, as in CompressAI),
+  as the model was trained) per entry of the scale table for y (`scale_table`:
+  log-spaced from the model's scale bound to 256, 64 scales from 0.11 as in
+  CompressAI, more from a smaller bound),
   and one table per channel of z from the learned factorized prior,
 * prints the SHA-256 that goes into the model table (`registry.py`, SPEC.md).
 The runtime (`FrozenModel`) accepts nothing else.
@@ -28,10 +29,18 @@ from ..frozen import FROZEN_FORMAT, sha256_file
 from ..integer_hyper import quantize_hyper_synthesis, scale_thresholds
 from ..networks import MeanScaleHyperprior, ModelConfig, build_model
 
-SCALE_TABLE = np.exp(np.linspace(math.log(0.11), math.log(256.0), 64))
+SCALE_MAX = 256.0
+SCALE_STEP = math.log(SCALE_MAX / 0.11) / 63  # the log spacing of CompressAI's 64 scales from 0.11
 Z_SUPPORT = 255  # the z prior is tabulated on -255..255 before trimming its tails
 RATE_MARGIN = (2.0, 2.0)  # q may go this far below level 0 and above the top level
 Y_TABLES = {"gaussian": gaussian_tables, "laplace": laplace_tables}
+
+
+def scale_table(bound: float) -> np.ndarray:
+    """The scales of the y tables: log-spaced from `bound` to `SCALE_MAX`, `SCALE_STEP` apart (to
+    rounding); from 0.11, CompressAI's 64 scales."""
+    n = round(math.log(SCALE_MAX / bound) / SCALE_STEP) + 1
+    return np.exp(np.linspace(math.log(bound), math.log(SCALE_MAX), n))
 
 
 def _fp16(module: torch.nn.Module) -> dict:
@@ -51,6 +60,7 @@ def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None, near
     model = model.float().eval()
     support, pmf = model.hyper_prior.integer_pmf(-Z_SUPPORT, Z_SUPPORT)
     L = len(model.config.levels)
+    scales = scale_table(model.config.scale_bound)
     state = {
         "format": FROZEN_FORMAT,
         "config": model.config.to_dict(),
@@ -61,8 +71,8 @@ def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None, near
         "hyper_synthesis": quantize_hyper_synthesis(model.hyper_synthesis),
         "log_gain": model.gains.log_gain.detach().half(),
         "log_inv_gain": model.gains.log_inv_gain.detach().half(),
-        "y_tables": _tables_state(Y_TABLES[model.config.likelihood](SCALE_TABLE, precision=20)),
-        "scale_thresholds": scale_thresholds(torch.from_numpy(SCALE_TABLE), nearest=nearest_scale),
+        "y_tables": _tables_state(Y_TABLES[model.config.likelihood](scales, precision=20)),
+        "scale_thresholds": scale_thresholds(torch.from_numpy(scales), nearest=nearest_scale),
         "z_tables": _tables_state(pmf_tables(pmf, int(support[0]))),
         "rate_range": [-RATE_MARGIN[0], L - 1 + RATE_MARGIN[1]],
         "info": dict(info or {}),

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ... import engine
 from ..frozen import FrozenModel
+from ..entropy_models import SCALE_BOUND
 from ..lifting import LATENT_CHANNELS
 from ..networks import DEFAULT_LEVELS, MeanScaleHyperprior, ModelConfig, build_model
 from .freeze import freeze
@@ -215,6 +216,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "penalty -- zero at the target, reversed below it -- gives it no reason to spend fewer bits")
     p.add_argument("--likelihood", choices=["gaussian", "laplace"], default="gaussian",
                    help="the conditional of y given its predicted mean and scale")
+    p.add_argument("--scale-bound", type=float, default=SCALE_BOUND,
+                   help="smallest scale of y's conditional (and of the frozen tables); "
+                        "with --init, may differ from the initial model's")
     p.add_argument("--init", type=Path, default=None,
                    help="start a new run from the weights (and gains) of this checkpoint; its likelihood may differ")
     p.add_argument("--levels", type=float, nargs="+", default=list(DEFAULT_LEVELS))
@@ -308,7 +312,7 @@ class Trainer:
             raise SystemExit("--entropy-rate and --likelihood are for the hyperprior architectures "
                              "(the factorized prior has no h_a, h_s or conditional of y)")
         self.config = ModelConfig(arch=args.arch, N=args.N, M=args.M, levels=tuple(args.levels),
-                                  likelihood=args.likelihood)
+                                  likelihood=args.likelihood, scale_bound=args.scale_bound)
         torch.manual_seed(args.seed)
         self.model = build_model(self.config).to(self.device)
         if args.freeze_transform:
@@ -325,7 +329,7 @@ class Trainer:
             self.resume()
         elif args.init is not None:
             init = torch.load(args.init, map_location=self.device, weights_only=False)
-            if ModelConfig.from_dict(init["config"] | {"likelihood": args.likelihood}) != self.config:
+            if ModelConfig.from_dict(init["config"] | {"likelihood": args.likelihood, "scale_bound": args.scale_bound}) != self.config:
                 raise SystemExit(f"{args.init} was trained with {init['config']}, not {self.config.to_dict()}")
             self.model.load_state_dict({k: v.float() for k, v in init["model"].items()})
 
