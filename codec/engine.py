@@ -239,7 +239,7 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
     job = _Job(pixels, mode, bpp, size, rate, model_id, weights, tile_latents)
     if not _refines(pixels, effort):
         return _unrefined(job.fit()[0], effort)
-    return _refined_best(pixels, [job], effort, progress)
+    return _best_of(pixels, [job], effort, progress)
 
 
 @dataclass(frozen=True)
@@ -296,9 +296,13 @@ class _Job:
 
 def _refines(pixels: np.ndarray, effort: int) -> bool:
     """Whether `effort` refines this image: 1-9, and not larger than `refine.MAX_PIXELS`."""
+    _check_effort(effort)
+    return effort > 0 and pixels.shape[0] * pixels.shape[1] <= refine.MAX_PIXELS
+
+
+def _check_effort(effort: int) -> None:
     if not isinstance(effort, int) or not 0 <= effort < len(refine.ITERATIONS):
         raise ValueError(f"effort must be an integer from 0 to {len(refine.ITERATIONS) - 1}, got {effort!r}")
-    return effort > 0 and pixels.shape[0] * pixels.shape[1] <= refine.MAX_PIXELS
 
 
 def _unrefined(result: EncodeResult, effort: int) -> EncodeResult:
@@ -314,7 +318,7 @@ class _Stopped(Exception):
     """Raised in a refining thread when the caller was interrupted."""
 
 
-def _refined_best(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -> EncodeResult:
+def _best_of(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -> EncodeResult:
     """Each job's one-pass file, then for those within `refine.WITHIN_DB` of the best one (effort
     gains less than that) the file with rate-distortion optimised rounding and the refined file,
     computed side by side with one thread per torch operation, so the bytes do not depend on the
@@ -340,7 +344,7 @@ def _refined_best(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -
             if all(isinstance(f, RateError) for f in fitted):
                 raise fitted[-1]  # every model's RateError: the last one's, as without refinement
             ready = [(job, *f) for job, f in zip(jobs, fitted) if not isinstance(f, RateError)]
-            errors = [_squared_error(pixels, result, job.weights) for job, result, _ in ready]
+            errors = _all(pool, lambda r: _squared_error(pixels, r[1], r[0].weights), ready, stop)
             best = min(errors)
             chosen = [r for r, e in zip(ready, errors) if e <= best * 10 ** (refine.WITHIN_DB / 10)]
             rounded = _all(pool, lambda r: _rdo_rounded(*r, effort), chosen, stop)
@@ -349,9 +353,10 @@ def _refined_best(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -
                 progress.reset(total=iterations * len(chosen))
             refined = _all(pool, lambda r: r[0].refined(r[2], r[1], iterations, tick), chosen, stop) if iterations \
                 else [None] * len(chosen)
-    candidates = [(r[1], e) for r, e in zip(ready, errors)]
-    for (job, _, _), *results in zip(chosen, rounded, refined):
-        candidates += [(result, _squared_error(pixels, result, job.weights)) for result in results if result is not None]
+            others = [(result, job.weights) for (job, _, _), *results in zip(chosen, rounded, refined)
+                      for result in results if result is not None]
+            other_errors = _all(pool, lambda c: _squared_error(pixels, *c), others, stop)
+    candidates = [(r[1], e) for r, e in zip(ready, errors)] + [(c[0], e) for c, e in zip(others, other_errors)]
     return min(candidates, key=lambda c: c[1])[0]  # min keeps the earliest of equal values
 
 
@@ -454,11 +459,16 @@ def encode_best(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size
     decoded pixels have the higher PSNR (on a tie, the earlier model). The file names its model,
     so every decoder reads it. A model that cannot reach the target for this image is skipped;
     if none can, the last model's `RateError` is raised. `effort` and `progress` as for
-    `encode_array`: each model's file is refined, and its one-pass file stays a candidate."""
+    `encode_array`: each model's file is refined, and its one-pass file stays a candidate.
+
+    Up to `refine.MAX_PIXELS` the models encode side by side, one thread per torch operation (the
+    same bytes whatever the thread setting); a larger image is encoded by one model after the
+    other, each with every thread, so that only one model's activations are alive at a time."""
     _check_pixels(pixels, mode)
+    _check_effort(effort)
     jobs = [_Job(pixels, mode, bpp, size, None, model_id, installed_weights(model_id)) for model_id in model_ids]
-    if _refines(pixels, effort):
-        return _refined_best(pixels, jobs, effort, progress)
+    if pixels.shape[0] * pixels.shape[1] <= refine.MAX_PIXELS:
+        return _best_of(pixels, jobs, effort, progress)
     results, error = [], None
     for job in jobs:
         try:
