@@ -11,7 +11,6 @@ file loaded with `Weights.load` -- e.g. weights under training, to benchmark.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import threading
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ratecontrol, refine
+from . import ratecontrol, refine, rounding
 from .bitstream import container, range_coder
 from .bitstream.container import RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
@@ -153,14 +152,6 @@ class Encoder:
         self.y = model.analyze(_to_tensor(pixels, mode), **_tiles(tile_latents))
         zh, zw = self.y.shape[2] // 4, self.y.shape[3] // 4
         self.z_index = np.repeat(np.arange(model.config.N), zh * zw)
-        self.rdo_lambda: float | None = None  # None: plain rounding
-
-    def rounding(self, rdo_lambda: float) -> Encoder:
-        """This encoder (sharing g_a's latent) with rate-distortion optimised rounding,
-        `refine.rdo_round` with λ = `rdo_lambda`."""
-        other = copy.copy(self)
-        other.rdo_lambda = rdo_lambda
-        return other
 
     def _hyper_latent(self, rq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The gain (1, M, 1, 1) and ẑ (1, N, zh, zw) at rate rq."""
@@ -176,8 +167,7 @@ class Encoder:
         for tile in hyper_tiles(z):
             rows, cols = latent_region(tile)
             mean, idx = params(z, tile)
-            v = self.y[:, :, rows, cols] * gain - mean
-            sym = torch.round(v) if self.rdo_lambda is None else refine.rdo_round(v, idx, self.model, self.rdo_lambda)
+            sym = rounding.round_latents(self.y[:, :, rows, cols] * gain - mean, idx, self.model)
             # Clamped so that the int32 conversion is defined; the coder refuses |s| >= 2^24 anyway.
             sym = sym.clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS)
             yield (rows, cols), sym.to(torch.int32), idx
@@ -228,10 +218,10 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
     `weights`, by default that id's installed weights. `tile_latents` sets g_a's tiles (None:
     the model's own); it changes no more than float rounding.
 
-    `effort` 1-9 also tries rate-distortion optimised rounding and refines the latents
-    (`lcodec.refine`) within the same budget -- for `rate`, the size of the one-pass file -- and
-    keeps another file only if it decodes closer to the image. `progress`, a tqdm-like object,
-    is reset to the number of refinement iterations and updated after each.
+    `effort` 1-9 refines the latents (`lcodec.refine`) within the same budget -- for `rate`, the
+    size of the one-pass file -- and keeps the refined file only if it decodes closer to the
+    image. `progress`, a tqdm-like object, is reset to the number of refinement iterations
+    and updated after each.
     """
     _check_pixels(pixels, mode)
     if weights is None:
@@ -255,8 +245,8 @@ class _Job:
     weights: Weights
     tile_latents: int | None = None
 
-    def fit(self, enc: Encoder | None = None) -> tuple[EncodeResult, Encoder]:
-        """The one-pass file at the target, and the encoder that made it: `enc`, or a new one."""
+    def fit(self) -> tuple[EncodeResult, Encoder]:
+        """The one-pass file at the target, and the encoder that made it."""
         height, width = self.pixels.shape[:2]
         model = self.weights.model
         lo, hi = _rate_bounds(model)
@@ -264,13 +254,12 @@ class _Job:
             rq = round(self.rate * RATE_SCALE)
             if not lo <= rq <= hi:
                 raise RateError(f"rate parameter {self.rate} is outside the model's range {model.rate_range}")
-            enc = enc or Encoder(model, self.pixels, self.mode, tile_latents=self.tile_latents)
+            enc = Encoder(model, self.pixels, self.mode, tile_latents=self.tile_latents)
             data = enc.file(rq, self.model_id, self.weights.digest4)
             result = EncodeResult(data, rq / RATE_SCALE, 8 * len(data) / (width * height), None)
         else:
             goal = ratecontrol.target(width, height, bpp=self.bpp, size=self.size)
-            # g_a: after the cheap checks
-            enc = enc or Encoder(model, self.pixels, self.mode, tile_latents=self.tile_latents)
+            enc = Encoder(model, self.pixels, self.mode, tile_latents=self.tile_latents)  # g_a: after the cheap checks
             fit = ratecontrol.fit(goal, enc.estimate_bytes, lambda rq: enc.file(rq, self.model_id, self.weights.digest4),
                                   lo, hi, model.levels)
             result = EncodeResult(fit.data, fit.rq / RATE_SCALE, 8 * len(fit.data) / (width * height), goal.bytes,
@@ -319,11 +308,10 @@ class _Stopped(Exception):
 
 
 def _best_of(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -> EncodeResult:
-    """Each job's one-pass file, then for those within `refine.WITHIN_DB` of the best one (effort
-    gains less than that) the file with rate-distortion optimised rounding and the refined file,
-    computed side by side with one thread per torch operation, so the bytes do not depend on the
-    thread setting. The candidate whose decoded pixels are closest to the image wins (a tie: the
-    earlier job, its one-pass file first)."""
+    """Each job's one-pass file, then the refinement of those within `refine.WITHIN_DB` of the best
+    one (refinement gains less than that), computed side by side with one thread per torch
+    operation, so the bytes do not depend on the thread setting. The candidate whose decoded
+    pixels are closest to the image wins (a tie: the earlier job, its one-pass file first)."""
     stop = threading.Event()
 
     def tick() -> None:
@@ -344,35 +332,20 @@ def _best_of(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -> Enc
             if all(isinstance(f, RateError) for f in fitted):
                 raise fitted[-1]  # every model's RateError: the last one's, as without refinement
             ready = [(job, *f) for job, f in zip(jobs, fitted) if not isinstance(f, RateError)]
+            if len(ready) == 1 and not effort:  # nothing to compare: no decode needed
+                return ready[0][1]
             errors = _all(pool, lambda r: _squared_error(pixels, r[1], r[0].weights), ready, stop)
             best = min(errors)
             chosen = [r for r, e in zip(ready, errors) if e <= best * 10 ** (refine.WITHIN_DB / 10)]
-            rounded = _all(pool, lambda r: _rdo_rounded(*r, effort), chosen, stop)
             iterations = refine.iterations(effort)
             if progress is not None:
                 progress.reset(total=iterations * len(chosen))
             refined = _all(pool, lambda r: r[0].refined(r[2], r[1], iterations, tick), chosen, stop) if iterations \
                 else [None] * len(chosen)
-            others = [(result, job.weights) for (job, _, _), *results in zip(chosen, rounded, refined)
-                      for result in results if result is not None]
+            others = [(result, job.weights) for (job, _, _), result in zip(chosen, refined) if result is not None]
             other_errors = _all(pool, lambda c: _squared_error(pixels, *c), others, stop)
     candidates = [(r[1], e) for r, e in zip(ready, errors)] + [(c[0], e) for c, e in zip(others, other_errors)]
     return min(candidates, key=lambda c: c[1])[0]  # min keeps the earliest of equal values
-
-
-def _rdo_rounded(job: _Job, result: EncodeResult, enc: Encoder, effort: int) -> EncodeResult | None:
-    """The file of `job` with rate-distortion optimised rounding (`refine.rdo_round`) at the
-    target -- for a rate, the size of its one-pass `result` -- or None if `effort` tries none for
-    this model or none fits."""
-    lam = refine.rdo_lambda(enc.model, effort)
-    if lam is None:
-        return None
-    if job.rate is not None:
-        job = replace(job, rate=None, size=len(result.data))
-    try:
-        return job.fit(enc.rounding(lam))[0]
-    except RateError:
-        return None
 
 
 def _all(pool: ThreadPoolExecutor, fn, items: list, stop: threading.Event) -> list:

@@ -1,32 +1,15 @@
-"""Encode time spent for quality at the same file size (`effort`): rate-distortion
-optimised rounding, then latent refinement.
+"""Latent refinement: encode time spent for quality at the same file size (`effort`).
 
-Rounding (`rdo_round`). The one-pass encoder rounds every gained latent to the
-nearest integer around its mean. With `effort` >= 1 the encoder also tries, for
-the models of `RDO_LAMBDA`, rounding each latent v instead to whichever of
-round(v) and its neighbour towards the mean minimises
-
-    (v - k)² + λ · bits(k)
-
-(the distortion in the gained domain, where the gains make a unit of error cost
-about the same in every channel, and the code length under the latent's own
-table, ẑ fixed): a latent just past a rounding boundary is pulled back when that
-saves more bits than it costs. Rate control then finds the rate parameter whose
-file with this rounding fills the budget, so the saved bits buy a finer step. For
-a linear synthesis (the lifting models) the gained-domain error is, to the
-wavelet's near-orthonormality, the pixel error; for the GDN model it is not, and
-the measured gain was negative, so it gets no such candidate.
-
-Refinement. The analysis transform g_a guesses one image's latents in one pass.
-Refinement then optimises them for that image against the real objective (Campos et al.
+The analysis transform g_a guesses one image's latents in one pass. Refinement
+then optimises them for that image against the real objective (Campos et al.
 2019; Yang, Bamler & Mandt 2020, arXiv:2006.04240): with ẑ -- and so every
 mean and table index -- held fixed at the rate parameter rate control chose,
 Adam moves the gained latent u to minimise
 
     D(u) + μ · R(u),   D = Σ (g_s((round(u − mean) + mean) · inv_gain) − x)²  (8-bit scale)
 
-where the rounding is straight-through (the forward pass is the real
-reconstruction) and R sums the frozen y tables' code lengths, linearly
+where the rounding is the encoder's (`lcodec.rounding`) and straight-through (the
+forward pass is the real reconstruction) and R sums the frozen y tables' code lengths, linearly
 interpolated between integers and taken at u − mean plus uniform noise (a fixed
 seed). μ starts at the slope of the model's own rate-distortion curve and
 follows the byte budget: it grows while the coded size is above the aim and
@@ -41,7 +24,6 @@ same symbols whatever the thread setting.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -49,17 +31,14 @@ import numpy as np
 import torch
 
 from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
+from . import rounding
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .models.frozen import FrozenModel
 
 # Adam iterations per effort level (0: the one-pass encoder; `lcodec.api.MAX_EFFORT` is the last).
-ITERATIONS = (0, 0, 5, 10, 15, 20, 30, 40, 60, 80)
-# λ of `rdo_round` per model architecture (`ModelConfig.arch`), measured on Kodak; one absent gets
-# no rate-distortion optimised rounding.
-RDO_LAMBDA = {"lifting": 0.06}
+ITERATIONS = (0, 5, 10, 15, 20, 30, 40, 60, 80, 100)
 # Refinement holds the synthesis's activations for the backward pass: larger images are coded at effort 0.
 MAX_PIXELS = 4_194_304  # 2048 x 2048
-BITS_CAP = 64.0  # code length of a table's unused columns in the rate proxy (they are +inf in the tables)
 WITHIN_DB = 1.0  # the encoder refines only models whose one-pass file is this close (PSNR) to the best
 RATE_SLACK = 0.03  # a refined file may be this much under the budget (as rate control's tolerance)
 AIM = 0.01  # μ steers the size towards this much under the budget ...
@@ -70,31 +49,6 @@ def iterations(effort: int) -> int:
     return ITERATIONS[effort]
 
 
-def rdo_lambda(model: FrozenModel, effort: int) -> float | None:
-    """λ of the rounding that `effort` tries with `model` besides plain rounding, or None."""
-    return RDO_LAMBDA.get(model.config.arch) if effort >= 1 else None
-
-
-def rdo_round(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel, lam: float) -> torch.Tensor:
-    """v (the gained latents less their means) rounded to round(v) or its neighbour towards 0,
-    whichever has the smaller (v - k)² + lam · bits(k) under the y table `idx` of each latent."""
-    k0 = torch.round(v)
-    k1 = k0 - torch.sign(k0)
-    j0 = (v - k0).square_().add_(_code_length(k0, idx, model), alpha=lam)
-    j1 = (v - k1).square_().add_(_code_length(k1, idx, model), alpha=lam)
-    return torch.where(j1 < j0, k1, k0)
-
-
-def _code_length(k: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> torch.Tensor:
-    """The code length in bits of each integer k (float) under its table, the escape's (capped)
-    for values outside the table."""
-    bits, offsets, lengths = _bits_table(model)
-    idx = idx.long()
-    col = k.long() - offsets[idx]
-    col = torch.where((col >= 0) & (col < lengths[idx]), col, lengths[idx])
-    return bits.view(-1)[idx * bits.shape[1] + col]
-
-
 def learning_rate(bpp: float) -> float:
     """Adam's step on the gained latent (quantisation step 1): 0.003 up to 0.12 bpp, 0.01 from
     0.5 bpp, log-linear between. Larger steps at low rates move many zeros at once and lose."""
@@ -102,19 +56,9 @@ def learning_rate(bpp: float) -> float:
     return 0.003 * (0.01 / 0.003) ** t
 
 
-@functools.lru_cache(maxsize=8)
-def _bits_table(model: FrozenModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The y tables as (code length per column with the escape column last, capped; offsets;
-    number of columns), as float32/int64 tensors for the rate proxy."""
-    tables = model.y_tables
-    bits = np.minimum(tables._bits, BITS_CAP)  # noqa: SLF001 -- the tables' own code lengths
-    return (torch.from_numpy(bits.astype(np.float32)), torch.from_numpy(tables.offsets.astype(np.int64)),
-            torch.from_numpy(tables.lengths.astype(np.int64)))
-
-
 def _proxy_bits(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> torch.Tensor:
     """Σ code length of the symbols v (real-valued), linear between the neighbouring integers."""
-    bits, offsets, lengths = _bits_table(model)
+    bits, offsets, lengths = rounding.bits_table(model)
     top = (lengths[idx] - 1).clamp(min=1).to(v.dtype)
     col = (v - offsets[idx].to(v.dtype)).clamp(min=0).minimum(top)
     c0 = col.detach().floor().minimum(top - 1).clamp(min=0)
@@ -150,9 +94,13 @@ class Refiner:
         """The ideal size of the whole file with these y symbols (flat int32)."""
         return OVERHEAD_BYTES + (self.z_bits + self.model.y_tables.cost_bits(symbols, self.idx_np)) / 8
 
+    def round(self, v: torch.Tensor) -> torch.Tensor:
+        """The symbols of the latents less their means `v` (float), rounded as the encoder does."""
+        return rounding.round_latents(v, self.idx, self.model)
+
     def symbols(self, u: torch.Tensor) -> np.ndarray:
         # As `Encoder._symbol_tiles`: the coder refuses |s| >= 2^24 anyway.
-        s = torch.round(u - self.mean).clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS)
+        s = self.round(u - self.mean).clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS)
         return s.to(torch.int32).numpy().ravel()
 
 
@@ -183,7 +131,7 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
     noise = torch.Generator().manual_seed(0)
     for i in range(iterations + 1):
         v = u - ref.mean
-        hard = torch.round(v)
+        hard = ref.round(v.detach())
         d = ref.distortion(v + (hard - v).detach())
         symbols = ref.symbols(u.detach())
         size = ref.file_bytes(symbols)

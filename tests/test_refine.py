@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 import lcodec
 from lcodec import api, engine, refine
@@ -41,54 +40,7 @@ class Steps:
 
 def test_every_effort_level_has_its_iterations():
     assert len(refine.ITERATIONS) == api.MAX_EFFORT + 1
-    assert refine.ITERATIONS[:2] == (0, 0)  # effort 1 only rounds
-    assert list(refine.ITERATIONS[1:]) == sorted(set(refine.ITERATIONS[1:]))
-
-
-def test_rdo_rounding_picks_the_cheaper_neighbour():
-    model = engine.load_model(8)
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(1, 768, 4, 4, generator=gen) * 3
-    idx = torch.randint(0, model.y_tables.num_tables, v.shape, generator=gen, dtype=torch.int32)
-    assert torch.equal(refine.rdo_round(v, idx, model, 0.0), torch.round(v))
-    k = refine.rdo_round(v, idx, model, 0.1)
-    k0 = torch.round(v)
-    assert torch.all((k == k0) | (k == k0 - torch.sign(k0)))
-    assert torch.any(k != k0)
-    bits = model.y_tables._bits  # noqa: SLF001 -- the tables' own code lengths
-
-    def cost(sym: torch.Tensor) -> np.ndarray:
-        flat_idx = idx.numpy().ravel()
-        col = model.y_tables.columns(sym.numpy().astype(np.int32).ravel(), flat_idx)
-        return (v.numpy().ravel() - sym.numpy().ravel()) ** 2 + 0.1 * bits[flat_idx, col]
-
-    assert np.all(cost(k) <= cost(k0) + 1e-5)
-
-
-def test_rdo_rounding_spends_fewer_bits_at_the_same_rate(kodak_crop):
-    enc = engine.Encoder(engine.load_model(8), kodak_crop, "RGB")
-    rq = 4 * container.RATE_SCALE
-    rounded = enc.rounding(refine.RDO_LAMBDA["lifting"])
-    assert rounded.y is enc.y  # g_a ran once
-    assert rounded.estimate_bytes(rq) < 0.97 * enc.estimate_bytes(rq)
-    assert len(rounded.payload(rq)) < len(enc.payload(rq))
-
-
-def test_effort_1_rounds_the_lifting_model_for_a_better_picture_at_the_same_size(kodak_crop):
-    budget = int(0.5 * kodak_crop.shape[0] * kodak_crop.shape[1] / 8)
-    plain = engine.encode_array(kodak_crop, "RGB", bpp=0.5, model_id=8)
-    rounded = engine.encode_array(kodak_crop, "RGB", bpp=0.5, model_id=8, effort=1)
-    assert 0.97 * budget <= len(rounded.data) <= budget
-    assert rounded.rate > plain.rate  # the saved bits bought a finer step
-    # Measured on this crop with id 8: +0.21 dB (+0.40 at 0.25 bpp, +0.18 at 1 bpp).
-    assert psnr(kodak_crop, decoded(rounded.data)) > psnr(kodak_crop, decoded(plain.data)) + 0.05
-
-
-def test_effort_1_at_a_rate_keeps_the_one_pass_size(kodak_crop):
-    plain = engine.encode_array(kodak_crop, "RGB", rate=4.0, model_id=8)
-    rounded = engine.encode_array(kodak_crop, "RGB", rate=4.0, model_id=8, effort=1)
-    assert len(rounded.data) <= len(plain.data)
-    assert psnr(kodak_crop, decoded(rounded.data)) >= psnr(kodak_crop, decoded(plain.data))
+    assert refine.ITERATIONS[0] == 0 and list(refine.ITERATIONS) == sorted(set(refine.ITERATIONS))
 
 
 @pytest.mark.parametrize("bpp", [0.25, 1.0])
@@ -125,7 +77,7 @@ def test_a_refined_one_pass_file_is_no_larger_than_the_unrefined_one():
 def test_the_same_bytes_whatever_the_thread_count(kodak_crop, tmp_path):
     np.save(tmp_path / "crop.npy", kodak_crop)
     code = ("import sys, hashlib, numpy as np, torch; torch.set_num_threads(int(sys.argv[1])); import lcodec\n"
-            "px = np.load(sys.argv[2]); print(hashlib.sha256(lcodec.encode(px, bpp=0.3, effort=2)).hexdigest())")
+            "px = np.load(sys.argv[2]); print(hashlib.sha256(lcodec.encode(px, bpp=0.3, effort=1)).hexdigest())")
     children = [subprocess.Popen([sys.executable, "-c", code, threads, str(tmp_path / "crop.npy")],
                                  stdout=subprocess.PIPE) for threads in ("1", "2")]
     digests = [child.communicate(timeout=300)[0] for child in children]
@@ -172,7 +124,7 @@ def test_weights_that_are_not_installed_refine_and_decode_with_themselves(tmp_pa
     copy.write_bytes(engine.MODELS[0].path.read_bytes())
     weights = engine.Weights.load(copy)
     pixels = smooth_rgb(64, 64)
-    result = engine.encode_array(pixels, "RGB", size=3000, model_id=6, weights=weights, effort=2)
+    result = engine.encode_array(pixels, "RGB", size=3000, model_id=6, weights=weights, effort=1)
     assert len(result.data) <= 3000
     assert container.read_header(result.data).weights_digest == weights.digest4
     engine.decode_array(result.data, weights=weights)

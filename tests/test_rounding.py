@@ -1,0 +1,62 @@
+"""Rate-distortion optimised rounding: the lifting models' encoder sends cheaper symbols
+where they cost little error, and rate control spends the saved bits on a finer step."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lcodec import engine, rounding
+from lcodec.bitstream import container
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2))
+
+
+def test_the_lifting_models_round_for_rate_and_distortion_the_gdn_model_plainly():
+    assert rounding.rdo_lambda(engine.load_model(8)) == rounding.RDO_LAMBDA["lifting"]
+    assert rounding.rdo_lambda(engine.load_model(6)) is None
+    v = torch.tensor([0.4, 0.6, -1.51, 2.49])
+    assert torch.equal(rounding.round_latents(v, torch.zeros(4, dtype=torch.int32), engine.load_model(6)), torch.round(v))
+
+
+def test_rdo_rounding_picks_the_cheaper_neighbour():
+    model = engine.load_model(8)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(1, 768, 4, 4, generator=gen) * 3
+    idx = torch.randint(0, model.y_tables.num_tables, v.shape, generator=gen, dtype=torch.int32)
+    assert torch.equal(rounding.rdo_round(v, idx, model, 0.0), torch.round(v))
+    k = rounding.rdo_round(v, idx, model, 0.1)
+    k0 = torch.round(v)
+    assert torch.all((k == k0) | (k == k0 - torch.sign(k0)))
+    assert torch.any(k != k0)
+    bits = model.y_tables._bits  # noqa: SLF001 -- the tables' own code lengths
+    flat_idx = idx.numpy().ravel()
+
+    def cost(sym: torch.Tensor) -> np.ndarray:
+        col = model.y_tables.columns(sym.numpy().astype(np.int32).ravel(), flat_idx)
+        return (v.numpy().ravel() - sym.numpy().ravel()) ** 2 + 0.1 * bits[flat_idx, col]
+
+    assert np.all(cost(k) <= cost(k0) + 1e-5)
+
+
+def test_rdo_rounding_spends_fewer_bits_at_the_same_rate(kodak_crop, monkeypatch):
+    enc = engine.Encoder(engine.load_model(8), kodak_crop, "RGB")
+    rq = 4 * container.RATE_SCALE
+    estimate, size = enc.estimate_bytes(rq), len(enc.payload(rq))
+    monkeypatch.setattr(rounding, "RDO_LAMBDA", {})
+    assert estimate < 0.97 * enc.estimate_bytes(rq)
+    assert size < len(enc.payload(rq))
+
+
+def test_rdo_rounding_buys_a_better_picture_at_the_same_exact_size(kodak_crop, monkeypatch):
+    budget = int(0.5 * kodak_crop.shape[0] * kodak_crop.shape[1] / 8)
+    rounded = engine.encode_array(kodak_crop, "RGB", bpp=0.5, model_id=8)
+    monkeypatch.setattr(rounding, "RDO_LAMBDA", {})
+    plain = engine.encode_array(kodak_crop, "RGB", bpp=0.5, model_id=8)
+    assert 0.97 * budget <= len(rounded.data) <= budget
+    assert rounded.rate > plain.rate  # the saved bits bought a finer step
+    # Measured on this crop with id 8: +0.21 dB (+0.40 at 0.25 bpp, +0.18 at 1 bpp).
+    decoded = engine.decode_array(rounded.data)[0], engine.decode_array(plain.data)[0]
+    assert psnr(kodak_crop, decoded[0]) > psnr(kodak_crop, decoded[1]) + 0.1
