@@ -160,7 +160,7 @@ class Encoder:
 
     def _symbol_tiles(self, gain: torch.Tensor, z: torch.Tensor, exact: bool = True
                       ) -> Iterator[tuple[tuple[slice, slice], torch.Tensor, torch.Tensor]]:
-        """For each h_s tile: its rows and columns of y, and there the symbols s = round(y * gain - mean)
+        """For each h_s tile: its rows and columns of y, and there the symbols s (`rounding.round_latents` of y * gain - mean)
         (int32) and their table indices (int32), each (1, M, rows, columns). `exact=False` runs h_s
         in float32 (for estimates only: a few indices may differ from the bitstream's)."""
         params = self.model.entropy_parameters if exact else self.model.approximate_entropy_parameters
