@@ -199,8 +199,8 @@ class MeanScaleHyperprior(nn.Module):
 
     def forward(self, x: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training pass. Returns x_hat and per-image bits of the noisy latents
-        (the differentiable R̃), of y rounded and z noisy (differentiable) and of the really
-        quantised latents (R̂, no grad)."""
+        (the differentiable R̃), of the rounded latents (y and z rounded straight-through, so
+        differentiable with respect to the entropy model) and the same value without a graph (R̂)."""
         gain, inv_gain = self.gains(q)
         y = self.analysis(x) * gain
         z = self.hyper_analysis(y)
@@ -211,18 +211,17 @@ class MeanScaleHyperprior(nn.Module):
         bits_z = -torch.log2(self.hyper_prior.likelihood(z_tilde)).sum((1, 2, 3))
         # Synthesis sees the rounded residual (straight-through), as the decoder will.
         y_q = _round_ste(y - mean) + mean
-        # The same rate with y rounded (straight-through) and z noisy: what the coder spends on y,
-        # for training the entropy model (`train --entropy-rate`).
-        bits_rounded = -torch.log2(self.likelihood(y_q, mean, scale)).sum((1, 2, 3)) + bits_z
         x_hat = self.synthesis(y_q * inv_gain)
-        with torch.no_grad():
-            z_hat = torch.round(z)
-            mean_h, scale_h = self.hyper_synthesis(z_hat).chunk(2, dim=1)
-            y_hat = torch.round(y - mean_h) + mean_h
-            bits_hat = -torch.log2(self.likelihood(y_hat, mean_h, scale_h)).sum((1, 2, 3))
-            bits_hat = bits_hat - torch.log2(self.hyper_prior.likelihood(z_hat)).sum((1, 2, 3))
+        # What the coder spends: y and z rounded, straight-through, so that h_s sees the integer ẑ
+        # it will see when coding. On a noisy ẑ an entropy model whose scales may go far below
+        # 0.11 learns wider ones than the coder needs: a confidently small scale costs more there.
+        z_hat = _round_ste(z)
+        mean_h, scale_h = self.hyper_synthesis(z_hat).chunk(2, dim=1)
+        y_hat = _round_ste(y - mean_h) + mean_h
+        bits_rounded = -torch.log2(self.likelihood(y_hat, mean_h, scale_h)).sum((1, 2, 3))
+        bits_rounded = bits_rounded - torch.log2(self.hyper_prior.likelihood(z_hat)).sum((1, 2, 3))
         return {"x_hat": x_hat, "bits_noisy": bits_y + bits_z, "bits_rounded": bits_rounded,
-                "bits_quantized": bits_hat}
+                "bits_quantized": bits_rounded.detach()}
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
