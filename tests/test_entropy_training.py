@@ -193,6 +193,25 @@ def test_a_frozen_laplace_model_codes_at_the_rate_its_likelihood_estimates(tmp_p
         assert abs(estimate - gaussian.evaluate(x, torch.tensor([q]))["bits"].item()) > 0.2 * estimate
 
 
+def test_a_smaller_scale_bound_gives_tables_down_to_it_and_nearly_free_zeros(tmp_path):
+    """A model trained with scales down to 0.01 is frozen with tables from 0.01 (83 of them, same
+    log spacing): a latent predicted that small costs about nothing when it is 0, where the 0.11
+    table charges 0.015 bits."""
+    assert len(freeze.scale_table(0.01)) == 83 and freeze.scale_table(0.01)[0] == pytest.approx(0.01)
+    model = _constant_scale_model("laplace", 0.005)
+    model.config = ModelConfig(N=8, M=12, likelihood="laplace", scale_bound=0.01)
+    path = tmp_path / "small.pt"
+    freeze.freeze(model, path)
+    frozen = FrozenModel(path)
+    assert frozen.y_tables.num_tables == 83 and len(frozen.scale_thresholds) == 83
+    assert frozen.y_tables.cost_bits(np.zeros(1000, np.int32), np.zeros(1000, np.int64)) < 1000 * 1e-4
+    zero_at_011 = laplace_tables(SCALES[:1], precision=20).cost_bits(np.zeros(1000, np.int32), np.zeros(1000, np.int64))
+    assert zero_at_011 == pytest.approx(1000 * 0.0154, rel=0.02)
+    assert model.likelihood.keywords == {"bound": 0.01}
+    coded = engine.coded_sizes(frozen, smooth_rgb(64, 64), "RGB", [0.0])
+    assert coded[0] < 200
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
