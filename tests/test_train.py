@@ -247,6 +247,8 @@ def test_validation_counts_really_coded_bits(tmp_path):
     overhead = 8 * 21 / (192 * 128)  # the header and CRC of every file
     for r in rows:
         assert r["bpp_coded"] == pytest.approx(r["bpp_est"] + overhead, rel=0.05, abs=0.01)
+        # The decoded file against the float model: fp16 weights and the integer h_s, 8-bit pixels.
+        assert r["psnr_coded"] == pytest.approx(r["psnr"], abs=0.5)
 
 
 def test_a_resumed_run_takes_this_runs_gain_learning_rate(tiny_data, tmp_path):

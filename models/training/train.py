@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ... import engine
+from ...bitstream.container import RATE_SCALE
 from ..frozen import FrozenModel
 from ..entropy_models import SCALE_BOUND
 from ..lifting import LATENT_CHANNELS
@@ -76,15 +77,16 @@ def psnr(mse: float) -> float:
 
 
 def validate(model: torch.nn.Module, kodak: Path, device: torch.device) -> list[dict]:
-    """Per level, on a few Kodak images: the mean estimated bpp of the rounded latents, the mean
-    bpp of really coded files (the model frozen as the codec would ship it, one pass at the level,
-    header included; hyperprior only) and the mean PSNR of the rounded latents' reconstruction."""
+    """Per level, on a few Kodak images: the mean estimated bpp of the rounded latents and the
+    mean PSNR of their reconstruction (the float model, plain rounding), and the mean bpp and
+    PSNR of really coded files (the model frozen as the codec would ship it, one pass at the
+    level, header included, rounded as the encoder rounds; hyperprior only)."""
     files = [kodak / f for f in VALIDATION_IMAGES if (kodak / f).exists()]
     if not files:
         return []
     images = [np.array(Image.open(f).convert("RGB")) for f in files]
     model.eval()
-    coded = coded_bpp(model, images)
+    coded = coded_points(model, images)
     rows = []
     for i, r in enumerate(model.config.levels):
         bpps, psnrs = [], []
@@ -94,13 +96,15 @@ def validate(model: torch.nn.Module, kodak: Path, device: torch.device) -> list[
             bpps.append(out["bits"].item() / (x.shape[2] * x.shape[3]))
             psnrs.append(psnr(torch.mean((out["x_hat"].clamp(0, 1) - x) ** 2).item()))
         rows.append({"level": i, "target": r, "bpp_est": float(np.mean(bpps)),
-                     "bpp_coded": coded[i] if coded else None, "psnr": float(np.mean(psnrs))})
+                     "bpp_coded": coded[0][i] if coded else None, "psnr": float(np.mean(psnrs)),
+                     "psnr_coded": coded[1][i] if coded else None})
     model.train()
     return rows
 
 
-def coded_bpp(model: torch.nn.Module, images: list[np.ndarray]) -> list[float] | None:
-    """Mean real bpp per level of one-pass .lc files: freeze a copy of the model and code with it."""
+def coded_points(model: torch.nn.Module, images: list[np.ndarray]) -> tuple[list[float], list[float]] | None:
+    """Per level, the mean real bpp of one-pass .lc files and the mean PSNR of their decoded
+    pixels: freeze a copy of the model and code with it."""
     if not isinstance(model, MeanScaleHyperprior):
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,11 +114,17 @@ def coded_bpp(model: torch.nn.Module, images: list[np.ndarray]) -> list[float] |
         except ValueError as e:  # e.g. an h_s that integer arithmetic cannot hold exactly
             tqdm.write(f"validation: cannot freeze this model ({e}); no coded rates")
             return None
-        frozen = FrozenModel(path)
-    rates = [float(i) for i in range(len(model.config.levels))]
-    sizes = np.array([engine.coded_sizes(frozen, pixels, "RGB", rates) for pixels in images])  # images x levels
-    pixels_n = np.array([p.shape[0] * p.shape[1] for p in images])[:, None]
-    return (8 * sizes / pixels_n).mean(0).tolist()
+        weights = engine.Weights.load(path)
+    L = len(model.config.levels)
+    bpp, quality = np.zeros((len(images), L)), np.zeros((len(images), L))
+    for i, pixels in enumerate(images):
+        enc = engine.Encoder(weights.model, pixels, "RGB")
+        for level in range(L):
+            data = enc.file(level * RATE_SCALE, 0, weights.digest4)
+            decoded = engine.decode_array(data, weights=weights)[0]
+            bpp[i, level] = 8 * len(data) / (pixels.shape[0] * pixels.shape[1])
+            quality[i, level] = psnr(float(np.mean((decoded.astype(np.float64) - pixels) ** 2)) / 255**2)
+    return bpp.mean(0).tolist(), quality.mean(0).tolist()
 
 
 def drop_log_after(log_path: Path, step: int) -> None:
@@ -491,7 +501,9 @@ class Trainer:
         rows = validate(self.model, self.args.kodak, self.device)
         if rows:
             self._append_log({"kind": "val", "step": self.step, "rows": rows})
-            tqdm.write("val " + " ".join(f"{r['target']:g}:{r['bpp_est']:.3f}/{r['psnr']:.2f}" for r in rows))
+            coded = rows and rows[0]["bpp_coded"] is not None
+            tqdm.write("val " + " ".join(f"{r['target']:g}:{r['bpp_coded']:.3f}/{r['psnr_coded']:.2f}" if coded
+                                         else f"{r['target']:g}:{r['bpp_est']:.3f}/{r['psnr']:.2f}" for r in rows))
         plot_curves(self.log_path, self.args.out / "curves.png")
 
     def _append_log(self, rec: dict) -> None:
