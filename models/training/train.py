@@ -220,10 +220,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freeze-transform", action="store_true",
                    help="train only the entropy model and the gains (g_a and g_s stay as they are)")
     p.add_argument("--entropy-rate", action="store_true",
-                   help="the entropy model (h_a, h_s, the z prior) minimises the rate itself, of y rounded "
-                        "(straight-through) and z noisy; the loss J trains "
+                   help="the entropy model (h_a, h_s, the z prior) minimises the rate itself, of y and z "
+                        "rounded (straight-through); the loss J trains "
                         "the rest. With --freeze-transform D does not depend on the entropy model, and J's target-rate "
                         "penalty -- zero at the target, reversed below it -- gives it no reason to spend fewer bits")
+    p.add_argument("--relative-rate", action="store_true",
+                   help="with --entropy-rate, each image's rate divided by its level's target bpp: every level's "
+                        "relative rate counts alike (summed bits are the high levels', and the low levels' rose)")
     p.add_argument("--likelihood", choices=["gaussian", "laplace"], default="gaussian",
                    help="the conditional of y given its predicted mean and scale")
     p.add_argument("--scale-bound", type=float, default=SCALE_BOUND,
@@ -455,7 +458,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if args.entropy_rate:
             entropy = self.entropy_parameters()
-            rounded = out["bits_rounded"].float().mean() / pixels
+            rounded = out["bits_rounded"].float() / pixels
+            if args.relative_rate:
+                rounded = rounded / torch.tensor(self.config.levels, device=device)[q_idx.to(device)]
+            rounded = rounded.mean()
             rate_grads = torch.autograd.grad(rounded, entropy, retain_graph=True)
         loss.backward()
         if args.entropy_rate:
