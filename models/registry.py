@@ -53,10 +53,13 @@ MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     # id 8: id 7's transform and gains with an entropy model trained on the rate of the rounded latents
     # and Laplacian tables, nine levels.
     8: ModelEntry(8, "lift-97-128-v2", "lift-97-128-v2.pt", "85b5359839bbd22eca5016425fb1b927b94f2d306c1d3009a2b468a54b6abc61"),
+    # id 9: id 8's transform, gains and h_a; h_s and the z prior trained for scales down to 0.01,
+    # y tables from 0.01 (83), nine levels.
+    9: ModelEntry(9, "lift-97-128-v3", "lift-97-128-v3.pt", "22b9ce62f155ce14cc17a04f2f747bdd07bdabc5dd9e19d0aa3fa700b01eb96e"),
 })
 
 # The model of one-pass encodes (`rate=`) and of `model_info`.
 DEFAULT_MODEL_ID = 6
 # The models an encode to a bpp or size target chooses between, per image: it keeps the file
-# whose decoded pixels have the higher PSNR (ties: the first). Id 6 wins at low rates, id 8 at high.
-CHOICE_MODEL_IDS = (6, 8)
+# whose decoded pixels have the higher PSNR (ties: the first).
+CHOICE_MODEL_IDS = (6, 9)
