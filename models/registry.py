@@ -55,7 +55,7 @@ MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     8: ModelEntry(8, "lift-97-128-v2", "lift-97-128-v2.pt", "85b5359839bbd22eca5016425fb1b927b94f2d306c1d3009a2b468a54b6abc61"),
     # id 9: id 8's transform, gains and h_a; h_s and the z prior trained for scales down to 0.01,
     # y tables from 0.01 (83), nine levels.
-    9: ModelEntry(9, "lift-97-128-v3", "lift-97-128-v3.pt", "22b9ce62f155ce14cc17a04f2f747bdd07bdabc5dd9e19d0aa3fa700b01eb96e"),
+    9: ModelEntry(9, "lift-97-128-v3", "lift-97-128-v3.pt", "794b98e689b9c2232cf8398e275cb58136b8868289d2dd5f7fb8b621d2104266"),
 })
 
 # The model of one-pass encodes (`rate=`) and of `model_info`.

@@ -32,7 +32,7 @@ from ..networks import MeanScaleHyperprior, ModelConfig, build_model
 SCALE_MAX = 256.0
 SCALE_STEP = math.log(SCALE_MAX / 0.11) / 63  # the log spacing of CompressAI's 64 scales from 0.11
 Z_SUPPORT = 255  # the z prior is tabulated on -255..255 before trimming its tails
-RATE_MARGIN = (2.0, 2.0)  # q may go this far below level 0 and above the top level
+RATE_MARGIN = (2.0, 4.0)  # q may go this far below level 0 and above the top level
 Y_TABLES = {"gaussian": gaussian_tables, "laplace": laplace_tables}
 
 
