@@ -30,8 +30,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
 from . import rounding
+from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .models.frozen import FrozenModel
 
