@@ -51,10 +51,19 @@ def rdo_round(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel, lam: float
     (v - k)² + lam · bits(k) under the y table `idx` of each latent."""
     k = torch.round(v)
     nonzero = k != 0  # a zero has no neighbour towards 0: only the others (few at low rates) are looked at
-    k0, v, idx = k[nonzero], v[nonzero], idx[nonzero]
+    k0, v, idx = k[nonzero], v[nonzero], idx[nonzero].long()
     k1 = k0 - torch.sign(k0)
-    j0 = (v - k0).square_().add_(_code_length(k0, idx, model), alpha=lam)
-    j1 = (v - k1).square_().add_(_code_length(k1, idx, model), alpha=lam)
+    bits, offsets, lengths = bits_table(model)
+    row, offset, length = idx * bits.shape[1], offsets[idx], lengths[idx]
+
+    def code_length(sym: torch.Tensor) -> torch.Tensor:
+        """Bits of each integer under its table; outside it, the escape's (capped, without the
+        escaped value's own bits)."""
+        col = sym.long() - offset
+        return bits.view(-1)[row + torch.where((col >= 0) & (col < length), col, length)]
+
+    j0 = (v - k0).square_().add_(code_length(k0), alpha=lam)
+    j1 = (v - k1).square_().add_(code_length(k1), alpha=lam)
     k[nonzero] = torch.where(j1 < j0, k1, k0)
     return k
 
@@ -67,13 +76,3 @@ def bits_table(model: FrozenModel) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     bits = np.minimum(tables._bits, BITS_CAP)  # noqa: SLF001 -- the tables' own code lengths
     return (torch.from_numpy(bits.astype(np.float32)), torch.from_numpy(tables.offsets.astype(np.int64)),
             torch.from_numpy(tables.lengths.astype(np.int64)))
-
-
-def _code_length(k: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> torch.Tensor:
-    """The code length in bits of each integer k (float) under its table, the escape's (capped,
-    without the escaped value's own bits) for values outside the table."""
-    bits, offsets, lengths = bits_table(model)
-    idx = idx.long()
-    col = k.long() - offsets[idx]
-    col = torch.where((col >= 0) & (col < lengths[idx]), col, lengths[idx])
-    return bits.view(-1)[idx * bits.shape[1] + col]

@@ -50,7 +50,7 @@ class ModelConfig:
     # The smallest scale of y's conditional, in training and in the frozen tables (whose scales run
     # from it to 256). A latent predicted at this scale costs -log2 P(0) bits even when it is 0:
     # 0.015 bits for a Laplacian at 0.11, which over the 3 latents per pixel of the lifting model
-    # was 0.035 bpp of a 0.1 bpp file.
+    # is 0.035 bpp.
     scale_bound: float = SCALE_BOUND
 
     def __post_init__(self) -> None:

@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from ... import engine
 from ...bitstream.container import RATE_SCALE
-from ..frozen import FrozenModel
 from ..entropy_models import SCALE_BOUND
 from ..lifting import LATENT_CHANNELS
 from ..networks import DEFAULT_LEVELS, MeanScaleHyperprior, ModelConfig, build_model
@@ -220,9 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freeze-transform", action="store_true",
                    help="train only the entropy model and the gains (g_a and g_s stay as they are)")
     p.add_argument("--freeze-hyper-analysis", action="store_true",
-                   help="h_a stays as it is: ẑ is the initial model's, and only h_s and the z prior learn. An h_a "
-                        "trained on 128x128 crops (ẑ 2x2, all border) with scales allowed down to 0.01 let ẑ's "
-                        "rate on Kodak grow from 0.003 to 0.12 bpp at the lowest level")
+                   help="h_a stays as it is: ẑ is the initial model's, and only h_s and the z prior learn "
+                        "(on small crops ẑ is all border, and a trained h_a can learn codes that are cheap only there)")
     p.add_argument("--entropy-rate", action="store_true",
                    help="the entropy model (h_a, h_s, the z prior) minimises the rate itself, of y and z "
                         "rounded (straight-through); the loss J trains "
@@ -230,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "penalty -- zero at the target, reversed below it -- gives it no reason to spend fewer bits")
     p.add_argument("--relative-rate", action="store_true",
                    help="with --entropy-rate, each image's rate divided by its level's target bpp: every level's "
-                        "relative rate counts alike (summed bits are the high levels', and the low levels' rose)")
+                        "relative rate counts alike (summed bits are dominated by the high levels)")
     p.add_argument("--likelihood", choices=["gaussian", "laplace"], default="gaussian",
                    help="the conditional of y given its predicted mean and scale")
     p.add_argument("--scale-bound", type=float, default=SCALE_BOUND,
