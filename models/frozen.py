@@ -38,9 +38,16 @@ FROZEN_FORMAT = "lcodec-frozen-1"
 PAD = 64  # g_a downsamples by 16 and h_a by 4 more
 TILE_LATENTS = 64  # g_a and g_s run on tiles of 64x64 latents (1024x1024 pixels) ...
 HALO_LATENTS = 4  # ... each read with 4 extra latents (64 pixels) of context on every side
-LIFTING_HALO_LATENTS = 12  # the lifting transform reaches further (see test_lifting_tiles_are_exact)
+LIFTING_HALO_LATENTS = 12  # the lifting transform reaches further (see test_lifting_tiles_are_exact) ...
+COARSE_HALO_LATENTS = (0, 4, 12)  # ... and its coarse levels further still: 9 taps of LL4, then of LL5
 HYPER_TILE = 32  # h_s runs on tiles of 32x32 hyper-latents (2048x2048 pixels) ...
 HYPER_HALO = 3  # ... with 3 of context: a hyper-latent reaches 2 of them (measured), so tiling is exact
+
+
+def lifting_halo(coarse_levels: int) -> int:
+    """The halo, in latents, of the lifting transform's tiles (a multiple of 4: the coarse
+    levels' blocks of 2^coarse_levels latents stay aligned)."""
+    return LIFTING_HALO_LATENTS + COARSE_HALO_LATENTS[coarse_levels]
 
 
 class Tile(NamedTuple):
@@ -148,9 +155,9 @@ class FrozenModel:
         self.config = ModelConfig.from_dict(state["config"])
         N, M = self.config.N, self.config.M
         if self.config.arch == "lifting":
-            self.analysis = _load(LiftingTransform(), state["analysis"])
+            self.analysis = _load(LiftingTransform(coarse_levels=self.config.coarse_levels), state["analysis"])
             self.synthesis = InverseLifting(self.analysis)
-            self.halo_latents = LIFTING_HALO_LATENTS
+            self.halo_latents = lifting_halo(self.config.coarse_levels)
         else:
             self.analysis = _load(AnalysisTransform(N, M), state["analysis"])
             self.synthesis = _load(SynthesisTransform(N, M), state["synthesis"])

@@ -25,6 +25,15 @@ space-to-depth, so the latent y is one (768, H/16, W/16) tensor::
 
 and everything downstream of g_a (gains, hyperprior, tables, tiling) is that of the
 other hyperprior models.
+
+With `coarse_levels` = k > 0, LL4 is split k more times by the fixed 9/7 (no learned
+steps) and the result kept in place on LL4's own grid (`coarse_dwt`): channels 0..2
+then hold, per 2^k x 2^k block of latents, one LL(4+k) coefficient and the details
+of levels 5..4+k. LL4 is a picture at 1/16 scale whose neighbouring samples are
+strongly correlated; the hyperprior sees it only through ẑ at H/64, and coding it
+as it is costs about half of the file at 0.06 bpp. Its wavelet details are small
+and zero-mean, as everywhere else in y. With k = 2 a block is the 4x4 latents of
+one hyper-latent, so h_s can give each position of the block its own scale.
 """
 
 from __future__ import annotations
@@ -100,6 +109,27 @@ def idwt97_2d(ll: torch.Tensor, details: torch.Tensor) -> torch.Tensor:
     return idwt97_1d(idwt97_1d(ll, lh, 2), idwt97_1d(hl, hh, 2), 3)
 
 
+def coarse_dwt(band: torch.Tensor, levels: int) -> torch.Tensor:
+    """`levels` levels of `dwt97_2d` on band (B, C, h, w), h and w multiples of 2^levels,
+    kept in place: after each level, the LL, HL, LH and HH coefficients at (i, j) go to
+    (2i, 2j), (2i, 2j+1), (2i+1, 2j) and (2i+1, 2j+1) of the same channel (torch's
+    `pixel_shuffle`), the next level splitting the LL positions again."""
+    if levels == 0:
+        return band
+    ll, details = dwt97_2d(band)
+    ll = coarse_dwt(ll, levels - 1)
+    hl, lh, hh = details.chunk(3, 1)
+    return F.pixel_shuffle(torch.stack([ll, hl, lh, hh], 2).flatten(1, 2), 2)
+
+
+def coarse_idwt(band: torch.Tensor, levels: int) -> torch.Tensor:
+    """The inverse of `coarse_dwt`."""
+    if levels == 0:
+        return band
+    ll, hl, lh, hh = F.pixel_unshuffle(band, 2).unflatten(1, (band.shape[1], 4)).unbind(2)
+    return idwt97_2d(coarse_idwt(ll, levels - 1), torch.cat([hl, lh, hh], 1))
+
+
 class LiftingStep(nn.Sequential):
     """A learned lifting operator: conv 3x3 -> ReLU -> conv 3x3, the last layer zero at start."""
 
@@ -113,13 +143,15 @@ class LiftingTransform(nn.Module):
     """g_a (`forward`) and g_s (`inverse`) in one module: colour transform, then
     `WAVELET_LEVELS` levels of 9/7 lifting with a learned predict and update step each.
 
-    x (B, 3, H, W) in [0, 1], H and W multiples of 16 -> y (B, 768, H/16, W/16), and back.
-    The learned steps see their input divided by 2^level (the 9/7 low band's DC gain), so
-    that every level's CNN sees values of the same order.
+    x (B, 3, H, W) in [0, 1], H and W multiples of 16 * 2^coarse_levels -> y (B, 768, H/16, W/16),
+    and back. The learned steps see their input divided by 2^level (the 9/7 low band's DC
+    gain), so that every level's CNN sees values of the same order. `coarse_levels` more
+    fixed levels split LL4 in place (`coarse_dwt`).
     """
 
-    def __init__(self, hidden: int = 32):
+    def __init__(self, hidden: int = 32, coarse_levels: int = 0):
         super().__init__()
+        self.coarse_levels = coarse_levels
         self.colour = nn.Parameter(torch.tensor(YCBCR))
         self.predict = nn.ModuleList(LiftingStep(3, 9, hidden) for _ in range(WAVELET_LEVELS))
         self.update = nn.ModuleList(LiftingStep(9, 3, hidden) for _ in range(WAVELET_LEVELS))
@@ -133,13 +165,13 @@ class LiftingTransform(nn.Module):
             details = details + self.predict[level](band / s) * s
             band = band + self.update[level](details / s) * s
             parts.append(details)
-        out = [band]
+        out = [coarse_dwt(band, self.coarse_levels)]
         for level in reversed(range(WAVELET_LEVELS)):
             out.append(F.pixel_unshuffle(parts[level], 2**(WAVELET_LEVELS - 1 - level)))
         return torch.cat(out, 1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        band, rest = y[:, :3], y[:, 3:]
+        band, rest = coarse_idwt(y[:, :3], self.coarse_levels), y[:, 3:]
         for level in reversed(range(WAVELET_LEVELS)):
             r = 2**(WAVELET_LEVELS - 1 - level)
             n = 9 * r * r
@@ -155,7 +187,8 @@ class LiftingTransform(nn.Module):
     def synthesis_norms(self) -> torch.Tensor:
         """Per latent channel, the L2 norm (over RGB pixels in [0, 1]) of what a unit
         coefficient draws: the MSE a quantisation error of 1 in that channel adds, square-rooted.
-        Measured on a grid of 8x8 latents with the coefficient in the middle."""
+        Measured on a grid of 8x8 latents with the coefficient in the middle (for channels
+        0..2 with coarse levels, at the block position of the coarsest LL)."""
         M = LATENT_CHANNELS
         y = torch.zeros(M, M, 8, 8)
         y[torch.arange(M), torch.arange(M), 4, 4] = 1.0

@@ -52,12 +52,17 @@ class ModelConfig:
     # 0.015 bits for a Laplacian at 0.11, which over the 3 latents per pixel of the lifting model
     # is 0.035 bpp.
     scale_bound: float = SCALE_BOUND
+    # Arch "lifting" only: how many more fixed 9/7 levels split LL4 in place (`lifting.coarse_dwt`), 0 to 2.
+    coarse_levels: int = 0
 
     def __post_init__(self) -> None:
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {self.likelihood!r}; known: {', '.join(LIKELIHOODS)}")
         if not 0 < self.scale_bound <= 1:
             raise ValueError(f"scale_bound must be in (0, 1], got {self.scale_bound}")
+        if self.coarse_levels not in ((0, 1, 2) if self.arch == "lifting" else (0,)):
+            raise ValueError(f"coarse_levels must be 0, 1 or 2 for the lifting architecture and 0 for the others, "
+                             f"got {self.coarse_levels}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +71,7 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         return cls(arch=str(d["arch"]), N=int(d["N"]), M=int(d["M"]), levels=tuple(float(v) for v in d["levels"]),
                    likelihood=str(d.get("likelihood", "gaussian")),
-                   scale_bound=float(d.get("scale_bound", SCALE_BOUND)))
+                   scale_bound=float(d.get("scale_bound", SCALE_BOUND)), coarse_levels=int(d.get("coarse_levels", 0)))
 
 
 class AnalysisTransform(nn.Sequential):
@@ -272,7 +277,8 @@ class LiftingHyperprior(MeanScaleHyperprior):
     """The mean-scale hyperprior over an exactly invertible lifting transform.
 
     g_a is `LiftingTransform` (colour transform + four levels of CDF 9/7 lifting with
-    learned predict/update steps, y = 768 channels at H/16) and g_s is the same
+    learned predict/update steps, y = 768 channels at H/16, LL4 split further in place
+    with `ModelConfig.coarse_levels`) and g_s is the same
     transform run backwards with the same weights, so without quantisation x̂ = x
     at every step of training. h_s is narrower than M (hidden widths N and 3N/2,
     a 1x1 output layer): it predicts 1536 channels from ẑ at H/64.
@@ -288,7 +294,7 @@ class LiftingHyperprior(MeanScaleHyperprior):
         nn.Module.__init__(self)
         self.config = config
         N, M = config.N, config.M
-        self.analysis = LiftingTransform()
+        self.analysis = LiftingTransform(coarse_levels=config.coarse_levels)
         self.synthesis = InverseLifting(self.analysis)
         self.hyper_analysis = HyperAnalysisTransform(N, M)
         self.hyper_synthesis = HyperSynthesisTransform(N, M, hidden=(N, N * 3 // 2), last_kernel=1)

@@ -234,8 +234,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-bound", type=float, default=SCALE_BOUND,
                    help="smallest scale of y's conditional (and of the frozen tables); "
                         "with --init, may differ from the initial model's")
+    p.add_argument("--coarse-levels", type=int, default=0, choices=[0, 1, 2],
+                   help="lifting: more fixed 9/7 levels that split LL4 in place; with --init, may differ from the "
+                        "initial model's")
     p.add_argument("--init", type=Path, default=None,
-                   help="start a new run from the weights (and gains) of this checkpoint; its likelihood may differ")
+                   help="start a new run from the weights (and gains) of this checkpoint; its likelihood, scale "
+                        "bound and coarse levels may differ")
     p.add_argument("--levels", type=float, nargs="+", default=list(DEFAULT_LEVELS))
     p.add_argument("--loss", choices=["best", "adaptive", "baseline", "lambda"], default="best")
     p.add_argument("--beta-scale", type=float, default=1.0, help="multiplies thesis Table 5.3(a) β")
@@ -327,7 +331,8 @@ class Trainer:
             raise SystemExit("--entropy-rate and --likelihood are for the hyperprior architectures "
                              "(the factorized prior has no h_a, h_s or conditional of y)")
         self.config = ModelConfig(arch=args.arch, N=args.N, M=args.M, levels=tuple(args.levels),
-                                  likelihood=args.likelihood, scale_bound=args.scale_bound)
+                                  likelihood=args.likelihood, scale_bound=args.scale_bound,
+                                  coarse_levels=args.coarse_levels)
         torch.manual_seed(args.seed)
         self.model = build_model(self.config).to(self.device)
         if args.freeze_hyper_analysis:
@@ -346,7 +351,8 @@ class Trainer:
             self.resume()
         elif args.init is not None:
             init = torch.load(args.init, map_location=self.device, weights_only=False)
-            if ModelConfig.from_dict(init["config"] | {"likelihood": args.likelihood, "scale_bound": args.scale_bound}) != self.config:
+            same = {"likelihood": args.likelihood, "scale_bound": args.scale_bound, "coarse_levels": args.coarse_levels}
+            if ModelConfig.from_dict(init["config"] | same) != self.config:
                 raise SystemExit(f"{args.init} was trained with {init['config']}, not {self.config.to_dict()}")
             self.model.load_state_dict({k: v.float() for k, v in init["model"].items()})
 
