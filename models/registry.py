@@ -56,6 +56,9 @@ MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     # id 9: id 8's transform, gains and h_a; h_s and the z prior trained for scales down to 0.01,
     # y tables from 0.01 (83), nine levels.
     9: ModelEntry(9, "lift-97-128-v3", "lift-97-128-v3.pt", "794b98e689b9c2232cf8398e275cb58136b8868289d2dd5f7fb8b621d2104266"),
+    # id 10: id 9's transform with LL4 split two more 9/7 levels in place (coarse_levels = 2); h_a, h_s
+    # and the z prior trained for it, levels refitted to their targets, nine levels.
+    10: ModelEntry(10, "lift-97-128-v4", "lift-97-128-v4.pt", "40f822c22ab48a69ca169417e57d78e22b5858dd539513835cb78eae70eedd20"),
 })
 
 # The model of one-pass encodes (`rate=`) and of `model_info`.
