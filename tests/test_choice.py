@@ -1,4 +1,5 @@
-"""An encode to a target chooses, per image, the installed model whose file decodes closer to it."""
+"""An encode to a target chooses, per image, between models (`CHOICE_MODEL_IDS`, or the ids it is
+given) the one whose file decodes closer to the image."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from lcodec.bitstream import container
 from lcodec.errors import RateError
 from lcodec.models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID
 
+PAIR = (10, 6)  # two installed models of different architectures
+
 
 def _mse(data: bytes, pixels: np.ndarray) -> float:
     decoded, _ = engine.decode_array(data)
@@ -19,12 +22,18 @@ def _mse(data: bytes, pixels: np.ndarray) -> float:
 @pytest.mark.parametrize("bpp", [0.5, 2.0])
 def test_the_chosen_file_is_the_better_of_the_models(bpp):
     pixels = smooth_rgb(128, 192, seed=11)
-    chosen = engine.encode_best(pixels, "RGB", bpp=bpp)
-    each = {m: engine.encode_array(pixels, "RGB", bpp=bpp, model_id=m).data for m in CHOICE_MODEL_IDS}
-    best = min(each, key=lambda m: (_mse(each[m], pixels), CHOICE_MODEL_IDS.index(m)))
+    chosen = engine.encode_best(pixels, "RGB", bpp=bpp, model_ids=PAIR)
+    each = {m: engine.encode_array(pixels, "RGB", bpp=bpp, model_id=m).data for m in PAIR}
+    best = min(each, key=lambda m: (_mse(each[m], pixels), PAIR.index(m)))
     assert chosen.data == each[best]
     assert container.read_header(chosen.data).model_id == best
-    assert lcodec.encode(pixels, bpp=bpp) == chosen.data  # what the API does for a target
+
+
+def test_an_encode_to_a_target_chooses_between_the_choice_models():
+    pixels = smooth_rgb(64, 96, seed=5)
+    data = lcodec.encode(pixels, bpp=0.5)
+    assert data == engine.encode_best(pixels, "RGB", bpp=0.5).data
+    assert container.read_header(data).model_id in CHOICE_MODEL_IDS
 
 
 @pytest.mark.parametrize("effort", [0, 1])
@@ -33,20 +42,20 @@ def test_a_model_that_cannot_reach_the_target_is_skipped(monkeypatch, effort):
     real = engine._Job.fit
 
     def first_fails(job, *args, **kwargs):
-        if job.model_id == CHOICE_MODEL_IDS[0]:
+        if job.model_id == PAIR[0]:
             raise RateError("cannot reach")
         return real(job, *args, **kwargs)
 
     monkeypatch.setattr(engine._Job, "fit", first_fails)
-    data = engine.encode_best(pixels, "RGB", bpp=1.0, effort=effort).data
-    assert container.read_header(data).model_id == CHOICE_MODEL_IDS[1]
+    data = engine.encode_best(pixels, "RGB", bpp=1.0, effort=effort, model_ids=PAIR).data
+    assert container.read_header(data).model_id == PAIR[1]
 
     def every_fails(job, *args, **kwargs):
         raise RateError(f"model {job.model_id} cannot")
 
     monkeypatch.setattr(engine._Job, "fit", every_fails)
-    with pytest.raises(RateError, match=f"model {CHOICE_MODEL_IDS[-1]} cannot"):
-        engine.encode_best(pixels, "RGB", bpp=1.0, effort=effort)
+    with pytest.raises(RateError, match=f"model {PAIR[-1]} cannot"):
+        engine.encode_best(pixels, "RGB", bpp=1.0, effort=effort, model_ids=PAIR)
 
 
 def test_one_pass_encodes_use_the_default_model():
