@@ -157,27 +157,26 @@ def largest_below(cost: Callable[[int], float], budget: float, lo: int, hi: int,
 
     False position on log-costs (the cost is close to exponential in q), with the
     Illinois step -- when one end of the bracket moves twice in a row, the other
-    end's value is halved -- so that the bracket closes from both sides. With a `guess`, the bracket is
-    first narrowed to guess +- spread where those probes allow: the cost is
-    far from exponential across the whole range, close to it across a
-    quarter of a level. Returns None if cost(lo) > budget.
+    end's value is halved -- so that the bracket closes from both sides; it aims at the
+    middle of the slack window, so that probes land in it rather than just past its top. With
+    a `guess`, the bracket is first narrowed to guess +- spread where those probes allow: the
+    cost is far from exponential across the whole range, close to it across a quarter of a
+    level. If the cost at guess + spread is still under the budget, the bracket's top is
+    extrapolated from the two probes (the log-cost's slope between them, `spread` / 2 past
+    where it reaches the budget), up to `EXTRAPOLATIONS` times before hi itself is probed.
+    Returns None if cost(lo) > budget.
     """
     if guess is not None:
-        for edge in (max(lo, guess - spread), min(hi, guess + spread)):
-            if lo < edge < hi:
-                if cost(edge) <= budget:
-                    lo = edge
-                else:
-                    hi = edge
-                    break
+        lo, hi = _narrow(cost, budget, lo, hi, guess, spread)
     c_lo = cost(lo)
     if c_lo > budget:
         return None
     c_hi = cost(hi)
     if c_hi <= budget:
         return hi
-    # Invariant: cost(lo) <= budget < cost(hi). f = log(cost / budget): f_lo <= 0 < f_hi.
-    log_b = math.log(max(budget, 1e-9))
+    # Invariant: cost(lo) <= budget < cost(hi). f = log(cost / aim): f_lo < 0 < f_hi, where
+    # aim is the middle of the slack window (a probe inside the window returns at once).
+    log_b = math.log(max(budget * (1 - slack / 2), 1e-9))
     f_lo, f_hi = math.log(max(c_lo, 1e-9)) - log_b, math.log(max(c_hi, 1e-9)) - log_b
     side = 0  # which end the last probe replaced: -1 lo, +1 hi
     while hi - lo > 1:
@@ -198,6 +197,36 @@ def largest_below(cost: Callable[[int], float], budget: float, lo: int, hi: int,
                 f_lo /= 2
             side = 1
     return lo
+
+
+EXTRAPOLATIONS = 2  # steps past guess + spread before the search probes the top of the range
+
+
+def _narrow(cost: Callable[[int], float], budget: float, lo: int, hi: int, guess: int, spread: int
+            ) -> tuple[int, int]:
+    """[lo, hi] narrowed around `guess` (see `largest_below`): the probes at guess - spread and
+    guess + spread, then extrapolated tops while the cost stays under the budget."""
+    below: tuple[int, float] | None = None  # the last probe under the budget
+    for edge in (max(lo, guess - spread), min(hi, guess + spread)):
+        if lo < edge < hi:
+            c = cost(edge)
+            if c > budget:
+                return lo, edge
+            if below is not None and c > below[1] > 0:
+                slope = math.log(c / below[1]) / (edge - below[0])
+                for _ in range(EXTRAPOLATIONS):
+                    step = math.log(budget / c) / slope + spread // 2
+                    nxt = min(edge + max(int(step), 1), hi)
+                    if nxt >= hi:
+                        break
+                    c_next = cost(nxt)
+                    if c_next > budget:
+                        return edge, nxt
+                    slope = math.log(c_next / c) / (nxt - edge) if c_next > c else slope
+                    edge, c = nxt, c_next
+            below = (edge, c)
+            lo = edge
+    return lo, hi
 
 
 def search(estimate_bytes: Callable[[int], float], encode: Callable[[int], bytes], target_bytes: int,

@@ -378,3 +378,27 @@ def test_a_guess_does_not_change_the_answer_and_few_probes_find_it():
                 assert largest_below(lambda rq: size(rq, []), budget, 0, 8192, guess=far) == want
     searches = 3 * 15
     assert len(plain) < 7 * searches and len(guided) < 7 * searches
+
+
+def test_a_guess_far_under_the_answer_is_extrapolated_not_bracketed_by_the_top():
+    """When the image codes much smaller than the levels, the probes above the guess walk up
+    by extrapolation instead of probing the top of the range (a probe there codes the image
+    at its largest, the slowest probe of all); the answer is the same."""
+    from lcodec.ratecontrol import largest_below
+
+    levels = np.log([0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
+
+    def size(rq, calls):
+        calls.append(rq)
+        return 49152 * np.exp(np.interp(rq / 1024, np.arange(8), levels, right=None) - 0.8)  # 55% smaller
+
+    for bpp, slack in ((0.25, 0.0), (0.5, 0.004)):
+        budget = bpp * 49152
+        guess = round(1024 * np.interp(np.log(bpp), levels, np.arange(8)))
+        calls = []
+        found = largest_below(lambda rq: size(rq, calls), budget, 0, 8191, guess=guess, slack=slack)
+        assert 8191 not in calls and len(calls) <= 8
+        if slack == 0:
+            assert size(found, []) <= budget < size(found + 1, [])
+        else:
+            assert (1 - slack) * budget <= size(found, []) <= budget
