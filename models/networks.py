@@ -185,6 +185,11 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 class MeanScaleHyperprior(nn.Module):
     """Variable-rate mean-scale hyperprior (the thesis's parametric architecture)."""
 
+    # Training only: the synthesis of the training pass sees y with uniform noise instead of
+    # y rounded straight-through (`train --noisy-synthesis`). Straight-through rounding hides the
+    # rounding error from the distortion's gradient, which a transform that learns can exploit.
+    noisy_synthesis = False
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -214,8 +219,9 @@ class MeanScaleHyperprior(nn.Module):
         y_tilde = _uniform_noise(y)
         bits_y = -torch.log2(self.likelihood(y_tilde, mean, scale)).sum((1, 2, 3))
         bits_z = -torch.log2(self.hyper_prior.likelihood(z_tilde)).sum((1, 2, 3))
-        # Synthesis sees the rounded residual (straight-through), as the decoder will.
-        y_q = _round_ste(y - mean) + mean
+        # Synthesis sees the rounded residual (straight-through), as the decoder will; or, with
+        # `noisy_synthesis`, y plus uniform noise, so that the distortion feels a quantisation error.
+        y_q = y_tilde if self.noisy_synthesis else _round_ste(y - mean) + mean
         x_hat = self.synthesis(y_q * inv_gain)
         # What the coder spends: y and z rounded, straight-through, so that h_s sees the integer ẑ
         # it will see when coding. On a noisy ẑ an entropy model whose scales may go far below

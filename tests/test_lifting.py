@@ -169,3 +169,15 @@ def test_refitting_the_levels_relabels_the_gains_and_lands_on_the_targets(tmp_pa
     images = fit_levels.load_training_images(tmp_path / "data", 4)
     rates = fit_levels.measured_rates(FrozenModel(tmp_path / "frozen.pt"), images, np.array([0.0, 1.0]), progress=False)
     assert rates == pytest.approx([0.25, 1.0], rel=0.05)
+
+
+def test_only_the_named_lifting_levels_train(tmp_path):
+    out = _train_lifting(tmp_path, 2, "--lifting-levels", "4")
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    last = {level: state[f"analysis.predict.{level - 1}.2.weight"] for level in (1, 2, 3, 4)}
+    assert last[4].abs().max() > 0  # level 4 (the coarsest) learned
+    assert all(last[level].abs().max() == 0 for level in (1, 2, 3))
+    assert torch.allclose(state["analysis.colour"], torch.tensor(lifting.YCBCR))
+    (tmp_path / "again").mkdir()
+    with pytest.raises(SystemExit, match="among 1..4"):
+        _train_lifting(tmp_path / "again", 1, "--lifting-levels", "5")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ... import engine
 from ...bitstream.container import RATE_SCALE
 from ..entropy_models import SCALE_BOUND
-from ..lifting import LATENT_CHANNELS
+from ..lifting import LATENT_CHANNELS, WAVELET_LEVELS
 from ..networks import DEFAULT_LEVELS, MeanScaleHyperprior, ModelConfig, build_model
 from .freeze import freeze
 from .losses import LevelLoss, make_level_losses
@@ -218,6 +218,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--M", type=int, default=None, help="default 96; the lifting architecture has M = 768")
     p.add_argument("--freeze-transform", action="store_true",
                    help="train only the entropy model and the gains (g_a and g_s stay as they are)")
+    p.add_argument("--lifting-levels", type=int, nargs="+", default=None, metavar="L",
+                   help="lifting: of the transform, only these wavelet levels' learned steps train (1 is the "
+                        "finest); the colour matrix and the other levels stay as they are")
+    p.add_argument("--noisy-synthesis", action="store_true",
+                   help="the training pass reconstructs from y plus uniform noise instead of y rounded "
+                        "straight-through (for a transform that learns)")
     p.add_argument("--freeze-hyper-analysis", action="store_true",
                    help="h_a stays as it is: ẑ is the initial model's, and only h_s and the z prior learn "
                         "(on small crops ẑ is all border, and a trained h_a can learn codes that are cheap only there)")
@@ -335,11 +341,21 @@ class Trainer:
                                   coarse_levels=args.coarse_levels)
         torch.manual_seed(args.seed)
         self.model = build_model(self.config).to(self.device)
+        self.model.noisy_synthesis = args.noisy_synthesis
         if args.freeze_hyper_analysis:
             self.model.hyper_analysis.requires_grad_(False)
         if args.freeze_transform:
             self.model.analysis.requires_grad_(False)
             self.model.synthesis.requires_grad_(False)
+        if args.lifting_levels:
+            if args.arch != "lifting" or args.freeze_transform:
+                raise SystemExit("--lifting-levels is for the lifting architecture, without --freeze-transform")
+            if not set(args.lifting_levels) <= set(range(1, WAVELET_LEVELS + 1)):
+                raise SystemExit(f"--lifting-levels must be among 1..{WAVELET_LEVELS}, got {args.lifting_levels}")
+            self.model.analysis.requires_grad_(False)
+            for level in args.lifting_levels:
+                self.model.analysis.predict[level - 1].requires_grad_(True)
+                self.model.analysis.update[level - 1].requires_grad_(True)
         self.optimizer = self._optimizer()
         self.level_losses: list[LevelLoss] = make_level_losses(args.loss, self.config.levels, args.steps,
                                                                args.beta_scale, args.decay_fraction)
