@@ -181,3 +181,15 @@ def test_only_the_named_lifting_levels_train(tmp_path):
     (tmp_path / "again").mkdir()
     with pytest.raises(SystemExit, match="among 1..4"):
         _train_lifting(tmp_path / "again", 1, "--lifting-levels", "5")
+
+
+def test_noisy_synthesis_reconstructs_from_noisy_latents():
+    model = LiftingHyperprior(ModelConfig(arch="lifting", N=8, M=lifting.LATENT_CHANNELS, levels=(0.1, 1.0)))
+    x, q = torch.rand(1, 3, 64, 64), torch.tensor([1.0])
+    with torch.no_grad():
+        rounded = [model(x, q)["x_hat"] for _ in range(2)]
+        model.noisy_synthesis = True
+        noisy = [model(x, q)["x_hat"] for _ in range(2)]
+    assert torch.equal(rounded[0], rounded[1])  # rounding: the same picture every pass
+    assert not torch.equal(noisy[0], noisy[1])  # noise: a new draw every pass
+    assert (noisy[0] - x).abs().max() > 0
