@@ -166,7 +166,7 @@ def test_refitting_the_levels_relabels_the_gains_and_lands_on_the_targets(tmp_pa
                      "--images", "4", "--no-progress"])
     refitted, _ = freeze.load_checkpoint(tmp_path / "fitted.pt")
     freeze.freeze(refitted, tmp_path / "frozen.pt")
-    images = fit_levels.load_training_images(tmp_path / "data", 4)
+    images = fit_levels.training_images(tmp_path / "data", 4)
     rates = fit_levels.measured_rates(FrozenModel(tmp_path / "frozen.pt"), images, np.array([0.0, 1.0]), progress=False)
     assert rates == pytest.approx([0.25, 1.0], rel=0.05)
 

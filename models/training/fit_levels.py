@@ -5,7 +5,7 @@
 Level i of a model is trained for the target `levels[i]` bpp, but what the codec
 spends at q = i can end far from it: an entropy model trained after the gains (or
 the encoder's rate-distortion rounding) codes the same latents in fewer bits. This
-tool freezes the checkpoint to a temporary file, measures with that frozen model
+tool freezes a copy of the checkpoint's model, measures with that frozen model
 the mean payload rate of training images at q on a grid of quarter levels (the
 estimate rate control uses, within ~0.01% of the real coder), finds for each level
 the q where that mean is the target (log-linear between grid points) and writes a
@@ -18,19 +18,18 @@ rate control's first guess starts closer.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from ...bitstream.container import RATE_SCALE
 from ...engine import OVERHEAD, Encoder
 from ..frozen import FrozenModel
 from ..networks import interpolate_levels
-from .freeze import freeze, load_checkpoint
+from .freeze import load_checkpoint
+from .train import frozen_weights, load_images
 
 GRID_STEP = 0.25  # levels between the rates measured
 
@@ -72,13 +71,11 @@ def relabel_levels(gains: torch.nn.Module, positions: list[float]) -> None:
         table.copy_(torch.stack([interpolate_levels(table, q) for q in positions]))
 
 
-def load_training_images(folder: Path, count: int, seed: int = 0) -> list[np.ndarray]:
-    """`count` images of `folder` (PNG), drawn with `seed`, as RGB uint8 arrays."""
-    paths = sorted(folder.glob("*.png"))
-    if not paths:
-        raise SystemExit(f"no PNG images in {folder}")
-    picked = np.random.default_rng(seed).choice(len(paths), size=min(count, len(paths)), replace=False)
-    return [np.asarray(Image.open(paths[i]).convert("RGB")) for i in sorted(picked)]
+def training_images(folder: Path, count: int, seed: int = 0) -> list[np.ndarray]:
+    """`count` images of `folder` (`train.load_images`), drawn with `seed`, as RGB uint8 arrays."""
+    images = load_images(folder)
+    picked = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
+    return [np.ascontiguousarray(images[i].permute(1, 2, 0).numpy()) for i in sorted(picked)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,11 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     model, _ = load_checkpoint(args.checkpoint)
     levels = model.config.levels
     qs = np.arange(-2.0, len(levels) - 1 + 4.0 + GRID_STEP / 2, GRID_STEP)
-    images = load_training_images(args.data, args.images)
-    with tempfile.TemporaryDirectory() as tmp:
-        frozen_path = Path(tmp) / "frozen.pt"
-        freeze(model, frozen_path)
-        rates = measured_rates(FrozenModel(frozen_path), images, qs, progress=not args.no_progress)
+    images = training_images(args.data, args.images)
+    rates = measured_rates(frozen_weights(model).model, images, qs, progress=not args.no_progress)
     positions = fitted_positions(levels, qs, rates)
     ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     relabel_levels(model.gains, positions)

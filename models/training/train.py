@@ -101,19 +101,24 @@ def validate(model: torch.nn.Module, kodak: Path, device: torch.device) -> list[
     return rows
 
 
+def frozen_weights(model: MeanScaleHyperprior) -> engine.Weights:
+    """A copy of `model` frozen as the codec would ship it (`freeze`, through a temporary file), loaded."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "frozen.pt"
+        freeze(copy.deepcopy(model).cpu(), path)
+        return engine.Weights.load(path)
+
+
 def coded_points(model: torch.nn.Module, images: list[np.ndarray]) -> tuple[list[float], list[float]] | None:
     """Per level, the mean real bpp of one-pass .lc files and the mean PSNR of their decoded
     pixels: freeze a copy of the model and code with it."""
     if not isinstance(model, MeanScaleHyperprior):
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "frozen.pt"
-        try:
-            freeze(copy.deepcopy(model).cpu(), path)
-        except ValueError as e:  # e.g. an h_s that integer arithmetic cannot hold exactly
-            tqdm.write(f"validation: cannot freeze this model ({e}); no coded rates")
-            return None
-        weights = engine.Weights.load(path)
+    try:
+        weights = frozen_weights(model)
+    except ValueError as e:  # e.g. an h_s that integer arithmetic cannot hold exactly
+        tqdm.write(f"validation: cannot freeze this model ({e}); no coded rates")
+        return None
     L = len(model.config.levels)
     bpp, quality = np.zeros((len(images), L)), np.zeros((len(images), L))
     for i, pixels in enumerate(images):
