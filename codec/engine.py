@@ -386,6 +386,19 @@ def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS,
     The weights are the installed ones of the file's model id, or `weights`; either way their
     digest must be the file's. `tile_latents` sets g_s's tiles (None: the model's own).
     """
+    header, model, y_hat = decode_latent(data, max_pixels=max_pixels, weights=weights)
+    x = model.synthesize(y_hat, header.rate_q / RATE_SCALE, **_tiles(tile_latents))[0, :, :header.height, :header.width]
+    # In place: at 8K each full-size float temporary would cost 400 MB of peak memory.
+    pixels = x.nan_to_num_(nan=0.0).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+    if header.mode == "L":
+        return np.round(pixels.astype(np.float32).mean(axis=2)).astype(np.uint8), "L"
+    return np.ascontiguousarray(pixels), "RGB"
+
+
+def decode_latent(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS, weights: Weights | None = None
+                  ) -> tuple[container.Header, FrozenModel, torch.Tensor]:
+    """The first half of `decode_array`: the file's header, its model and ŷ (1, M, h, w) in the
+    gained domain, entropy-decoded and checked, before `FrozenModel.synthesize`."""
     header, payload = container.unpack(data, max_pixels=max_pixels)
     if weights is None:
         entry = MODELS.get(header.model_id)
@@ -418,12 +431,7 @@ def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS,
     del idx
     y_hat.add_(torch.from_numpy(sym).view(1, M, zh * 4, zw * 4))
     del sym
-    x = model.synthesize(y_hat, header.rate_q / RATE_SCALE, **_tiles(tile_latents))[0, :, :header.height, :header.width]
-    # In place: at 8K each full-size float temporary would cost 400 MB of peak memory.
-    pixels = x.nan_to_num_(nan=0.0).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
-    if header.mode == "L":
-        return np.round(pixels.astype(np.float32).mean(axis=2)).astype(np.uint8), "L"
-    return np.ascontiguousarray(pixels), "RGB"
+    return header, model, y_hat
 
 
 def encode_best(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size: int | None = None,

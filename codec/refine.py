@@ -75,7 +75,8 @@ class Refiner:
     def __init__(self, model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int):
         self.model, self.height, self.width = model, height, width
         self.target = x[:, :, :height, :width] * 255
-        gain, self.inv_gain = model.gains(rq / RATE_SCALE)
+        self.q = rq / RATE_SCALE
+        gain, self.inv_gain = model.gains(self.q)
         self.u0 = y * gain
         z = model.hyper_latent(self.u0)
         self.mean, idx = model.latent_entropy_parameters(z, np.dtype(np.int64))
@@ -87,7 +88,7 @@ class Refiner:
     def distortion(self, symbols: torch.Tensor) -> torch.Tensor:
         """Σ squared error (8-bit scale) of the reconstruction from `symbols` (float, may carry a
         straight-through gradient) over the image's own pixels."""
-        x_hat = self.model.synthesis((symbols + self.mean) * self.inv_gain).clamp(0, 1)
+        x_hat = self.model.draw((symbols + self.mean) * self.inv_gain, self.q).clamp(0, 1)
         return (x_hat[:, :, :self.height, :self.width] * 255 - self.target).square().sum()
 
     def file_bytes(self, symbols: np.ndarray) -> float:

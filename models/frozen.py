@@ -13,7 +13,8 @@ Data flow at encode time (q = rate parameter, see `RateGains`)::
                                     └──── s = round(y_g − mean) ◄── mean = mean_int / 2^16
                                                        idx = table_index(scale_int)
 
-and at decode time ŷ = (s + mean) × inv_gain(q) ─► g_s ─crop─► x̂.
+and at decode time ŷ = (s + mean) × inv_gain(q) ─► g_s ─► post-filter(q) ─crop─► x̂
+(the post-filter only where the model has one, `ModelConfig.postfilter`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..errors import ModelMismatchError, ModelNotFrozenError
 from .integer_hyper import OUT_BITS, ApproximateHyperSynthesis, IntegerHyperSynthesis, table_index
 from .lifting import InverseLifting, LiftingTransform
 from .networks import AnalysisTransform, HyperAnalysisTransform, ModelConfig, SynthesisTransform, interpolate_levels
+from .postfilter import PostFilter
 
 FROZEN_FORMAT = "lcodec-frozen-1"
 PAD = 64  # g_a downsamples by 16 and h_a by 4 more
@@ -162,6 +164,7 @@ class FrozenModel:
             self.analysis = _load(AnalysisTransform(N, M), state["analysis"])
             self.synthesis = _load(SynthesisTransform(N, M), state["synthesis"])
             self.halo_latents = HALO_LATENTS
+        self.postfilter = _load(PostFilter(self.config.postfilter), state["postfilter"]) if self.config.postfilter else None
         self.hyper_analysis = _load(HyperAnalysisTransform(N, M), state["hyper_analysis"])
         self.hyper_synthesis = IntegerHyperSynthesis(state["hyper_synthesis"])
         self.approximate_hyper_synthesis = ApproximateHyperSynthesis(state["hyper_synthesis"])
@@ -223,6 +226,13 @@ class FrozenModel:
         scale_int = torch.floor(scale_fixed.double()).to(torch.int64)
         return mean_fixed / 2**OUT_BITS, table_index(scale_int, self.scale_thresholds)
 
+    def draw(self, y: torch.Tensor, q: float) -> torch.Tensor:
+        """g_s of ŷ after the inverse gain, unclamped: the synthesis transform, then, where the model
+        has one, the post-filter at rate q on its output clamped to [0, 1] (what it was trained
+        on: `lcodec.models.training.postfilter`). Differentiable (latent refinement)."""
+        x = self.synthesis(y)
+        return x if self.postfilter is None else self.postfilter(x.clamp(0, 1), q)
+
     @torch.no_grad()
     def synthesize(self, y_hat_gained: torch.Tensor, q: float, *, tile_latents: int = TILE_LATENTS) -> torch.Tensor:
         """ŷ in the gained domain -> x̂ (1, 3, Hp, Wp), clamped to [0, 1], on tiles of `tile_latents` latents.
@@ -231,7 +241,7 @@ class FrozenModel:
         _, inv_gain = self.gains(q)
         y = y_hat_gained.mul_(inv_gain)
         with one_thread_per_operation() as threads:
-            x = run_tiled(self.synthesis, y, 16, tile_latents, self.halo_latents, inverse=True, workers=threads)
+            x = run_tiled(lambda t: self.draw(t, q), y, 16, tile_latents, self.halo_latents, inverse=True, workers=threads)
         return x.clamp_(0, 1)
 
 

@@ -54,6 +54,9 @@ class ModelConfig:
     scale_bound: float = SCALE_BOUND
     # Arch "lifting" only: how many more fixed 9/7 levels split LL4 in place (`lifting.coarse_dwt`), 0 to 2.
     coarse_levels: int = 0
+    # The hidden width of the decoder's post-filter (`postfilter.PostFilter`), 0: none. Set only by
+    # `lcodec.models.training.postfilter`, which trains it on a frozen model's decoded images.
+    postfilter: int = 0
 
     def __post_init__(self) -> None:
         if self.likelihood not in LIKELIHOODS:
@@ -63,6 +66,8 @@ class ModelConfig:
         if self.coarse_levels not in ((0, 1, 2) if self.arch == "lifting" else (0,)):
             raise ValueError(f"coarse_levels must be 0, 1 or 2 for the lifting architecture and 0 for the others, "
                              f"got {self.coarse_levels}")
+        if self.postfilter < 0:
+            raise ValueError(f"postfilter must be a width >= 0, got {self.postfilter}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +76,8 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         return cls(arch=str(d["arch"]), N=int(d["N"]), M=int(d["M"]), levels=tuple(float(v) for v in d["levels"]),
                    likelihood=str(d.get("likelihood", "gaussian")),
-                   scale_bound=float(d.get("scale_bound", SCALE_BOUND)), coarse_levels=int(d.get("coarse_levels", 0)))
+                   scale_bound=float(d.get("scale_bound", SCALE_BOUND)), coarse_levels=int(d.get("coarse_levels", 0)),
+                   postfilter=int(d.get("postfilter", 0)))
 
 
 class AnalysisTransform(nn.Sequential):

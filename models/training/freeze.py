@@ -77,6 +77,11 @@ def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None, near
         "rate_range": [-RATE_MARGIN[0], L - 1 + RATE_MARGIN[1]],
         "info": dict(info or {}),
     }
+    return write_frozen(state, out)
+
+
+def write_frozen(state: dict, out: Path) -> str:
+    """Save a frozen model's state to `out` atomically; return the file's SHA-256."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     torch.save(state, tmp)

@@ -1,0 +1,48 @@
+"""The decoder's post-filter: a small CNN that the synthesis ends with.
+
+A coarsely quantised wavelet decodes to a picture whose errors are not noise
+but structure: ringing beside edges, blur, the faint checkerboard of the
+coarsest bands' basis functions. Those errors are predictable from the decoded
+picture itself, and a few convolutions remove part of them::
+
+    x̂ = x̃ + F(pixel_unshuffle(x̃ − 0.5, 2), q)       (x̃: the inverse transform's output)
+
+F sees x̃ in 2x2 blocks (12 channels at half resolution, so that four 3x3
+layers reach 8 pixels on every side) and the rate parameter q of the file as
+one more constant channel (q / 8: the levels span q = 0..8), so that it learns
+how strong the artefacts of each rate are. Its last layer starts at zero: an
+untrained filter is the identity. It is trained after everything else, on the
+frozen codec's own decoded training images (`lcodec.models.training.postfilter`),
+so it changes nothing the encoder codes; a file decodes with it whenever its
+model has one (`ModelConfig.postfilter`, the hidden width).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYERS = 4
+REACH = 2 * LAYERS  # pixels of context on every side that one output pixel depends on
+Q_SCALE = 8.0  # q is fed as q / Q_SCALE
+
+
+class PostFilter(nn.Module):
+    """x̃ (B, 3, H, W), H and W even, and q (float or (B,)) -> x̃ + F(x̃, q) (see the module)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(13, width, 3, padding=1)]
+        for _ in range(LAYERS - 2):
+            layers += [nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)]
+        layers += [nn.ReLU(), nn.Conv2d(width, 12, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, x: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
+        blocks = F.pixel_unshuffle(x - 0.5, 2)
+        q = torch.as_tensor(q, dtype=x.dtype).reshape(-1, 1, 1, 1) / Q_SCALE
+        rate = q.expand(blocks.shape[0], 1, blocks.shape[2], blocks.shape[3])
+        return x + F.pixel_shuffle(self.layers(torch.cat([blocks, rate], 1)), 2)

@@ -1,0 +1,186 @@
+"""Train the decoder's post-filter (`lcodec.models.postfilter`) of a frozen model.
+
+    python -m lcodec.models.training.postfilter models/weights/lift-97-128-v4.pt --out runs/pf1 \\
+        --width 48 --steps 6000
+    # writes runs/pf1/checkpoint.pt (resumable: run the same command again) and, at the end,
+    # runs/pf1/frozen.pt: the frozen model with the filter, ready for the model table
+
+The codec is frozen first and stays as it is: the filter learns from what the
+decoder really gets. Every training image is coded at `--decodes` random rate
+parameters q (half of them from the whole range of levels, half from the lowest
+three, where the artefacts are strongest) with the codec's own encoder, its
+files are decoded up to the synthesis (`engine.decode_latent`,
+`FrozenModel.synthesize`), and the filter is fitted to the mean squared error
+between its output and the original, on random crops. The last `--val-images`
+images are held out: the log reports the filter's PSNR gain on them per
+nearest level position q.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ... import engine
+from ...bitstream.container import RATE_SCALE
+from ..frozen import FrozenModel
+from ..postfilter import PostFilter
+from .freeze import write_frozen
+from .train import load_images
+
+
+def decoded(weights: engine.Weights, image: np.ndarray, qs: list[float]) -> list[np.ndarray]:
+    """`image` (H, W, 3) uint8 coded with `weights` at each rate parameter of `qs` and decoded up to
+    the post-filter's input: (3, H, W) float16 in [0, 1] each."""
+    enc = engine.Encoder(weights.model, image, "RGB")
+    out = []
+    for q in qs:
+        data = enc.file(round(q * RATE_SCALE), 0, weights.digest4)
+        header, model, y_hat = engine.decode_latent(data, weights=weights)
+        x = model.synthesize(y_hat, header.rate_q / RATE_SCALE)[0, :, :header.height, :header.width]
+        out.append(x.half().numpy())
+    return out
+
+
+def training_pairs(weights: engine.Weights, images: torch.Tensor, decodes: int, seed: int, progress: bool
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """For every image, `decodes` decoded versions at random q: (n * decodes, 3, H, W) float16 and
+    the q of each (float32)."""
+    L = len(weights.model.levels)
+    lo, hi = weights.model.rate_range
+    rng = np.random.default_rng(seed)
+    xs, qs = [], []
+    for image in tqdm(images, desc="decoding", disable=not progress):
+        q = [float(rng.uniform(max(lo, -0.5), 2.0 if k % 2 else min(hi, L - 1 + 0.5))) for k in range(decodes)]
+        xs += decoded(weights, image.permute(1, 2, 0).numpy(), q)
+        qs += q
+    return np.stack(xs), np.array(qs, dtype=np.float32)
+
+
+def psnr_gain(net: PostFilter, x_hat: np.ndarray, q: np.ndarray, x: torch.Tensor) -> np.ndarray:
+    """Per decoded image, PSNR of the filtered over the unfiltered (both rounded to 8 bits), in dB."""
+    gains = []
+    with torch.no_grad():
+        for i in range(0, len(q), 16):
+            a = torch.from_numpy(x_hat[i:i + 16]).float()
+            ref = x[i:i + 16].float()
+            before = ((a * 255).round() - ref).square().mean((1, 2, 3))
+            after = ((net(a, torch.from_numpy(q[i:i + 16])).clamp(0, 1) * 255).round() - ref).square().mean((1, 2, 3))
+            gains += (10 * torch.log10(before / after)).tolist()
+    return np.array(gains)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("frozen", type=Path, help="the frozen model (without a post-filter)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=Path("../shared/data/train"))
+    p.add_argument("--width", type=int, default=48)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-drop", type=float, default=0.85, help="fraction of steps after which lr /= 10")
+    p.add_argument("--decodes", type=int, default=2, help="decoded versions of each training image")
+    p.add_argument("--val-images", type=int, default=64)
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--ckpt-minutes", type=float, default=5.0)
+    p.add_argument("--limit-images", type=int, default=None, help="use only the first K images (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = FrozenModel(args.frozen)
+    if base.postfilter is not None:
+        raise SystemExit(f"{args.frozen} already has a post-filter")
+    weights = engine.Weights.load(args.frozen)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ck_path, log_path = args.out / "checkpoint.pt", args.out / "log.jsonl"
+
+    images = load_images(args.data, args.limit_images)
+    if not 0 < args.val_images < len(images):
+        raise SystemExit(f"--val-images must be between 1 and {len(images) - 1}")
+    x_hat, q = training_pairs(weights, images, args.decodes, args.seed, not args.no_progress)
+    x = images.repeat_interleave(args.decodes, 0)
+    n_val = args.val_images * args.decodes
+    val = (x_hat[-n_val:], q[-n_val:], x[-n_val:])
+    x_hat, q, x = x_hat[:-n_val], q[:-n_val], x[:-n_val]
+
+    torch.manual_seed(args.seed)
+    net = PostFilter(args.width)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    step = 0
+    if ck_path.exists():
+        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        step = int(ck["step"])
+
+    def checkpoint() -> None:
+        tmp = ck_path.with_suffix(".tmp")
+        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                    "width": args.width, "args": {k: str(v) for k, v in vars(args).items()}}, tmp)
+        tmp.replace(ck_path)
+
+    def validate() -> None:
+        gains = psnr_gain(net, *val)
+        nearest = np.clip(np.round(val[1]), 0, len(base.levels) - 1).astype(int)
+        per_level = {str(k): round(float(gains[nearest == k].mean()), 4) for k in np.unique(nearest)}
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"kind": "val", "step": step, "gain_db": per_level, "mean_gain_db": float(gains.mean())}) + "\n")
+        tqdm.write(f"val step {step}: gain dB by nearest q {per_level}")
+
+    n, _, H, W = x.shape
+    last_ckpt, losses = time.time(), []
+    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, desc="post-filter")
+    while step < args.steps:
+        lr = args.lr / 10 if step >= args.lr_drop * args.steps else args.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(n, (args.batch,), generator=gen)
+        top = 2 * torch.randint((H - args.crop) // 2 + 1, (1,), generator=gen).item()
+        left = 2 * torch.randint((W - args.crop) // 2 + 1, (1,), generator=gen).item()
+        rows, cols = slice(top, top + args.crop), slice(left, left + args.crop)
+        a = torch.from_numpy(x_hat[idx.numpy(), :, rows, cols]).float()
+        target = x[idx][:, :, rows, cols].float() / 255
+        loss = (net(a, torch.from_numpy(q[idx.numpy()])) - target).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 100 == 0:
+            psnr = -10 * math.log10(np.mean(losses))
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"kind": "train", "step": step, "lr": lr, "psnr": psnr, "time": time.time()}) + "\n")
+            losses = []
+        if step % args.val_every == 0 or step == args.steps:
+            validate()
+        if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == args.steps:
+            checkpoint()
+            last_ckpt = time.time()
+    bar.close()
+
+    state = torch.load(args.frozen, map_location="cpu", weights_only=True)
+    state["config"] = dict(state["config"], postfilter=args.width)
+    state["postfilter"] = {k: v.detach().half() for k, v in net.state_dict().items()}
+    state["info"] = dict(state.get("info", {}), postfilter={"step": step, "base": args.frozen.name,
+                                                             "base_sha256": weights.sha256})
+    digest = write_frozen(state, args.out / "frozen.pt")
+    print(f"{args.out / 'frozen.pt'}: sha256 {digest} (post-filter step {step})")
+
+
+if __name__ == "__main__":
+    main()
