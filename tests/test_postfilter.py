@@ -1,0 +1,113 @@
+"""The decoder's post-filter: the identity before training, conditioned on the rate, part of every
+decode and refinement of a model that has one, seamless on tiles, and trained by its own stage."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from lcodec import engine
+from lcodec.bitstream import container
+from lcodec.bitstream.container import RATE_SCALE
+from lcodec.models.frozen import FrozenModel
+from lcodec.models.postfilter import PostFilter
+from lcodec.models.training import postfilter as training
+from lcodec.models.training.freeze import write_frozen
+
+from conftest import smooth_rgb
+
+
+def with_filter(tmp_path, width: int = 8) -> engine.Weights:
+    """Model 0's frozen file with a post-filter of random weights (its last layer not zero)."""
+    state = torch.load(engine.MODELS[0].path, weights_only=True)
+    torch.manual_seed(0)
+    net = PostFilter(width)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.05)
+    state["config"] = dict(state["config"], postfilter=width)
+    state["postfilter"] = {k: v.half() for k, v in net.state_dict().items()}
+    path = tmp_path / "filtered.pt"
+    write_frozen(state, path)
+    return engine.Weights.load(path)
+
+
+def test_an_untrained_filter_is_the_identity():
+    x = torch.rand(2, 3, 32, 48)
+    assert torch.equal(PostFilter(16)(x, torch.tensor([0.0, 5.0])), x)
+
+
+def test_the_filter_sees_the_rate(tmp_path):
+    net = with_filter(tmp_path).model.postfilter
+    x = torch.rand(1, 3, 32, 32)
+    assert not torch.allclose(net(x, 0.0), net(x, 4.0))
+
+
+def test_a_file_decodes_through_the_filter_and_codes_the_same_symbols(tmp_path):
+    weights = with_filter(tmp_path)
+    pixels = smooth_rgb(64, 96)
+    data = engine.encode_array(pixels, "RGB", rate=4.0, model_id=0, weights=weights).data
+    plain = engine.encode_array(pixels, "RGB", rate=4.0, model_id=0).data
+    assert container.unpack(data)[1] == container.unpack(plain)[1]  # the encoder does not see the filter
+
+    header, model, y_hat = engine.decode_latent(data, weights=weights)
+    q = header.rate_q / RATE_SCALE
+    _, inv_gain = model.gains(q)
+    unfiltered = model.synthesis(y_hat * inv_gain).clamp(0, 1)
+    expected = model.postfilter(unfiltered, q).clamp(0, 1)[0, :, :64, :96].mul(255).round().permute(1, 2, 0)
+    decoded, _ = engine.decode_array(data, weights=weights)
+    assert np.abs(decoded.astype(np.int16) - expected.numpy().astype(np.int16)).max() <= 1
+    assert not np.array_equal(decoded, engine.decode_array(plain)[0])
+
+
+def test_the_filter_decodes_the_same_pixels_on_small_tiles(tmp_path):
+    """The synthesis tiles' halo (4 latents, 64 pixels) covers the filter's reach of 8 pixels."""
+    weights = with_filter(tmp_path)
+    pixels = smooth_rgb(192, 256, seed=5)
+    data = engine.encode_array(pixels, "RGB", rate=4.0, model_id=0, weights=weights).data
+    whole, _ = engine.decode_array(data, weights=weights)
+    tiled, _ = engine.decode_array(data, weights=weights, tile_latents=4)
+    assert np.abs(whole.astype(np.int16) - tiled.astype(np.int16)).max() <= 1
+
+
+def test_refinement_optimises_through_the_filter(tmp_path):
+    weights = with_filter(tmp_path)
+    result = engine.encode_array(smooth_rgb(64, 64), "RGB", size=3000, model_id=0, weights=weights, effort=1)
+    assert len(result.data) <= 3000
+    engine.decode_array(result.data, weights=weights)
+
+
+@pytest.fixture()
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(5):
+        base = rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)
+        Image.fromarray(base).resize((64, 64), Image.BILINEAR).save(folder / f"img{i}.png")
+    return folder
+
+
+def _train(images, out, steps):
+    training.main([str(engine.MODELS[0].path), "--out", str(out), "--data", str(images), "--width", "4",
+                   "--steps", str(steps), "--batch", "2", "--crop", "32", "--val-images", "2", "--val-every", "2",
+                   "--no-progress", "--threads", "1"])
+
+
+def test_the_training_stage_writes_a_frozen_model_with_the_filter_and_resumes(images, tmp_path):
+    out = tmp_path / "run"
+    _train(images, out, 2)
+    _train(images, out, 4)  # resumes at step 2
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "val"] == [2, 4]
+    model = FrozenModel(out / "frozen.pt")
+    assert model.config.postfilter == 4 and model.info["postfilter"]["step"] == 4
+    pixels = smooth_rgb(64, 64)
+    weights = engine.Weights.load(out / "frozen.pt")
+    engine.decode_array(engine.encode_array(pixels, "RGB", rate=2.0, model_id=0, weights=weights).data, weights=weights)
+
+    with pytest.raises(SystemExit, match="already has a post-filter"):
+        training.main([str(out / "frozen.pt"), "--out", str(tmp_path / "again"), "--data", str(images)])
