@@ -26,10 +26,16 @@ from torch import nn
 LAYERS = 4
 REACH = 2 * LAYERS  # pixels of context on every side that one output pixel depends on
 Q_SCALE = 8.0  # q is fed as q / Q_SCALE
+STRIP = 256  # rows filtered at a time ...
+STRIP_CONTEXT = 2 * REACH  # ... each read with this many rows of context above and below
 
 
 class PostFilter(nn.Module):
-    """x̃ (B, 3, H, W), H and W even, and q (float or (B,)) -> x̃ + F(x̃, q) (see the module)."""
+    """x̃ (B, 3, H, W), H and W even, and q (float or (B,)) -> x̃ + F(x̃, q) (see the module).
+
+    Taller inputs are filtered in strips of `STRIP` rows, each with `STRIP_CONTEXT` rows of context
+    (more than the reach), so that only one strip's activations are alive at a time (an 8K
+    decode tile would otherwise hold 150 MB per layer) and the result is the same."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -42,6 +48,16 @@ class PostFilter(nn.Module):
         nn.init.zeros_(self.layers[-1].bias)
 
     def forward(self, x: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
+        H = x.shape[2]
+        if H <= STRIP + 2 * STRIP_CONTEXT:
+            return self._filter(x, q)
+        strips = []
+        for top in range(0, H, STRIP):
+            lo, hi = max(top - STRIP_CONTEXT, 0), min(top + STRIP + STRIP_CONTEXT, H)
+            strips.append(self._filter(x[:, :, lo:hi], q)[:, :, top - lo:min(top + STRIP, H) - lo])
+        return torch.cat(strips, 2)
+
+    def _filter(self, x: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
         blocks = F.pixel_unshuffle(x - 0.5, 2)
         q = torch.as_tensor(q, dtype=x.dtype).reshape(-1, 1, 1, 1) / Q_SCALE
         rate = q.expand(blocks.shape[0], 1, blocks.shape[2], blocks.shape[3])

@@ -13,6 +13,7 @@ from lcodec import engine
 from lcodec.bitstream import container
 from lcodec.bitstream.container import RATE_SCALE
 from lcodec.models.frozen import FrozenModel
+from lcodec.models import postfilter
 from lcodec.models.postfilter import PostFilter
 from lcodec.models.training import postfilter as training
 from lcodec.models.training.freeze import write_frozen
@@ -111,3 +112,10 @@ def test_the_training_stage_writes_a_frozen_model_with_the_filter_and_resumes(im
 
     with pytest.raises(SystemExit, match="already has a post-filter"):
         training.main([str(out / "frozen.pt"), "--out", str(tmp_path / "again"), "--data", str(images)])
+
+
+def test_tall_inputs_are_filtered_in_strips_with_the_same_result(tmp_path):
+    net = with_filter(tmp_path).model.postfilter
+    x = torch.rand(1, 3, postfilter.STRIP * 2 + 2 * postfilter.STRIP_CONTEXT + 34, 40)
+    whole = net._filter(x, 3.0)
+    assert torch.allclose(net(x, 3.0), whole, atol=1e-6)
