@@ -164,7 +164,9 @@ class FrozenModel:
             self.analysis = _load(AnalysisTransform(N, M), state["analysis"])
             self.synthesis = _load(SynthesisTransform(N, M), state["synthesis"])
             self.halo_latents = HALO_LATENTS
-        self.postfilter = _load(PostFilter(self.config.postfilter), state["postfilter"]) if self.config.postfilter else None
+        self.postfilter = None
+        if self.config.postfilter:
+            self.postfilter = _load(PostFilter(self.config.postfilter, len(self.config.levels)), state["postfilter"])
         self.hyper_analysis = _load(HyperAnalysisTransform(N, M), state["hyper_analysis"])
         self.hyper_synthesis = IntegerHyperSynthesis(state["hyper_synthesis"])
         self.approximate_hyper_synthesis = ApproximateHyperSynthesis(state["hyper_synthesis"])

@@ -25,7 +25,7 @@ def with_filter(tmp_path, width: int = 8) -> engine.Weights:
     """Model 0's frozen file with a post-filter of random weights (its last layer not zero)."""
     state = torch.load(engine.MODELS[0].path, weights_only=True)
     torch.manual_seed(0)
-    net = PostFilter(width)
+    net = PostFilter(width, len(state["config"]["levels"]))
     for p in net.parameters():
         nn.init.normal_(p, std=0.05)
     state["config"] = dict(state["config"], postfilter=width)
@@ -37,7 +37,7 @@ def with_filter(tmp_path, width: int = 8) -> engine.Weights:
 
 def test_an_untrained_filter_is_the_identity():
     x = torch.rand(2, 3, 32, 48)
-    assert torch.equal(PostFilter(16)(x, torch.tensor([0.0, 5.0])), x)
+    assert torch.equal(PostFilter(16, 9)(x, torch.tensor([0.0, 5.0])), x)
 
 
 def test_the_filter_sees_the_rate(tmp_path):
@@ -104,7 +104,10 @@ def test_the_training_stage_writes_a_frozen_model_with_the_filter_and_resumes(im
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "val"] == [2, 4]
+    calibration = [r for r in rows if r["kind"] == "calibration"][-1]
+    assert all(0 <= s <= 1 for s in calibration["strength"])
     model = FrozenModel(out / "frozen.pt")
+    assert model.postfilter.strength.tolist() == pytest.approx(calibration["strength"], abs=1e-3)  # fp16
     assert model.config.postfilter == 4 and model.info["postfilter"]["step"] == 4
     pixels = smooth_rgb(64, 64)
     weights = engine.Weights.load(out / "frozen.pt")
@@ -119,3 +122,20 @@ def test_tall_inputs_are_filtered_in_strips_with_the_same_result(tmp_path):
     x = torch.rand(1, 3, postfilter.STRIP * 2 + 2 * postfilter.STRIP_CONTEXT + 34, 40)
     whole = net._filter(x, 3.0)
     assert torch.allclose(net(x, 3.0), whole, atol=1e-6)
+
+
+def test_the_strength_is_linear_between_levels_and_held_beyond_them():
+    net = PostFilter(4, 3)
+    net.strength.copy_(torch.tensor([0.0, 1.0, 0.5]))
+    q = torch.tensor([-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 5.0])
+    assert net.strength_at(q).tolist() == [0.0, 0.0, 0.5, 1.0, 0.75, 0.5, 0.5]
+
+
+def test_calibration_turns_down_a_filter_that_does_not_help(tmp_path, images):
+    weights = with_filter(tmp_path)  # random weights: its residual is noise to these pictures
+    net = weights.model.postfilter
+    pictures = training.load_images(images)
+    levels = training.calibrate(net, weights, pictures, progress=False)
+    assert len(levels) == len(weights.model.levels)
+    assert all(0 <= s < 0.5 and g > -0.01 for s, g in levels)
+    assert net.strength.tolist() == pytest.approx([s for s, _ in levels])
