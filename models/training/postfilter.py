@@ -129,11 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     images = load_images(args.data, args.limit_images)
     if not 0 < args.val_images < len(images):
         raise SystemExit(f"--val-images must be between 1 and {len(images) - 1}")
-    x_hat, q = training_pairs(weights, images, args.decodes, args.seed, not args.no_progress)
-    x = images.repeat_interleave(args.decodes, 0)
-    n_val = args.val_images * args.decodes
-    val = (x_hat[-n_val:], q[-n_val:], x[-n_val:])
-    x_hat, q, x = x_hat[:-n_val], q[:-n_val], x[:-n_val]
 
     torch.manual_seed(args.seed)
     net = PostFilter(args.width, len(base.levels))
@@ -161,7 +156,13 @@ def main(argv: list[str] | None = None) -> None:
             f.write(json.dumps({"kind": "val", "step": step, "gain_db": per_level, "mean_gain_db": float(gains.mean())}) + "\n")
         tqdm.write(f"val step {step}: gain dB by nearest q {per_level}")
 
-    n, _, H, W = x.shape
+    if step < args.steps:  # the training images are decoded only if there are steps left to train
+        x_hat, q = training_pairs(weights, images, args.decodes, args.seed, not args.no_progress)
+        x = images.repeat_interleave(args.decodes, 0)
+        n_val = args.val_images * args.decodes
+        val = (x_hat[-n_val:], q[-n_val:], x[-n_val:])
+        x_hat, q, x = x_hat[:-n_val], q[:-n_val], x[:-n_val]
+        n, _, H, W = x.shape
     last_ckpt, losses = time.time(), []
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, desc="post-filter")
     while step < args.steps:
