@@ -27,7 +27,7 @@ def images() -> dict[str, tuple[np.ndarray, str, float, int]]:
     return {"v1_rgb_64x48": (rgb, "RGB", 5.0, 0), "v1_gray_65x37": (gray, "L", 2.0, 0),
             "v1_rgb_64x48_m6": (rgb, "RGB", 5.0, 6), "v1_rgb_64x48_m7": (rgb, "RGB", 5.0, 7),
             "v1_rgb_64x48_m8": (rgb, "RGB", 5.0, 8), "v1_rgb_64x48_m9": (rgb, "RGB", 5.0, 9),
-            "v1_rgb_64x48_m10": (rgb, "RGB", 5.0, 10)}
+            "v1_rgb_64x48_m10": (rgb, "RGB", 5.0, 10), "v1_rgb_64x48_m11": (rgb, "RGB", 5.0, 11)}
 
 
 def main() -> None:
