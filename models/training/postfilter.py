@@ -97,6 +97,37 @@ def calibrate(net: PostFilter, weights: engine.Weights, images: torch.Tensor, pr
     return result
 
 
+def plot_curves(log_path: Path, out_png: Path) -> None:
+    """Beside the log: the training PSNR, and the held-out PSNR gain per nearest level over the steps."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    train = [r for r in rows if r["kind"] == "train"]
+    val = [r for r in rows if r["kind"] == "val"]
+    if not train:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    ax[0].plot([r["step"] for r in train], [r["psnr"] for r in train], color="k", lw=0.8)
+    ax[0].set(title="training PSNR of the filtered crops (dB, all rates)", xlabel="step")
+    levels = sorted({k for r in val for k in r["gain_db"]}, key=int)
+    cmap = plt.get_cmap("viridis")
+    for i, k in enumerate(levels):
+        pts = [(r["step"], r["gain_db"][k]) for r in val if k in r["gain_db"]]
+        ax[1].plot([p[0] for p in pts], [p[1] for p in pts], color=cmap(i / max(1, len(levels) - 1)), marker=".",
+                   lw=0.8, label=f"q ≈ {k}")
+    ax[1].axhline(0, color="grey", lw=0.5)
+    ax[1].set(title="PSNR gain on held-out images, strength 1 (dB)", xlabel="step")
+    ax[1].legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("frozen", type=Path, help="the frozen model (without a post-filter)")
@@ -191,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             validate()
         if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == args.steps:
             checkpoint()
+            plot_curves(log_path, args.out / "curves.png")
             last_ckpt = time.time()
     bar.close()
 
