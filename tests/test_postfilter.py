@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from lcodec import engine
@@ -18,6 +17,7 @@ from lcodec.models.postfilter import PostFilter
 from lcodec.models.training import postfilter as training
 from lcodec.models.training.freeze import write_frozen
 
+import test_train
 from conftest import smooth_rgb
 
 
@@ -80,15 +80,7 @@ def test_refinement_optimises_through_the_filter(tmp_path):
     engine.decode_array(result.data, weights=weights)
 
 
-@pytest.fixture()
-def images(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i in range(5):
-        base = rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)
-        Image.fromarray(base).resize((64, 64), Image.BILINEAR).save(folder / f"img{i}.png")
-    return folder
+images = test_train.tiny_data  # the fixture of test_train: six 64x64 training pictures
 
 
 def _train(images, out, steps):
