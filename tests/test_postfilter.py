@@ -8,17 +8,16 @@ import pytest
 import torch
 from torch import nn
 
+import test_train
+from conftest import smooth_rgb
 from lcodec import engine
 from lcodec.bitstream import container
 from lcodec.bitstream.container import RATE_SCALE
-from lcodec.models.frozen import FrozenModel
 from lcodec.models import postfilter
+from lcodec.models.frozen import FrozenModel
 from lcodec.models.postfilter import PostFilter
 from lcodec.models.training import postfilter as training
 from lcodec.models.training.freeze import write_frozen
-
-import test_train
-from conftest import smooth_rgb
 
 
 def with_filter(tmp_path, width: int = 8) -> engine.Weights:
