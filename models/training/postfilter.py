@@ -1,7 +1,7 @@
 """Train the decoder's post-filter (`lcodec.models.postfilter`) of a frozen model.
 
     python -m lcodec.models.training.postfilter models/weights/lift-97-128-v4.pt --out runs/pf1 \\
-        --width 48 --steps 6000
+        --width 48 --steps 8000
     # writes runs/pf1/checkpoint.pt (resumable: run the same command again) and, at the end,
     # runs/pf1/frozen.pt: the frozen model with the filter, ready for the model table
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", type=Path, default=Path("../shared/data/train"))
     p.add_argument("--width", type=int, default=48)
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
