@@ -43,7 +43,8 @@ def scale_table(bound: float) -> np.ndarray:
     return np.exp(np.linspace(math.log(bound), math.log(SCALE_MAX), n))
 
 
-def _fp16(module: torch.nn.Module) -> dict:
+def fp16_state(module: torch.nn.Module) -> dict:
+    """A module's state as the frozen file stores it: every tensor in fp16."""
     return {k: v.detach().half() for k, v in module.state_dict().items()}
 
 
@@ -64,10 +65,10 @@ def freeze(model: MeanScaleHyperprior, out: Path, info: dict | None = None, near
     state = {
         "format": FROZEN_FORMAT,
         "config": model.config.to_dict(),
-        "analysis": _fp16(model.analysis),
+        "analysis": fp16_state(model.analysis),
         # The lifting model's g_s is its g_a run backwards: nothing more to store.
-        "synthesis": {} if model.config.arch == "lifting" else _fp16(model.synthesis),
-        "hyper_analysis": _fp16(model.hyper_analysis),
+        "synthesis": {} if model.config.arch == "lifting" else fp16_state(model.synthesis),
+        "hyper_analysis": fp16_state(model.hyper_analysis),
         "hyper_synthesis": quantize_hyper_synthesis(model.hyper_synthesis),
         "log_gain": model.gains.log_gain.detach().half(),
         "log_inv_gain": model.gains.log_inv_gain.detach().half(),

@@ -32,9 +32,8 @@ from tqdm import tqdm
 
 from ... import engine
 from ...bitstream.container import RATE_SCALE
-from ..frozen import FrozenModel
 from ..postfilter import PostFilter
-from .freeze import write_frozen
+from .freeze import fp16_state, write_frozen
 from .train import load_images
 
 
@@ -84,9 +83,12 @@ def calibrate(net: PostFilter, weights: engine.Weights, images: torch.Tensor, pr
     """Set the filter's strength at each level q = i to the least-squares factor of its residual
     on `images` decoded at q, clipped to [0, 1]; return (strength, PSNR gain in dB) per level, the
     gain measured on the same decodes at that strength (8-bit rounding, mean over images)."""
+    levels = range(len(weights.model.levels))
+    decodes = [decoded(weights, image.permute(1, 2, 0).numpy(), [float(level) for level in levels])
+               for image in tqdm(images, desc="calibrating", disable=not progress)]
     result = []
-    for level in tqdm(range(len(weights.model.levels)), desc="calibrating", disable=not progress):
-        x_hat = np.stack([decoded(weights, image.permute(1, 2, 0).numpy(), [float(level)])[0] for image in images])
+    for level in levels:
+        x_hat = np.stack([d[level] for d in decodes])
         with torch.no_grad():
             a, target = torch.from_numpy(x_hat).float(), images.float() / 255
             q = torch.full((len(a),), float(level))
@@ -150,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = FrozenModel(args.frozen)
+    weights = engine.Weights.load(args.frozen)
+    base = weights.model
     if base.postfilter is not None:
         raise SystemExit(f"{args.frozen} already has a post-filter")
-    weights = engine.Weights.load(args.frozen)
     args.out.mkdir(parents=True, exist_ok=True)
     ck_path, log_path = args.out / "checkpoint.pt", args.out / "log.jsonl"
 
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     def checkpoint() -> None:
         tmp = ck_path.with_suffix(".tmp")
         torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
-                    "width": args.width, "args": {k: str(v) for k, v in vars(args).items()}}, tmp)
+                    "args": {k: str(v) for k, v in vars(args).items()}}, tmp)
         tmp.replace(ck_path)
 
     def validate() -> None:
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
           ", ".join(f"{s:.2f}/{g:+.3f}" for s, g in levels))
     state = torch.load(args.frozen, map_location="cpu", weights_only=True)
     state["config"] = dict(state["config"], postfilter=args.width)
-    state["postfilter"] = {k: v.detach().half() for k, v in net.state_dict().items()}
+    state["postfilter"] = fp16_state(net)
     state["info"] = dict(state.get("info", {}), postfilter={"step": step, "base": args.frozen.name,
                                                              "base_sha256": weights.sha256})
     digest = write_frozen(state, args.out / "frozen.pt")
