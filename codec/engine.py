@@ -172,9 +172,10 @@ class Encoder:
             sym = sym.clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS)
             yield (rows, cols), sym.to(torch.int32), idx
 
-    def _symbols(self, rq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ẑ, the y symbols and their table indices at rate rq, flat in C order, as coded."""
-        gain, z = self._hyper_latent(rq)
+    def _symbols(self, rq: int, z: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ẑ (by default h_a's), the y symbols and their table indices at rate rq, flat in C order, as coded."""
+        gain, z_guess = self._hyper_latent(rq)
+        z = z_guess if z is None else z
         shape = self.y.shape[1:]
         sym, idx = np.empty(shape, dtype=np.int32), np.empty(shape, dtype=_table_index_dtype(self.model))
         for (rows, cols), tile_sym, tile_idx in self._symbol_tiles(gain, z):
@@ -190,17 +191,19 @@ class Encoder:
             bits += self.model.y_tables.cost_bits(sym.numpy().ravel(), idx.numpy().ravel())
         return OVERHEAD + bits / 8
 
-    def payload(self, rq: int, symbols: np.ndarray | None = None) -> bytes:
+    def payload(self, rq: int, refined: refine.Refined | None = None) -> bytes:
         """The range-coded stream at rq (everything of the file but the header and CRC); with
-        `symbols`, these y symbols (flat int32, as `refine.refine` gives) instead of g_a's."""
-        z, sym, idx = self._symbols(rq)
-        if symbols is not None:
-            sym = symbols
+        `refined` (at rq), its ẑ and y symbols instead of h_a's and g_a's."""
+        if refined is None:
+            z, sym, idx = self._symbols(rq)
+        else:
+            z, _, idx = self._symbols(rq, refined.z)
+            sym = refined.symbols
         return range_coder.encode([(z, self.z_index, self.model.z_tables), (sym, idx, self.model.y_tables)])
 
-    def file(self, rq: int, model_id: int, digest4: bytes, symbols: np.ndarray | None = None) -> bytes:
+    def file(self, rq: int, model_id: int, digest4: bytes, refined: refine.Refined | None = None) -> bytes:
         """The whole .lc file at rq, naming model `model_id` and weights digest `digest4`."""
-        payload = self.payload(rq, symbols)
+        payload = self.payload(rq, refined)
         header = container.Header(
             version=container.FORMAT_VERSION, model_id=model_id, weights_digest=digest4,
             width=self.width, height=self.height, mode=self.mode, rate_q=rq, payload_size=len(payload))
@@ -266,21 +269,25 @@ class _Job:
                                   fit.warning, fit.probes, fit.encodes)
         return result, enc
 
-    def refined(self, enc: Encoder, result: EncodeResult, iterations: int, tick) -> EncodeResult | None:
+    def refined(self, enc: Encoder, result: EncodeResult, effort: int, tick) -> EncodeResult | None:
         """The refined file of the one-pass `result`, or None if refinement found nothing better
         in the budget: the target, or for a rate the one-pass file's size."""
         rq = round(result.rate * RATE_SCALE)
         budget = result.target_bytes if result.target_bytes is not None else len(result.data)
         floor = min((1 - refine.RATE_SLACK) * budget, len(result.data))
         x = _to_tensor(self.pixels, self.mode)
-        symbols = refine.refine(enc.model, x, enc.height, enc.width, enc.y, rq, budget, floor, iterations, tick)
-        if symbols is None:
+        if self.rate is not None:  # the rate parameter was asked for: it stays
+            found = refine.refine(enc.model, x, enc.height, enc.width, enc.y, rq, budget, floor, effort, tick,
+                                  fixed_rate=True)
+        else:
+            found = refine.refine(enc.model, x, enc.height, enc.width, enc.y, rq, budget, floor, effort, tick)
+        if found is None:
             return None
-        data = enc.file(rq, self.model_id, self.weights.digest4, symbols)
+        data = enc.file(found.rq, self.model_id, self.weights.digest4, found)
         if not floor <= len(data) <= budget:
             return None
-        return replace(result, data=data, bpp=8 * len(data) / (enc.height * enc.width), warning=None,
-                       encodes=result.encodes + 1)
+        return replace(result, data=data, rate=found.rq / RATE_SCALE, bpp=8 * len(data) / (enc.height * enc.width),
+                       warning=None, encodes=result.encodes + 1)
 
 
 def _refines(pixels: np.ndarray, effort: int) -> bool:
@@ -290,8 +297,8 @@ def _refines(pixels: np.ndarray, effort: int) -> bool:
 
 
 def _check_effort(effort: int) -> None:
-    if not isinstance(effort, int) or not 0 <= effort < len(refine.ITERATIONS):
-        raise ValueError(f"effort must be an integer from 0 to {len(refine.ITERATIONS) - 1}, got {effort!r}")
+    if not isinstance(effort, int) or not 0 <= effort < len(refine.HYPER_ITERATIONS):
+        raise ValueError(f"effort must be an integer from 0 to {len(refine.HYPER_ITERATIONS) - 1}, got {effort!r}")
 
 
 def _unrefined(result: EncodeResult, effort: int) -> EncodeResult:
@@ -337,10 +344,9 @@ def _best_of(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -> Enc
             errors = _all(pool, lambda r: _squared_error(pixels, r[1], r[0].weights), ready, stop)
             best = min(errors)
             chosen = [r for r, e in zip(ready, errors) if e <= best * 10 ** (refine.WITHIN_DB / 10)]
-            iterations = refine.iterations(effort)
             if progress is not None:
-                progress.reset(total=iterations * len(chosen))
-            refined = _all(pool, lambda r: r[0].refined(r[2], r[1], iterations, tick), chosen, stop) if iterations \
+                progress.reset(total=sum(refine.iterations(effort, r[0].weights.model) for r in chosen))
+            refined = _all(pool, lambda r: r[0].refined(r[2], r[1], effort, tick), chosen, stop) if effort \
                 else [None] * len(chosen)
             others = [(result, job.weights) for (job, _, _), result in zip(chosen, refined) if result is not None]
             other_errors = _all(pool, lambda c: _squared_error(pixels, *c), others, stop)

@@ -1,31 +1,46 @@
-"""Latent refinement: encode time spent for quality at the same file size (`effort`).
+"""Encoder refinement: encode time spent for quality at the same file size (`effort`).
 
-The analysis transform g_a guesses one image's latents in one pass. Refinement
-then optimises them for that image against the real objective (Campos et al.
-2019; Yang, Bamler & Mandt 2020, arXiv:2006.04240): with ẑ -- and so every
-mean and table index -- held fixed at the rate parameter rate control chose,
-Adam moves the gained latent u to minimise
+The decoder reads any hyper-latent ẑ and any symbols; which ones to send is the
+encoder's choice, and the one-pass encoder sends h_a's guess and g_a's latents
+rounded. Refinement searches for better ones for this image, in two stages.
 
-    D(u) + μ · R(u),   D = Σ (g_s((round(u − mean) + mean) · inv_gain) − x)²  (8-bit scale)
+1. ẑ (`refine_hyper`). ẑ sets every y table and mean, so it decides what each
+   symbol costs. h_a guesses it in one pass; refinement searches for a ẑ with a
+   smaller `HyperCost`
 
-where the rounding is the encoder's (`lcodec.rounding`) and straight-through (the
-forward pass is the real reconstruction) and R sums the frozen y tables' code lengths, linearly
-interpolated between integers and taken at u − mean plus uniform noise (a fixed
-seed). μ starts at the slope of the model's own rate-distortion curve and
-follows the byte budget: it grows while the coded size is above the aim and
-shrinks while it is below. Every iterate is a candidate file; the best real
-distortion whose exact code length is inside the budget is kept. The
-decoder sees ordinary symbols: the format does not change.
+       Σ (u - s - mean)² + λ · (bits(s | ẑ) + bits(ẑ))
+
+   with u the gained latent, s its symbols rounded as the encoder does
+   (`lcodec.rounding`, under ẑ's tables) and λ the rounding's: first Adam on a
+   real-valued z with straight-through rounding, then moves of the integer ẑ
+   guided by the gradient, each kept only if the exact cost falls. The bits saved
+   buy a finer rate parameter: refinement tries a few rates (`HYPER_TRIES`), each
+   with its own ẑ, steering towards the budget; at each it fills the budget by
+   rounding with a smaller or larger λ (`Refiner.fill`), and it keeps the file
+   that decodes closest to the image.
+2. y (`refine_latents`). With ẑ -- and so every mean and table -- held fixed,
+   Adam moves the gained latent u to minimise
+
+       D(u) + μ · R(u),   D = Σ (g_s((round(u − mean) + mean) · inv_gain) − x)²  (8-bit scale)
+
+   (Campos et al. 2019; Yang, Bamler & Mandt 2020, arXiv:2006.04240), the rounding
+   straight-through and R the y tables' code lengths, linearly interpolated between
+   integers and taken at u − mean plus uniform noise (a fixed seed). μ starts at the
+   slope of the model's own rate-distortion curve and follows the byte budget.
+   Every iterate is a candidate; the best real distortion inside the budget is kept.
+
+The decoder sees an ordinary ẑ and ordinary symbols: the format does not change.
 
 Determinism: callers run this inside `frozen.one_thread_per_operation()` and the
-noise has a fixed seed, so the same image, budget and iteration count give the
-same symbols whatever the thread setting.
+noise has a fixed seed, so the same image, budget and effort give the same
+bytes whatever the thread setting.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,20 +48,41 @@ import torch
 from . import rounding
 from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
+from .models.entropy_models import LIKELIHOODS
 from .models.frozen import FrozenModel
+from .models.integer_hyper import OUT_BITS
 
-# Adam iterations per effort level (0: the one-pass encoder; `lcodec.api.MAX_EFFORT` is the last).
-ITERATIONS = (0, 5, 10, 15, 20, 30, 40, 60, 80, 100)
+# Per effort level (0: the one-pass encoder; `lcodec.api.MAX_EFFORT` is the last): the steps of
+# each search for ẑ at each rate tried, and the Adam iterations on y at the rate kept
+# (`latent_iterations`: only for models with plain rounding).
+HYPER_ITERATIONS = (0, 2, 4, 6, 8, 10, 13, 16, 20, 25)
+LATENT_ITERATIONS = (0, 0, 0, 0, 0, 5, 5, 10, 15, 20)
+HYPER_TRIES = 3  # rates tried with a refined ẑ, the first where the file would fill the budget ...
+HYPER_SAVING = 0.08  # ... if refinement made it this much smaller than the one-pass file
+HYPER_LR = 0.003  # Adam's step on z (quantisation step 1); larger steps move many ẑ at once and lose
+HYPER_LAMBDA = 0.06  # λ of ẑ's cost for models with plain rounding (the lifting models' rounding λ)
+HYPER_CHECK = 10  # Adam: the exact cost of ẑ is measured every this many iterations (and at the last)
+FLIP_START, FLIP_MIN, FLIP_MAX = 256, 8, 4096  # elements of ẑ moved at once by the second search
+FILL_RANGE, FILL_STEPS = 4.0, 8  # the rounding's λ may change this much to fill the budget; bisection steps
 # Refinement holds the synthesis's activations for the backward pass: larger images are coded at effort 0.
 MAX_PIXELS = 4_194_304  # 2048 x 2048
 WITHIN_DB = 1.0  # the encoder refines only models whose one-pass file is this close (PSNR) to the best
 RATE_SLACK = 0.03  # a refined file may be this much under the budget (as rate control's tolerance)
-AIM = 0.01  # μ steers the size towards this much under the budget ...
-STEER = 3.0  # ... multiplying μ by exp(STEER * relative excess) after every iteration
+AIM = 0.01  # the rate search and μ steer the size towards this much under the budget
+STEER = 3.0  # μ is multiplied by exp(STEER * relative excess) after every iteration
 
 
-def iterations(effort: int) -> int:
-    return ITERATIONS[effort]
+def iterations(effort: int, model: FrozenModel) -> int:
+    """The steps of one refinement of `model`'s encode at `effort` (the progress bar's length)."""
+    return 2 * HYPER_TRIES * HYPER_ITERATIONS[effort] + latent_iterations(effort, model)
+
+
+def latent_iterations(effort: int, model: FrozenModel) -> int:
+    """Adam iterations on y at `effort`: none for a model whose encoder rounds with RDO (the
+    lifting models), whose rounding already takes what moving y would (on 6 Kodak images at
+    0.12-1 bpp, 20 iterations after the search for ẑ found nothing better); for the others,
+    whose synthesis is far from linear, `LATENT_ITERATIONS`."""
+    return 0 if rounding.rdo_lambda(model) is not None else LATENT_ITERATIONS[effort]
 
 
 def learning_rate(bpp: float) -> float:
@@ -56,9 +92,29 @@ def learning_rate(bpp: float) -> float:
     return 0.003 * (0.01 / 0.003) ** t
 
 
+@dataclass(frozen=True)
+class Refined:
+    """A refined encode: the rate parameter, ẑ (int64, as h_a's) and the y symbols (flat int32, C order)."""
+
+    rq: int
+    z: torch.Tensor
+    symbols: np.ndarray
+
+
 def _proxy_bits(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> torch.Tensor:
-    """Σ code length of the symbols v (real-valued), linear between the neighbouring integers."""
-    bits, offsets, lengths = rounding.bits_table(model)
+    """Σ code length of the y symbols v (real-valued) under the tables `idx`."""
+    return _interpolated_bits(v, idx, *rounding.bits_table(model))
+
+
+def _proxy_hyper_bits(z: torch.Tensor, model: FrozenModel) -> torch.Tensor:
+    """Σ code length of the hyper-latents z (1, N, h, w), real-valued, under the z tables (one per channel)."""
+    idx = torch.arange(z.shape[1]).view(1, -1, 1, 1).expand_as(z)
+    return _interpolated_bits(z, idx, *rounding.bits_table(model, hyper=True))
+
+
+def _interpolated_bits(v: torch.Tensor, idx: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
+                       lengths: torch.Tensor) -> torch.Tensor:
+    """Σ code length of real values v under the tables `idx`, linear between the neighbouring integers."""
     top = (lengths[idx] - 1).clamp(min=1).to(v.dtype)
     col = (v - offsets[idx].to(v.dtype)).clamp(min=0).minimum(top)
     c0 = col.detach().floor().minimum(top - 1).clamp(min=0)
@@ -69,20 +125,21 @@ def _proxy_bits(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> torch
 
 
 class Refiner:
-    """One image at one rate parameter rq with ẑ fixed: its means, table indices and the
-    distortion and exact code length of any symbols."""
+    """One image at one rate parameter rq with ẑ fixed (by default h_a's): its means, table
+    indices and the distortion and exact code length of any symbols."""
 
-    def __init__(self, model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int):
-        self.model, self.height, self.width = model, height, width
+    def __init__(self, model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,
+                 z: torch.Tensor | None = None):
+        self.model, self.x, self.y, self.height, self.width = model, x, y, height, width
         self.target = x[:, :, :height, :width] * 255
-        self.q = rq / RATE_SCALE
+        self.rq, self.q = rq, rq / RATE_SCALE
         gain, self.inv_gain = model.gains(self.q)
         self.u0 = y * gain
-        z = model.hyper_latent(self.u0)
-        self.mean, idx = model.latent_entropy_parameters(z, np.dtype(np.int64))
+        self.z = model.hyper_latent(self.u0) if z is None else z
+        self.mean, idx = model.latent_entropy_parameters(self.z, np.dtype(np.int64))
         self.idx = torch.from_numpy(idx)[None]
         self.idx_np = idx.ravel()
-        z_flat = z.numpy().ravel()
+        z_flat = self.z.numpy().ravel()
         self.z_bits = model.z_tables.cost_bits(z_flat, np.repeat(np.arange(model.config.N), z_flat.size // model.config.N))
 
     def distortion(self, symbols: torch.Tensor) -> torch.Tensor:
@@ -104,27 +161,205 @@ class Refiner:
         s = self.round(u - self.mean).clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS)
         return s.to(torch.int32).numpy().ravel()
 
+    def fill(self, ceiling: float) -> tuple[np.ndarray, float] | None:
+        """The symbols of u0 rounded with the largest file not above `ceiling` bytes that the
+        rounding's λ, taken between λ / FILL_RANGE and λ · FILL_RANGE, gives, and that file's
+        ideal size; None for a model with plain rounding, or if no such λ fits."""
+        lam = rounding.rdo_lambda(self.model)
+        if lam is None:
+            return None
+        v = self.u0 - self.mean
+        found = None
+        lo, hi = math.log(lam / FILL_RANGE), math.log(lam * FILL_RANGE)  # small λ: larger files
+        for _ in range(FILL_STEPS):
+            mid = (lo + hi) / 2
+            s = rounding.rdo_round(v, self.idx, self.model, math.exp(mid))
+            s = s.clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS).to(torch.int32).numpy().ravel()
+            size = self.file_bytes(s)
+            if size <= ceiling:
+                found, hi = (s, size), mid
+            else:
+                lo = mid
+        return found
+
+    @torch.no_grad()
+    def distortion_of(self, symbols: np.ndarray) -> float:
+        """`distortion` of symbols (flat int32)."""
+        return float(self.distortion(torch.from_numpy(symbols).view(self.u0.shape).float()))
+
+    def one_pass(self) -> tuple[np.ndarray, float, float]:
+        """The rounded symbols of u0 under ẑ, their file's ideal size and their distortion."""
+        s = self.symbols(self.u0)
+        return s, self.file_bytes(s), self.distortion_of(s)
+
 
 def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,
-           budget: int, floor: float, iterations: int, progress: Callable[[], None] | None = None
-           ) -> np.ndarray | None:
-    """The y symbols (flat int32, C order, as `Encoder.payload` takes them) of the refined latent
-    at rate parameter rq whose ideal file size is in [floor, budget - guard] bytes with the least
-    distortion, or None if no iterate beat the one-pass symbols.
+           budget: int, floor: float, effort: int, progress: Callable[[], None] | None = None,
+           fixed_rate: bool = False) -> Refined | None:
+    """The refined encode whose ideal file size is in [floor, budget - guard] bytes with the least
+    distortion, or None if none beat the one-pass file at rate parameter rq.
 
-    `x` is the padded image (1, 3, Hp, Wp) in [0, 1], `y` g_a's latent before the gain.
-    `progress` is called once per iteration.
+    `x` is the padded image (1, 3, Hp, Wp) in [0, 1], `y` g_a's latent before the gain, `rq` the
+    one-pass file's rate parameter, which `fixed_rate` keeps. `progress` is called
+    `iterations(effort, model)` times in all.
     """
-    ref = Refiner(model, x, height, width, y, rq)
+    tick = progress if progress is not None else (lambda: None)
     # The range coder ends within a few bytes of the ideal length (0.01% measured): keep a guard.
     ceiling = budget - 4 - 1e-3 * budget
-    aim = (1 - AIM) * budget
-    bpp = 8 * budget / (height * width)
+    start = Refiner(model, x, height, width, y, rq)
+    _, size0, d0 = start.one_pass()
+    best, best_d = None, d0
+    ref = start
+    if HYPER_ITERATIONS[effort]:
+        tried: dict[int, float] = {}
+        shift = None
+        at = rq if fixed_rate else _next_rate(model, {rq: (1 - HYPER_SAVING) * size0}, (1 - AIM) * budget, ceiling)
+        for t in range(HYPER_TRIES):
+            if at in tried or (fixed_rate and t > 0):
+                for _ in range(2 * HYPER_ITERATIONS[effort]):
+                    tick()
+                continue
+            z, shift = refine_hyper(model, y, at, HYPER_ITERATIONS[effort], tick, shift)
+            candidate = Refiner(model, x, height, width, y, at, z)
+            s = candidate.symbols(candidate.u0)
+            size = tried[at] = candidate.file_bytes(s)
+            filled = candidate.fill(ceiling)
+            if filled is not None and filled[1] >= floor:
+                s, size = filled
+            if floor <= size <= ceiling and (d := candidate.distortion_of(s)) < best_d:
+                best, best_d, ref = Refined(at, z, s), d, candidate
+            at = _next_rate(model, tried, (1 - AIM) * budget, ceiling)
+    if latent_iterations(effort, model):
+        symbols = refine_latents(ref, budget, floor, latent_iterations(effort, model), tick, best_d)
+        if symbols is not None:
+            best = Refined(ref.rq, ref.z, symbols)
+    return best
 
+
+def _next_rate(model: FrozenModel, tried: dict[int, float], aim: float, ceiling: float) -> int:
+    """The next rate parameter to try: towards `aim` bytes, from the tried sizes. Along the
+    model's levels log(size) is close to linear in the rate parameter with the slope of the
+    levels' log bpp; with two tried rates on either side of the aim, their secant is used."""
+    lo, hi = round(model.rate_range[0] * RATE_SCALE), round(model.rate_range[1] * RATE_SCALE)
+    fits = [r for r, b in tried.items() if b <= ceiling]
+    over = [r for r, b in tried.items() if b > ceiling]
+    base = max(fits) if fits else min(over)
+    if fits and over and min(over) > base:
+        r0, r1 = base, min(over)
+        slope = (math.log(tried[r1]) - math.log(tried[r0])) / (r1 - r0)
+    else:
+        levels = np.log(np.asarray(model.levels))
+        i = min(max(int(base // RATE_SCALE), 0), len(levels) - 2)
+        slope = (levels[i + 1] - levels[i]) / RATE_SCALE
+    step = math.log(aim / tried[base]) / slope if slope > 0 else 0.0
+    nxt = min(max(base + math.floor(step), lo), hi)
+    if fits and over:
+        nxt = min(max(nxt, base + 1), min(over) - 1) if min(over) - base > 1 else base
+    return nxt
+
+
+class HyperCost:
+    """The cost of a hyper-latent for the gained latent u: Σ (u - s - mean)² + λ · (bits(s | ẑ) +
+    bits(ẑ)), s rounded as the encoder does under ẑ's tables. `exact` is the real cost of an
+    integer ẑ; `surrogate` a differentiable stand-in for a real-valued one."""
+
+    def __init__(self, model: FrozenModel, u: torch.Tensor):
+        self.model, self.u = model, u
+        self.lam = rounding.rdo_lambda(model) or HYPER_LAMBDA
+        self.likelihood = LIKELIHOODS[model.config.likelihood]
+        self.thresholds = model.scale_thresholds[:-1].contiguous()
+
+    def exact(self, z_int: torch.Tensor) -> float:
+        model = self.model
+        mean, idx = model.latent_entropy_parameters(z_int, np.dtype(np.int64))
+        s = rounding.round_latents(self.u - mean, torch.from_numpy(idx)[None], model)
+        s = s.clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS)
+        z_flat = z_int.numpy().ravel()
+        bits = model.z_tables.cost_bits(z_flat, np.repeat(np.arange(model.config.N), z_flat.size // model.config.N))
+        bits += model.y_tables.cost_bits(s.to(torch.int32).numpy().ravel(), idx.ravel())
+        return float((self.u - s - mean).square().sum()) + self.lam * bits
+
+    def surrogate(self, z: torch.Tensor) -> torch.Tensor:
+        """Through the float hyper-synthesis; the rate of y from the model's continuous conditional
+        at the predicted scale, that of z interpolated in its tables."""
+        model = self.model
+        mean, scale = (model.approximate_hyper_synthesis(z) / 2**OUT_BITS).chunk(2, dim=1)
+        with torch.no_grad():
+            idx = torch.searchsorted(self.thresholds, (scale * 2**OUT_BITS).floor().long().contiguous(),
+                                     out_int32=True)
+            s = rounding.round_latents(self.u - mean, idx, model)
+        y_bits = -torch.log2(self.likelihood(s, torch.zeros_like(s), scale, model.config.scale_bound)).sum()
+        return (self.u - s - mean).square().sum() + self.lam * (y_bits + _proxy_hyper_bits(z, model))
+
+
+def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, tick: Callable[[], None],
+                 shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ẑ (int64, as `FrozenModel.hyper_latent`) for g_a's latent y at rate parameter rq with the
+    least exact `HyperCost` found, h_a's included, and that ẑ less h_a(u).
+
+    Two searches of `iterations` steps each. Adam, from h_a(u) + `shift` (a refinement at a
+    nearby rate moves z much as this one would), moves a real-valued z with straight-through
+    rounding; it changes the ẑ that were close to a rounding boundary. Then, from the best ẑ,
+    each step moves by one the k elements of ẑ with the steepest surrogate gradient, each
+    downhill, and keeps the move if the exact cost falls: k doubles after a kept move and
+    halves after a refused one (at the smallest k a refused set is not proposed again).
+    """
+    u = y * model.gains(rq / RATE_SCALE)[0]
+    cost = HyperCost(model, u)
+    z0 = model.hyper_analysis(u)
+    best_z = torch.round(z0).to(torch.int64)
+    best_cost = cost.exact(best_z)
+    z = z0.clone() if shift is None else z0 + shift
+    if shift is not None:
+        z_int = torch.round(z).to(torch.int64)
+        c = cost.exact(z_int)
+        if c < best_cost:
+            best_cost, best_z = c, z_int
+    z.requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=HYPER_LR)
+    for i in range(iterations):
+        loss = cost.surrogate(z + (torch.round(z) - z).detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        tick()
+        if (i + 1) % HYPER_CHECK == 0 or i + 1 == iterations:
+            z_int = torch.round(z.detach()).to(torch.int64)
+            c = cost.exact(z_int)
+            if c < best_cost:
+                best_cost, best_z = c, z_int
+
+    k, refused = FLIP_START, torch.zeros(best_z.numel(), dtype=torch.bool)
+    for _ in range(iterations):
+        tick()
+        z = best_z.to(z0.dtype).requires_grad_(True)
+        cost.surrogate(z).backward()
+        grad = z.grad.flatten()
+        steepest = torch.topk(grad.abs().masked_fill(refused, 0), min(k, grad.numel())).indices
+        candidate = best_z.flatten().clone()
+        candidate[steepest] -= torch.sign(grad[steepest]).to(torch.int64)
+        c = cost.exact(candidate.view_as(best_z))
+        if c < best_cost:
+            best_cost, best_z, k = c, candidate.view_as(best_z), min(2 * k, FLIP_MAX)
+        elif k > FLIP_MIN:
+            k //= 2
+        else:
+            refused[steepest] = True
+    return best_z, best_z.to(z0.dtype) - z0
+
+
+def refine_latents(ref: Refiner, budget: int, floor: float, iterations: int, tick: Callable[[], None],
+                   to_beat: float) -> np.ndarray | None:
+    """The y symbols (flat int32, C order) of the refined latent at `ref`'s rate and ẑ whose
+    ideal file size is in [floor, budget - guard] bytes with the least distortion, or None if
+    no iterate's distortion is below `to_beat`."""
+    ceiling = budget - 4 - 1e-3 * budget
+    aim = (1 - AIM) * budget
+    bpp = 8 * budget / (ref.height * ref.width)
+    s0, _, d0 = ref.one_pass()
+    best_d = to_beat
     with torch.no_grad():
-        s0 = ref.symbols(ref.u0)
-        best_d = float(ref.distortion(torch.from_numpy(s0).view(ref.u0.shape).float()))
-        mu = _initial_slope(model, x, height, width, y, rq, ref, best_d, s0)
+        mu = _initial_slope(ref, d0, s0)
     best = None
     u = ref.u0.clone().requires_grad_(True)
     lr = learning_rate(bpp)
@@ -141,27 +376,26 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
         if i == iterations:
             break
         u_noise = torch.rand(v.shape, generator=noise) - 0.5
-        loss = d + mu * _proxy_bits(v + u_noise, ref.idx, model) / 8
+        loss = d + mu * _proxy_bits(v + u_noise, ref.idx, ref.model) / 8
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in optimizer.param_groups:  # cosine decay over the run
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / iterations))
         optimizer.step()
         mu *= math.exp(STEER * (size / aim - 1))
-        if progress is not None:
-            progress()
+        tick()
     return best
 
 
-def _initial_slope(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,
-                   ref: Refiner, d0: float, s0: np.ndarray) -> float:
-    """-dD/dbytes of the model's own curve between rq and a rate step below it (distortion per byte)."""
+def _initial_slope(ref: Refiner, d0: float, s0: np.ndarray) -> float:
+    """-dD/dbytes of the model's own curve between ref's rate and a rate step below it, where
+    h_a's ẑ is used (distortion per byte)."""
+    model, rq = ref.model, ref.rq
     below = max(rq - RATE_SCALE // 8, round(model.rate_range[0] * RATE_SCALE))
     if below == rq:
         below = rq + RATE_SCALE // 8
-    other = Refiner(model, x, height, width, y, below)
-    s1 = other.symbols(other.u0)
-    d1 = float(other.distortion(torch.from_numpy(s1).view(other.u0.shape).float()))
-    db = ref.file_bytes(s0) - other.file_bytes(s1)
+    other = Refiner(model, ref.x, ref.height, ref.width, ref.y, below)
+    s1, b1, d1 = other.one_pass()
+    db = ref.file_bytes(s0) - b1
     slope = (d1 - d0) / db if db else 0.0
     return slope if slope > 0 and math.isfinite(slope) else d0 / max(ref.file_bytes(s0), 1.0)

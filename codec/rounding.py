@@ -69,10 +69,10 @@ def rdo_round(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel, lam: float
 
 
 @functools.lru_cache(maxsize=8)
-def bits_table(model: FrozenModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The y tables as (code length of every column, the escape's at column lengths[t], capped at
-    `BITS_CAP`; offsets; lengths) as float32/int64 tensors."""
-    tables = model.y_tables
+def bits_table(model: FrozenModel, hyper: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The y tables (with `hyper`, the z tables) as (code length of every column, the escape's at
+    column lengths[t], capped at `BITS_CAP`; offsets; lengths) as float32/int64 tensors."""
+    tables = model.z_tables if hyper else model.y_tables
     bits = np.minimum(tables._bits, BITS_CAP)  # noqa: SLF001 -- the tables' own code lengths
     return (torch.from_numpy(bits.astype(np.float32)), torch.from_numpy(tables.offsets.astype(np.int64)),
             torch.from_numpy(tables.lengths.astype(np.int64)))

@@ -375,7 +375,7 @@ class LcodecCodec(Codec):
             from lcodec.models.registry import CHOICE_MODEL_IDS, MODELS
 
             models = ", ".join(f"{MODELS[i].name} {MODELS[i].sha256}" for i in CHOICE_MODEL_IDS)
-            refined = f"; effort {self.effort}: {self._iterations()} Adam iterations per model" if self.effort else ""
+            refined = f"; effort {self.effort}: {self._iterations()} refinement steps per model" if self.effort else ""
             return f"lcodec {version('lcodec')}; per image the better of: {models}{refined}"
         info = self.model_info()
         return f"lcodec {version('lcodec')}; model {info.get('name')} {info.get('digest')}"
@@ -388,9 +388,10 @@ class LcodecCodec(Codec):
                 "torch_threads": self.threads}
 
     def _iterations(self) -> int:
-        from lcodec import refine
+        from lcodec import engine, refine
+        from lcodec.models.registry import CHOICE_MODEL_IDS
 
-        return refine.iterations(self.effort)
+        return refine.iterations(self.effort, engine.load_model(CHOICE_MODEL_IDS[0]))
 
     def prepare(self) -> None:
         import torch

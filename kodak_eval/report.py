@@ -116,8 +116,8 @@ def _effort_lines(doc: dict) -> list[str]:
     for name, d in doc["codecs"].items():
         if _effort(doc, name):
             ran = sorted({r["target_bpp"] for r in doc["aggregates"] if r["codec"] == name})
-            lines.append(f"- {d['label']}: `effort={_effort(doc, name)}`, {d['settings']['refine_iterations']} Adam "
-                         f"iterations per model; slow, so it runs only at {allowed} bpp (in this run: "
+            lines.append(f"- {d['label']}: `effort={_effort(doc, name)}`, {d['settings']['refine_iterations']} "
+                         f"refinement steps per model; slow, so it runs only at {allowed} bpp (in this run: "
                          f"{', '.join(f'{t:g}' for t in ran) or 'none'})")
     return lines
 

@@ -257,7 +257,12 @@ def run_phase(phase: str, argv: list[str], files: Path) -> dict:
 
 
 def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dict | None) -> dict:
-    from lcodec import refine
+    from lcodec import engine, refine
+    from lcodec.models.registry import CHOICE_MODEL_IDS
+
+    # The model whose refinement steps the effort table counts (with --choice, the first one chosen between).
+    model = (engine.Weights.load(args.weights).model if args.weights and not args.choice
+             else engine.load_model(CHOICE_MODEL_IDS[0] if args.choice else args.model))
 
     rows = [{**e, **d} for e, d in zip(enc["rows"], dec["rows"])]
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
@@ -276,7 +281,7 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
     def by_effort(effort: int) -> dict:
         runs = [r["bpp" if effort == 0 else f"effort{effort}"] for r in rows]  # effort 0: the `bpp` encode
         ok = [r for r in runs if r["status"] == "ok"]
-        return {"effort": effort, "iterations": refine.iterations(effort), "reached": len(ok),
+        return {"effort": effort, "iterations": refine.iterations(effort, model), "reached": len(ok),
                 "median_s": med([r["total"] for r in runs]), "median_cpu_s": med([r["cpu"] for r in runs]),
                 "median_bpp": med([r["bpp"] for r in ok]),
                 "mean_psnr": sum(r["psnr"] for r in ok) / len(ok) if ok else None}
@@ -378,7 +383,7 @@ def markdown(s: dict) -> str:
     base = e["median_s"]
     lines += ["", f"Encode at {s['bpp_target']:g} bpp by effort (`--efforts`; rate search and latent refinement "
               "included; median s per image):", "",
-              "| effort | Adam iterations | median s | median CPU s | × effort 0 | median bpp | mean PSNR (dB) | "
+              "| effort | refinement steps | median s | median CPU s | × effort 0 | median bpp | mean PSNR (dB) | "
               "Δ PSNR vs effort 0 | reached |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     psnr0 = next((x.get("mean_psnr") for x in s["encode_by_effort"] if x["effort"] == 0), None)

@@ -264,7 +264,7 @@ def test_effort_codecs_follow_the_library_and_run_only_at_three_targets():
     plain, effort = codecs.make_codecs(["lcodec", top])
     assert (effort.name, effort.mode, effort.effort, plain.effort) == (top, "bpp", MAX_EFFORT, 0)
     assert effort.settings()["effort"] == MAX_EFFORT and effort.settings()["refine_iterations"] > 0
-    assert f"effort {MAX_EFFORT}: {effort.settings()['refine_iterations']} Adam iterations" in effort.version()
+    assert f"effort {MAX_EFFORT}: {effort.settings()['refine_iterations']} refinement steps" in effort.version()
     with pytest.raises(ValueError):
         codecs.LcodecCodec("onepass", effort=1)
     assert bench._tasks(effort, TARGETS, None) == [(0.12, None), (0.5, None), (1.0, None)]
@@ -282,7 +282,9 @@ def test_effort_codec_rows_in_the_report(tmp_path, monkeypatch):
     from lcodec import refine
     from lcodec.api import MAX_EFFORT
 
-    monkeypatch.setattr(refine, "ITERATIONS", (0,) + (1,) * MAX_EFFORT)  # one Adam step: the plumbing, fast
+    one_step = (0,) + (1,) * MAX_EFFORT  # one Adam step per stage: the plumbing, fast
+    monkeypatch.setattr(refine, "HYPER_ITERATIONS", one_step)
+    monkeypatch.setattr(refine, "LATENT_ITERATIONS", one_step)
     top = f"lcodec-effort{MAX_EFFORT}"
     images = tmp_path / "img"
     images.mkdir()
@@ -295,7 +297,7 @@ def test_effort_codec_rows_in_the_report(tmp_path, monkeypatch):
     assert [r["target_bpp"] for r in mine] == [0.5, 1.0] and {r["status"] for r in mine} == {"ok"}
     assert all(r["bytes"] <= metrics.byte_budget(r["target_bpp"], 32, 32) for r in mine)
     settings = doc["codecs"][top]["settings"]
-    assert (settings["effort"], settings["refine_iterations"]) == (MAX_EFFORT, 1)
+    assert (settings["effort"], settings["refine_iterations"]) == (MAX_EFFORT, 2 * refine.HYPER_TRIES)  # the lifting model: no y stage
     assert top in summary.LCODEC_MODES
     assert {b["anchor"] for b in doc["bd"] if b["test"] == top} == {"jpeg", "jpegxl"}
     assert {s["codec"] for s in doc["speed"]} == {"lcodec", top, "jpeg", "jpegxl"}
@@ -321,7 +323,7 @@ def test_speed_reports_each_effort(tmp_path):
     import os
 
     from kodak_eval import speed
-    from lcodec import refine
+    from lcodec import engine, refine
     from lcodec.models.registry import MODELS
 
     assert speed._efforts("9,0,1,1") == [0, 1, 9]
@@ -342,11 +344,12 @@ def test_speed_reports_each_effort(tmp_path):
     dec = speed.child("decode", args, files)
     s = speed.summarize(enc, dec, args, None)
     zero, one = s["encode_by_effort"]
-    assert (zero["effort"], zero["iterations"], one["effort"], one["iterations"]) == (0, 0, 1, refine.ITERATIONS[1])
+    steps = refine.iterations(1, engine.Weights.load(tiny).model)
+    assert (zero["effort"], zero["iterations"], one["effort"], one["iterations"]) == (0, 0, 1, steps)
     assert zero["median_s"] == s["encode_at_bpp"]["median_s"] and one["median_s"] > 0
     assert zero["reached"] == one["reached"] == 1 and one["median_bpp"] <= 1.5
     report = speed.markdown(s)
-    assert f"| 1 | {refine.ITERATIONS[1]} | {one['median_s']:.3f} |" in report and "by effort" in report
+    assert f"| 1 | {steps} | {one['median_s']:.3f} |" in report and "by effort" in report
     json.dumps(s)  # the JSON report
 
 
