@@ -45,7 +45,7 @@ from .imageio import ImageSource, load_image, pixels_from_array, pixels_from_ima
 
 PathLike = str | os.PathLike
 
-# Encode effort: 0 is the one-pass encoder; 1-9 refine the latents for longer (`lcodec.refine`),
+# Encode effort: 0 is the one-pass encoder; 1-9 search longer for a better encode (`lcodec.refine`),
 # for a better picture at the same size. Images of more than 4 megapixels are coded at effort 0.
 MAX_EFFORT = 9
 DEFAULT_EFFORT = 0
@@ -93,8 +93,8 @@ def encode(image: Image.Image | np.ndarray, *, bpp: float | None = None, size: i
            rate: float | None = None, effort: int = DEFAULT_EFFORT, progress=None) -> bytes:
     """Encode a PIL image or a uint8 array to .lc bytes; give exactly one of bpp, size, rate.
 
-    `effort` (0-9) buys quality with encode time at the same size: the latents are
-    refined for this image; the file decodes like any other. `progress`, a tqdm-like
+    `effort` (0-9) buys quality with encode time at the same size: the encode is
+    refined for this image (`lcodec.refine`); the file decodes like any other. `progress`, a tqdm-like
     object, is reset to the number of refinement steps and updated after each.
 
     A PIL image is mapped to RGB or grayscale as `lcodec.imageio` describes

@@ -80,7 +80,7 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 @click.option("-e", "--effort", type=click.IntRange(0, api.MAX_EFFORT), default=api.DEFAULT_EFFORT,
               show_default=True, metavar="E",
               help=f"0-{api.MAX_EFFORT}: encode time spent for a better picture at the same size "
-                   "(refines the latents; every lcodec decodes the result).")
+                   "(searches for better probability tables for the picture; every lcodec decodes the result).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Encode several inputs in N worker processes.")
 def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output: str | None, force: bool,

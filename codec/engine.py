@@ -221,10 +221,10 @@ def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, siz
     `weights`, by default that id's installed weights. `tile_latents` sets g_a's tiles (None:
     the model's own); it changes no more than float rounding.
 
-    `effort` 1-9 refines the latents (`lcodec.refine`) within the same budget -- for `rate`, the
-    size of the one-pass file -- and keeps the refined file only if it decodes closer to the
-    image. `progress`, a tqdm-like object, is reset to the number of refinement iterations
-    and updated after each.
+    `effort` 1-9 refines the encode (`lcodec.refine`) within the same budget -- for `rate`, at
+    that rate parameter and within the size of the one-pass file -- and keeps the refined file
+    only if it decodes closer to the image. `progress`, a tqdm-like object, is reset to the
+    number of refinement steps and updated after each.
     """
     _check_pixels(pixels, mode)
     if weights is None:

@@ -25,7 +25,7 @@ wraps public functions of lcodec with a timing shim (nothing in lcodec is edited
     g_s             FrozenModel.synthesize   (the synthesis transform, tiled)
 
 `--efforts E,...` also times the encode at `--bpp` at each effort level E > 0
-(rate search and latent refinement included; effort 0 is the encode above),
+(rate search and refinement included; effort 0 is the encode above),
 through the same engine call with ``effort=E``; the reports give each level's
 median seconds per image and its ratio to effort 0.
 
@@ -381,7 +381,7 @@ def markdown(s: dict) -> str:
         "(median s per image): " + ", ".join(f"{k} {v:.3f}" for k, v in e["inside_probes_and_encodes_s"].items()) + ".",
     ]
     base = e["median_s"]
-    lines += ["", f"Encode at {s['bpp_target']:g} bpp by effort (`--efforts`; rate search and latent refinement "
+    lines += ["", f"Encode at {s['bpp_target']:g} bpp by effort (`--efforts`; rate search and refinement "
               "included; median s per image):", "",
               "| effort | refinement steps | median s | median CPU s | × effort 0 | median bpp | mean PSNR (dB) | "
               "Δ PSNR vs effort 0 | reached |",
