@@ -174,8 +174,10 @@ class Encoder:
 
     def _symbols(self, rq: int, z: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ẑ (by default h_a's), the y symbols and their table indices at rate rq, flat in C order, as coded."""
-        gain, z_guess = self._hyper_latent(rq)
-        z = z_guess if z is None else z
+        if z is None:
+            gain, z = self._hyper_latent(rq)
+        else:
+            gain, _ = self.model.gains(rq / RATE_SCALE)
         shape = self.y.shape[1:]
         sym, idx = np.empty(shape, dtype=np.int32), np.empty(shape, dtype=_table_index_dtype(self.model))
         for (rows, cols), tile_sym, tile_idx in self._symbol_tiles(gain, z):
@@ -276,11 +278,9 @@ class _Job:
         budget = result.target_bytes if result.target_bytes is not None else len(result.data)
         floor = min((1 - refine.RATE_SLACK) * budget, len(result.data))
         x = _to_tensor(self.pixels, self.mode)
-        if self.rate is not None:  # the rate parameter was asked for: it stays
-            found = refine.refine(enc.model, x, enc.height, enc.width, enc.y, rq, budget, floor, effort, tick,
-                                  fixed_rate=True)
-        else:
-            found = refine.refine(enc.model, x, enc.height, enc.width, enc.y, rq, budget, floor, effort, tick)
+        # A rate parameter that was asked for stays.
+        found = refine.refine(enc.model, x, enc.height, enc.width, enc.y, rq, budget, floor, effort, tick,
+                              fixed_rate=self.rate is not None)
         if found is None:
             return None
         data = enc.file(found.rq, self.model_id, self.weights.digest4, found)

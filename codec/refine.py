@@ -139,8 +139,7 @@ class Refiner:
         self.mean, idx = model.latent_entropy_parameters(self.z, np.dtype(np.int64))
         self.idx = torch.from_numpy(idx)[None]
         self.idx_np = idx.ravel()
-        z_flat = self.z.numpy().ravel()
-        self.z_bits = model.z_tables.cost_bits(z_flat, np.repeat(np.arange(model.config.N), z_flat.size // model.config.N))
+        self.z_bits = _hyper_bits(model, self.z)
 
     def distortion(self, symbols: torch.Tensor) -> torch.Tensor:
         """Σ squared error (8-bit scale) of the reconstruction from `symbols` (float, may carry a
@@ -157,9 +156,7 @@ class Refiner:
         return rounding.round_latents(v, self.idx, self.model)
 
     def symbols(self, u: torch.Tensor) -> np.ndarray:
-        # As `Encoder._symbol_tiles`: the coder refuses |s| >= 2^24 anyway.
-        s = self.round(u - self.mean).clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS)
-        return s.to(torch.int32).numpy().ravel()
+        return _coded(self.round(u - self.mean))
 
     def fill(self, ceiling: float) -> tuple[np.ndarray, float] | None:
         """The symbols of u0 rounded with the largest file not above `ceiling` bytes that the
@@ -173,8 +170,7 @@ class Refiner:
         lo, hi = math.log(lam / FILL_RANGE), math.log(lam * FILL_RANGE)  # small λ: larger files
         for _ in range(FILL_STEPS):
             mid = (lo + hi) / 2
-            s = rounding.rdo_round(v, self.idx, self.model, math.exp(mid))
-            s = s.clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS).to(torch.int32).numpy().ravel()
+            s = _coded(rounding.rdo_round(v, self.idx, self.model, math.exp(mid)))
             size = self.file_bytes(s)
             if size <= ceiling:
                 found, hi = (s, size), mid
@@ -191,6 +187,18 @@ class Refiner:
         """The rounded symbols of u0 under ẑ, their file's ideal size and their distortion."""
         s = self.symbols(self.u0)
         return s, self.file_bytes(s), self.distortion_of(s)
+
+
+def _coded(s: torch.Tensor) -> np.ndarray:
+    """Rounded latents (float) as the coder takes them: flat int32, C order. Clamped as in
+    `Encoder._symbol_tiles`, so that the conversion is defined (the coder refuses |s| >= 2^24)."""
+    return s.clamp(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS).to(torch.int32).numpy().ravel()
+
+
+def _hyper_bits(model: FrozenModel, z_int: torch.Tensor) -> float:
+    """The code length in bits of ẑ (int64, (1, N, h, w)) under the z tables, one per channel."""
+    z_flat = z_int.numpy().ravel()
+    return model.z_tables.cost_bits(z_flat, np.repeat(np.arange(model.config.N), z_flat.size // model.config.N))
 
 
 def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,
@@ -273,10 +281,7 @@ class HyperCost:
         model = self.model
         mean, idx = model.latent_entropy_parameters(z_int, np.dtype(np.int64))
         s = rounding.round_latents(self.u - mean, torch.from_numpy(idx)[None], model)
-        s = s.clamp_(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS)
-        z_flat = z_int.numpy().ravel()
-        bits = model.z_tables.cost_bits(z_flat, np.repeat(np.arange(model.config.N), z_flat.size // model.config.N))
-        bits += model.y_tables.cost_bits(s.to(torch.int32).numpy().ravel(), idx.ravel())
+        bits = _hyper_bits(model, z_int) + model.y_tables.cost_bits(_coded(s), idx.ravel())
         return float((self.u - s - mean).square().sum()) + self.lam * bits
 
     def surrogate(self, z: torch.Tensor) -> torch.Tensor:
