@@ -55,11 +55,12 @@ from .models.integer_hyper import OUT_BITS
 # Per effort level (0: the one-pass encoder; `lcodec.api.MAX_EFFORT` is the last): the steps of
 # each search for ẑ at each rate tried, and the Adam iterations on y at the rate kept
 # (`latent_iterations`: only for models with plain rounding).
-HYPER_ITERATIONS = (0, 2, 4, 6, 8, 10, 13, 16, 20, 25)
+HYPER_ITERATIONS = (0, 4, 8, 12, 16, 24, 32, 48, 70, 100)
 LATENT_ITERATIONS = (0, 0, 0, 0, 0, 5, 5, 10, 15, 20)
 HYPER_TRIES = 3  # rates tried with a refined ẑ, the first where the file would fill the budget ...
 HYPER_SAVING = 0.08  # ... if refinement made it this much smaller than the one-pass file
-HYPER_LR = 0.003  # Adam's step on z (quantisation step 1); larger steps move many ẑ at once and lose
+RETRY_SHARE = 0.25  # the later rates start from the first one's ẑ and search this share as long
+HYPER_LR = 0.01  # Adam's step on z (quantisation step 1); 0.003 and 0.03 take less off the cost in 25 steps
 HYPER_LAMBDA = 0.06  # λ of ẑ's cost for models with plain rounding (the lifting models' rounding λ)
 HYPER_CHECK = 10  # Adam: the exact cost of ẑ is measured every this many iterations (and at the last)
 FLIP_START, FLIP_MIN, FLIP_MAX = 256, 8, 4096  # elements of ẑ moved at once by the second search
@@ -74,7 +75,13 @@ STEER = 3.0  # μ is multiplied by exp(STEER * relative excess) after every iter
 
 def iterations(effort: int, model: FrozenModel) -> int:
     """The steps of one refinement of `model`'s encode at `effort` (the progress bar's length)."""
-    return 2 * HYPER_TRIES * HYPER_ITERATIONS[effort] + latent_iterations(effort, model)
+    return 2 * sum(_search_steps(effort, t) for t in range(HYPER_TRIES)) + latent_iterations(effort, model)
+
+
+def _search_steps(effort: int, t: int) -> int:
+    """The steps of each of the two searches for ẑ at the t-th rate tried (`refine_hyper`): the
+    later rates start from the first one's ẑ and search `RETRY_SHARE` as long."""
+    return HYPER_ITERATIONS[effort] if t == 0 else math.ceil(RETRY_SHARE * HYPER_ITERATIONS[effort])
 
 
 def latent_iterations(effort: int, model: FrozenModel) -> int:
@@ -201,6 +208,16 @@ def _hyper_bits(model: FrozenModel, z_int: torch.Tensor) -> float:
     return model.z_tables.cost_bits(z_flat, np.repeat(np.arange(model.config.N), z_flat.size // model.config.N))
 
 
+def _hyper_bits_each(model: FrozenModel, z_int: torch.Tensor) -> torch.Tensor:
+    """The code length in bits of each element of ẑ (int64, (1, N, h, w)), flat; outside its
+    channel's table, the escape's (`rounding.bits_table`)."""
+    bits, offsets, lengths = rounding.bits_table(model, hyper=True)
+    channel = torch.arange(z_int.shape[1]).view(1, -1, 1, 1).expand_as(z_int)
+    col = z_int - offsets[channel]
+    inside = (col >= 0) & (col < lengths[channel])
+    return bits.view(-1)[channel * bits.shape[1] + torch.where(inside, col, lengths[channel])].flatten()
+
+
 def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,
            budget: int, floor: float, effort: int, progress: Callable[[], None] | None = None,
            fixed_rate: bool = False) -> Refined | None:
@@ -224,10 +241,10 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
         at = rq if fixed_rate else _next_rate(model, {rq: (1 - HYPER_SAVING) * size0}, (1 - AIM) * budget, ceiling)
         for t in range(HYPER_TRIES):
             if at in tried or (fixed_rate and t > 0):
-                for _ in range(2 * HYPER_ITERATIONS[effort]):
+                for _ in range(2 * _search_steps(effort, t)):
                     tick()
                 continue
-            z, shift = refine_hyper(model, y, at, HYPER_ITERATIONS[effort], tick, shift)
+            z, shift = refine_hyper(model, y, at, _search_steps(effort, t), tick, shift)
             candidate = Refiner(model, x, height, width, y, at, z)
             s = candidate.symbols(candidate.u0)
             size = tried[at] = candidate.file_bytes(s)
@@ -269,7 +286,8 @@ def _next_rate(model: FrozenModel, tried: dict[int, float], aim: float, ceiling:
 class HyperCost:
     """The cost of a hyper-latent for the gained latent u: Σ (u - s - mean)² + λ · (bits(s | ẑ) +
     bits(ẑ)), s rounded as the encoder does under ẑ's tables. `exact` is the real cost of an
-    integer ẑ; `surrogate` a differentiable stand-in for a real-valued one."""
+    integer ẑ; `surrogate` a differentiable stand-in for a real-valued one; `move_gains` what
+    moving each element of an integer ẑ by one is expected to save."""
 
     def __init__(self, model: FrozenModel, u: torch.Tensor):
         self.model, self.u = model, u
@@ -285,8 +303,15 @@ class HyperCost:
         return float((self.u - s - mean).square().sum()) + self.lam * bits
 
     def surrogate(self, z: torch.Tensor) -> torch.Tensor:
-        """Through the float hyper-synthesis; the rate of y from the model's continuous conditional
-        at the predicted scale, that of z interpolated in its tables."""
+        """`latent_surrogate` of z rounded (straight through) plus λ times ẑ's code length
+        interpolated in its tables at z itself: taken at the rounded z, that interpolation's
+        slope would be the one towards z + 1 whichever way z moves."""
+        rounded = z + (torch.round(z) - z).detach()
+        return self.latent_surrogate(rounded) + self.lam * _proxy_hyper_bits(z, self.model)
+
+    def latent_surrogate(self, z: torch.Tensor) -> torch.Tensor:
+        """The cost's y terms through the float hyper-synthesis, the rate from the model's continuous
+        conditional at the predicted scale (s held at its rounding)."""
         model = self.model
         mean, scale = (model.approximate_hyper_synthesis(z) / 2**OUT_BITS).chunk(2, dim=1)
         with torch.no_grad():
@@ -294,7 +319,19 @@ class HyperCost:
                                      out_int32=True)
             s = rounding.round_latents(self.u - mean, idx, model)
         y_bits = -torch.log2(self.likelihood(s, torch.zeros_like(s), scale, model.config.scale_bound)).sum()
-        return (self.u - s - mean).square().sum() + self.lam * (y_bits + _proxy_hyper_bits(z, model))
+        return (self.u - s - mean).square().sum() + self.lam * y_bits
+
+    def move_gains(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each element of ẑ (flat): the cost it is expected to save by moving one step, and
+        that step (+1 or -1). The y terms to first order (`latent_surrogate`'s gradient), ẑ's own
+        code length exactly (it is a sum over the elements)."""
+        z = z_int.float().requires_grad_(True)
+        self.latent_surrogate(z).backward()
+        grad = z.grad.flatten()
+        now = _hyper_bits_each(self.model, z_int)
+        up = grad + self.lam * (_hyper_bits_each(self.model, z_int + 1) - now)
+        down = -grad + self.lam * (_hyper_bits_each(self.model, z_int - 1) - now)
+        return -torch.minimum(up, down), torch.where(up < down, 1, -1)
 
 
 def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, tick: Callable[[], None],
@@ -305,9 +342,9 @@ def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, 
     Two searches of `iterations` steps each. Adam, from h_a(u) + `shift` (a refinement at a
     nearby rate moves z much as this one would), moves a real-valued z with straight-through
     rounding; it changes the ẑ that were close to a rounding boundary. Then, from the best ẑ,
-    each step moves by one the k elements of ẑ with the steepest surrogate gradient, each
-    downhill, and keeps the move if the exact cost falls: k doubles after a kept move and
-    halves after a refused one (at the smallest k a refused set is not proposed again).
+    each step moves by one the k elements of ẑ expected to save most (`HyperCost.move_gains`),
+    and keeps the move if the exact cost falls: k doubles after a kept move and halves after
+    a refused one (at the smallest k a refused set is not proposed again).
     """
     u = y * model.gains(rq / RATE_SCALE)[0]
     cost = HyperCost(model, u)
@@ -323,7 +360,7 @@ def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, 
     z.requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=HYPER_LR)
     for i in range(iterations):
-        loss = cost.surrogate(z + (torch.round(z) - z).detach())
+        loss = cost.surrogate(z)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -335,21 +372,24 @@ def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, 
                 best_cost, best_z = c, z_int
 
     k, refused = FLIP_START, torch.zeros(best_z.numel(), dtype=torch.bool)
+    gains = None
     for _ in range(iterations):
         tick()
-        z = best_z.to(z0.dtype).requires_grad_(True)
-        cost.surrogate(z).backward()
-        grad = z.grad.flatten()
-        steepest = torch.topk(grad.abs().masked_fill(refused, 0), min(k, grad.numel())).indices
+        if gains is None:  # after a refused move ẑ, and so every estimate, is what it was
+            gains, steps = cost.move_gains(best_z)
+        promising = gains.masked_fill(refused, 0)
+        moved = torch.topk(promising, min(k, int((promising > 0).sum()))).indices
+        if not len(moved):
+            continue
         candidate = best_z.flatten().clone()
-        candidate[steepest] -= torch.sign(grad[steepest]).to(torch.int64)
+        candidate[moved] += steps[moved]
         c = cost.exact(candidate.view_as(best_z))
         if c < best_cost:
-            best_cost, best_z, k = c, candidate.view_as(best_z), min(2 * k, FLIP_MAX)
+            best_cost, best_z, k, gains = c, candidate.view_as(best_z), min(2 * k, FLIP_MAX), None
         elif k > FLIP_MIN:
             k //= 2
         else:
-            refused[steepest] = True
+            refused[moved] = True
     return best_z, best_z.to(z0.dtype) - z0
 
 
