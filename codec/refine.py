@@ -13,9 +13,10 @@ rounded. Refinement searches for better ones for this image, in two stages.
    with u the gained latent, s its symbols rounded as the encoder does
    (`lcodec.rounding`, under ẑ's tables) and λ the rounding's: first Adam on a
    real-valued z with straight-through rounding, then moves of the integer ẑ
-   guided by the gradient, each kept only if the exact cost falls. The bits saved
-   buy a finer rate parameter: refinement tries a few rates (`HYPER_TRIES`), each
-   with its own ẑ, steering towards the budget; at each it fills the budget by
+   chosen by what they are expected to save, each kept only if the exact cost
+   falls. The bits saved buy a finer rate parameter: refinement tries a few rates
+   (`HYPER_TRIES`), each with its own ẑ, the first searched longest and the others
+   starting from it, steering towards the budget; at each it fills the budget by
    rounding with a smaller or larger λ (`Refiner.fill`), and it keeps the file
    that decodes closest to the image.
 2. y (`refine_latents`). With ẑ -- and so every mean and table -- held fixed,

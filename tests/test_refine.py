@@ -105,6 +105,30 @@ def test_a_refined_hyper_latent_costs_less_than_h_a_s():
     assert cost(z) <= cost(z0)
 
 
+
+def test_a_move_s_expected_saving_counts_the_hyper_latent_s_own_bits_exactly():
+    """`move_gains`: the y terms to first order plus the exact change of ẑ's code length, in
+    the direction of the step it names (both directions are looked at)."""
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
+    enc = engine.Encoder(model, smooth_rgb(128, 128), "RGB")
+    cost = refine.HyperCost(model, enc.y * model.gains(3.0)[0])
+    z = model.hyper_latent(cost.u)
+    flat = z.flatten()
+    assert float(refine._hyper_bits_each(model, z).sum()) == pytest.approx(refine._hyper_bits(model, z), rel=1e-5)
+
+    zf = z.float().requires_grad_(True)
+    cost.latent_surrogate(zf).backward()
+    grad = zf.grad.flatten()
+    gains, steps = cost.move_gains(z)
+    for e in torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:20].tolist():
+        expected = []
+        for step in (1, -1):
+            moved = flat.clone()
+            moved[e] += step
+            z_bits = refine._hyper_bits(model, moved.view_as(z)) - refine._hyper_bits(model, z)
+            expected.append(-step * float(grad[e]) - cost.lam * z_bits)
+        named = expected[0] if int(steps[e]) == 1 else expected[1]
+        assert float(gains[e]) == pytest.approx(max(expected), rel=1e-4, abs=1e-3) == named
 def test_a_fixed_rate_parameter_stays_fixed_when_refined(kodak_crop):
     q = 3.0
     plain = engine.encode_array(kodak_crop, "RGB", rate=q)
