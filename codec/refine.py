@@ -116,8 +116,7 @@ def _proxy_bits(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> torch
 
 def _proxy_hyper_bits(z: torch.Tensor, model: FrozenModel) -> torch.Tensor:
     """Σ code length of the hyper-latents z (1, N, h, w), real-valued, under the z tables (one per channel)."""
-    idx = torch.arange(z.shape[1]).view(1, -1, 1, 1).expand_as(z)
-    return _interpolated_bits(z, idx, *rounding.bits_table(model, hyper=True))
+    return _interpolated_bits(z, _channels(z), *rounding.bits_table(model, hyper=True))
 
 
 def _interpolated_bits(v: torch.Tensor, idx: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
@@ -211,12 +210,13 @@ def _hyper_bits(model: FrozenModel, z_int: torch.Tensor) -> float:
 
 def _hyper_bits_each(model: FrozenModel, z_int: torch.Tensor) -> torch.Tensor:
     """The code length in bits of each element of ẑ (int64, (1, N, h, w)), flat; outside its
-    channel's table, the escape's (`rounding.bits_table`)."""
-    bits, offsets, lengths = rounding.bits_table(model, hyper=True)
-    channel = torch.arange(z_int.shape[1]).view(1, -1, 1, 1).expand_as(z_int)
-    col = z_int - offsets[channel]
-    inside = (col >= 0) & (col < lengths[channel])
-    return bits.view(-1)[channel * bits.shape[1] + torch.where(inside, col, lengths[channel])].flatten()
+    channel's table, the escape's (`rounding.code_lengths`)."""
+    return rounding.code_lengths(_channels(z_int), rounding.bits_table(model, hyper=True))(z_int).flatten()
+
+
+def _channels(z: torch.Tensor) -> torch.Tensor:
+    """The z table of each element of z (1, N, h, w): its channel."""
+    return torch.arange(z.shape[1]).view(1, -1, 1, 1).expand_as(z)
 
 
 def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,

@@ -23,6 +23,7 @@ negative, so it keeps plain rounding.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -51,21 +52,29 @@ def rdo_round(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel, lam: float
     (v - k)² + lam · bits(k) under the y table `idx` of each latent."""
     k = torch.round(v)
     nonzero = k != 0  # a zero has no neighbour towards 0: only the others (few at low rates) are looked at
-    k0, v, idx = k[nonzero], v[nonzero], idx[nonzero].long()
+    k0, v, idx = k[nonzero], v[nonzero], idx[nonzero]
     k1 = k0 - torch.sign(k0)
-    bits, offsets, lengths = bits_table(model)
-    row, offset, length = idx * bits.shape[1], offsets[idx], lengths[idx]
-
-    def code_length(sym: torch.Tensor) -> torch.Tensor:
-        """Bits of each integer under its table; outside it, the escape's (capped, without the
-        escaped value's own bits)."""
-        col = sym.long() - offset
-        return bits.view(-1)[row + torch.where((col >= 0) & (col < length), col, length)]
-
+    code_length = code_lengths(idx, bits_table(model))
     j0 = (v - k0).square_().add_(code_length(k0), alpha=lam)
     j1 = (v - k1).square_().add_(code_length(k1), alpha=lam)
     k[nonzero] = torch.where(j1 < j0, k1, k0)
     return k
+
+
+def code_lengths(idx: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The code length of integers each under its table `idx` (of `tables`, as `bits_table` gives
+    them), as a function of the integers (shaped as idx). Outside its table an integer costs the
+    escape's (capped, without the escaped value's own bits)."""
+    bits, offsets, lengths = tables
+    idx = idx.long()
+    row, offset, length, flat = idx * bits.shape[1], offsets[idx], lengths[idx], bits.view(-1)
+
+    def code_length(sym: torch.Tensor) -> torch.Tensor:
+        col = sym.long() - offset
+        return flat[row + torch.where((col >= 0) & (col < length), col, length)]
+
+    return code_length
 
 
 @functools.lru_cache(maxsize=8)
