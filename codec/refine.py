@@ -19,16 +19,28 @@ rounded. Refinement searches for better ones for this image, in two stages.
    starting from it, steering towards the budget; at each it fills the budget by
    rounding with a smaller or larger λ (`Refiner.fill`), and it keeps the file
    that decodes closest to the image.
-2. y (`refine_latents`). With ẑ -- and so every mean and table -- held fixed,
-   Adam moves the gained latent u to minimise
+2. y, with ẑ -- and so every mean and table -- held fixed. For a model whose
+   encoder rounds with RDO (a linear synthesis, `lcodec.rounding`), `refine_symbols`
+   moves the symbols themselves by one to lower
+
+       D(s) + μ · bits(s),   D = Σ (x̂(s) − x)²  (8-bit scale, after the post-filter)
+
+   each step moving the symbols that the gradient of D, the synthesis's own energy
+   per symbol and the exact code-length change say will save most -- at most one
+   per latent position and none in neighbouring positions, since neighbours'
+   changes overlap in the picture -- and keeping the move only if the exact cost
+   falls within the budget. RDO rounding weighs every latent's error alike; the
+   real error is the picture's after the clamp and the post-filter, and it is
+   smaller for some moves than that weighing says. For the other models
+   (`refine_latents`) Adam moves the gained latent u to minimise
 
        D(u) + μ · R(u),   D = Σ (g_s((round(u − mean) + mean) · inv_gain) − x)²  (8-bit scale)
 
    (Campos et al. 2019; Yang, Bamler & Mandt 2020, arXiv:2006.04240), the rounding
    straight-through and R the y tables' code lengths, linearly interpolated between
-   integers and taken at u − mean plus uniform noise (a fixed seed). μ starts at the
-   slope of the model's own rate-distortion curve and follows the byte budget.
-   Every iterate is a candidate; the best real distortion inside the budget is kept.
+   integers and taken at u − mean plus uniform noise (a fixed seed), μ starting at the
+   slope of the model's own rate-distortion curve. In both, μ follows the byte budget
+   and every iterate is a candidate: the best real distortion inside the budget is kept.
 
 The decoder sees an ordinary ẑ and ordinary symbols: the format does not change.
 
@@ -39,6 +51,7 @@ bytes whatever the thread setting.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,9 +67,10 @@ from .models.frozen import FrozenModel
 from .models.integer_hyper import OUT_BITS
 
 # Per effort level (0: the one-pass encoder; `lcodec.api.MAX_EFFORT` is the last): the steps of
-# each search for ẑ at each rate tried, and the Adam iterations on y at the rate kept
-# (`latent_iterations`: only for models with plain rounding).
-HYPER_ITERATIONS = (0, 4, 8, 12, 16, 24, 32, 48, 70, 100)
+# each search for ẑ at each rate tried, and the steps on y at the rate kept (`latent_iterations`):
+# symbol moves for models with RDO rounding, Adam iterations for the others.
+HYPER_ITERATIONS = (0, 4, 8, 12, 16, 24, 32, 40, 50, 60)
+SYMBOL_ITERATIONS = (0, 2, 4, 6, 8, 12, 16, 20, 25, 30)
 LATENT_ITERATIONS = (0, 0, 0, 0, 0, 5, 5, 10, 15, 20)
 HYPER_TRIES = 3  # rates tried with a refined ẑ, the first where the file would fill the budget ...
 HYPER_SAVING = 0.08  # ... if refinement made it this much smaller than the one-pass file
@@ -65,6 +79,9 @@ HYPER_LR = 0.01  # Adam's step on z (quantisation step 1); 0.003 and 0.03 take l
 HYPER_LAMBDA = 0.06  # λ of ẑ's cost for models with plain rounding (the lifting models' rounding λ)
 HYPER_CHECK = 10  # Adam: the exact cost of ẑ is measured every this many iterations (and at the last)
 FLIP_START, FLIP_MIN, FLIP_MAX = 256, 8, 4096  # elements of ẑ moved at once by the second search
+SYMBOL_START, SYMBOL_MIN, SYMBOL_MAX = 64, 8, 4096  # symbols moved at once by `refine_symbols`
+SYMBOL_OVER = 1.5  # μ grows this much when a move that lowers the cost would overflow the budget
+IMPULSE_LATENTS = 48  # the synthesis's energy per symbol is estimated on a canvas of this many latents a side
 FILL_RANGE, FILL_STEPS = 4.0, 8  # the rounding's λ may change this much to fill the budget; bisection steps
 # Refinement holds the synthesis's activations for the backward pass: larger images are coded at effort 0.
 MAX_PIXELS = 4_194_304  # 2048 x 2048
@@ -86,11 +103,10 @@ def _search_steps(effort: int, t: int) -> int:
 
 
 def latent_iterations(effort: int, model: FrozenModel) -> int:
-    """Adam iterations on y at `effort`: none for a model whose encoder rounds with RDO (the
-    lifting models), whose rounding already takes what moving y would (on 6 Kodak images at
-    0.12-1 bpp, 20 iterations after the search for ẑ found nothing better); for the others,
-    whose synthesis is far from linear, `LATENT_ITERATIONS`."""
-    return 0 if rounding.rdo_lambda(model) is not None else LATENT_ITERATIONS[effort]
+    """Steps on y at `effort`: `SYMBOL_ITERATIONS` symbol moves for a model whose encoder rounds
+    with RDO (the lifting models, whose synthesis is linear up to the post-filter), else
+    `LATENT_ITERATIONS` Adam iterations."""
+    return (SYMBOL_ITERATIONS if rounding.rdo_lambda(model) is not None else LATENT_ITERATIONS)[effort]
 
 
 def learning_rate(bpp: float) -> float:
@@ -153,6 +169,13 @@ class Refiner:
         straight-through gradient) over the image's own pixels."""
         x_hat = self.model.draw((symbols + self.mean) * self.inv_gain, self.q).clamp(0, 1)
         return (x_hat[:, :, :self.height, :self.width] * 255 - self.target).square().sum()
+
+    def distortion_and_gradient(self, symbols: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """`distortion` of `symbols` (float) and its gradient with respect to them."""
+        s = symbols.detach().clone().requires_grad_(True)
+        d = self.distortion(s)
+        d.backward()
+        return float(d.detach()), s.grad
 
     def file_bytes(self, symbols: np.ndarray) -> float:
         """The ideal size of the whole file with these y symbols (flat int32)."""
@@ -255,8 +278,13 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
             if floor <= size <= ceiling and (d := candidate.distortion_of(s)) < best_d:
                 best, best_d, ref = Refined(at, z, s), d, candidate
             at = _next_rate(model, tried, (1 - AIM) * budget, ceiling)
-    if latent_iterations(effort, model):
-        symbols = refine_latents(ref, budget, floor, latent_iterations(effort, model), tick, best_d)
+    steps = latent_iterations(effort, model)
+    if steps:
+        if rounding.rdo_lambda(model) is not None:
+            start_symbols = best.symbols if best is not None else ref.one_pass()[0]
+            symbols = refine_symbols(ref, start_symbols, budget, floor, steps, tick, best_d)
+        else:
+            symbols = refine_latents(ref, budget, floor, steps, tick, best_d)
         if symbols is not None:
             best = Refined(ref.rq, ref.z, symbols)
     return best
@@ -392,6 +420,89 @@ def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, 
         else:
             refused[moved] = True
     return best_z, best_z.to(z0.dtype) - z0
+
+
+def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float, iterations: int,
+                   tick: Callable[[], None], to_beat: float) -> np.ndarray | None:
+    """The y symbols (flat int32, C order) found from `symbols` at `ref`'s rate and ẑ whose ideal
+    file size is in [floor, budget - guard] bytes with the least distortion, or None if no step's
+    distortion is below `to_beat`.
+
+    Each step moves by one the (at most k) symbols expected to lower D + μ·bits most, one per
+    latent position and none in neighbouring ones (`_spread`): the saving of a step ±1 is
+    ∓dD/ds (the gradient through the synthesis and the post-filter) less the synthesis's energy
+    per symbol (`_symbol_energy`) and μ times the exact change of the code length. A move is kept
+    if the exact cost falls and the file fits: k doubles after a kept move and halves after a
+    refused one (at the smallest k a refused set is not proposed again); a move refused only for
+    its size raises μ by `SYMBOL_OVER`. μ starts at the rounding's λ in the picture's units and
+    follows the budget as in `refine_latents`.
+    """
+    model = ref.model
+    ceiling = budget - 4 - 1e-3 * budget
+    aim = (1 - AIM) * budget
+    energy = (_symbol_energy(model) * ref.inv_gain.flatten() ** 2).view(1, -1, 1, 1)
+    mu = float(energy.median()) * rounding.rdo_lambda(model)
+    code_length = rounding.code_lengths(ref.idx, rounding.bits_table(model))
+    s = torch.from_numpy(symbols).view(ref.u0.shape).float()
+    size = ref.file_bytes(symbols)
+    k, refused = SYMBOL_START, torch.zeros(s.shape, dtype=torch.bool)
+    best, best_d = None, to_beat
+    grad = None
+    for _ in range(iterations):
+        tick()
+        if grad is None:  # after a refused move s, and so every estimate, is what it was
+            d, grad = ref.distortion_and_gradient(s)
+            now = code_length(s)
+            up_bits, down_bits = code_length(s + 1) - now, code_length(s - 1) - now
+        up = grad + energy + mu * up_bits
+        down = -grad + energy + mu * down_bits
+        saving = (-torch.minimum(up, down)).masked_fill_(refused, 0)
+        moved = _spread(saving, k)
+        if not len(moved):
+            break
+        candidate = s.flatten().clone()
+        candidate[moved] += torch.where(up < down, 1.0, -1.0).flatten()[moved]
+        coded = _coded(candidate)
+        d_c, size_c = ref.distortion_of(coded), ref.file_bytes(coded)
+        if d_c + 8 * mu * size_c < d + 8 * mu * size:
+            if size_c <= ceiling:
+                s, d, size, grad, k = candidate.view_as(s), d_c, size_c, None, min(2 * k, SYMBOL_MAX)
+                if size >= floor and d < best_d:
+                    best, best_d = coded, d
+            else:
+                mu *= SYMBOL_OVER
+        elif len(moved) > SYMBOL_MIN:
+            k = len(moved) // 2
+        else:
+            refused.view(-1)[moved] = True
+        mu *= math.exp(STEER * (size / aim - 1))
+    return best
+
+
+def _spread(saving: torch.Tensor, k: int) -> torch.Tensor:
+    """The flat indices of the (at most k) largest positive savings (1, M, h, w), at most one
+    per latent position (its channel's largest) and none in the 8 positions around a chosen one."""
+    per_position, channel = saving.max(dim=1, keepdim=True)
+    peak = torch.nn.functional.max_pool2d(per_position, 3, stride=1, padding=1)
+    candidates = torch.where((per_position == peak) & (per_position > 0), per_position, 0).flatten()
+    chosen = torch.topk(candidates, min(k, int((candidates > 0).sum()))).indices
+    return channel.flatten()[chosen] * candidates.numel() + chosen
+
+
+@functools.lru_cache(maxsize=8)
+def _symbol_energy(model: FrozenModel) -> torch.Tensor:
+    """The squared change of the synthesis's picture (8-bit scale, before the post-filter) per unit
+    of one symbol of each channel of ŷ before the gain (M,): for the linear synthesis S, the
+    diagonal of SᵀS averaged over a channel's positions, estimated as r · SᵀS r for random signs r
+    (a fixed seed) on a canvas of `IMPULSE_LATENTS` latents a side (within 4% of each channel's
+    impulse response on the lifting models)."""
+    M, n = model.config.M, IMPULSE_LATENTS
+    r = torch.randint(0, 2, (1, M, n, n), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+    r.requires_grad_(True)
+    with torch.no_grad():
+        blank = model.synthesis(torch.zeros(1, M, n, n))
+    (0.5 * (model.synthesis(r) - blank).square().sum()).backward()
+    return (r.detach() * r.grad).mean(dim=(0, 2, 3)) * 255**2
 
 
 def refine_latents(ref: Refiner, budget: int, floor: float, iterations: int, tick: Callable[[], None],
