@@ -494,7 +494,7 @@ def _symbol_energy(model: FrozenModel) -> torch.Tensor:
     """The squared change of the synthesis's picture (8-bit scale, before the post-filter) per unit
     of one symbol of each channel of ŷ before the gain (M,): for the linear synthesis S, the
     diagonal of SᵀS averaged over a channel's positions, estimated as r · SᵀS r for random signs r
-    (a fixed seed) on a canvas of `IMPULSE_LATENTS` latents a side (within 4% of each channel's
+    (a fixed seed) on a canvas of `IMPULSE_LATENTS` latents a side (within 8% of each channel's
     impulse response on the lifting models)."""
     M, n = model.config.M, IMPULSE_LATENTS
     r = torch.randint(0, 2, (1, M, n, n), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
