@@ -282,8 +282,9 @@ def test_effort_codec_rows_in_the_report(tmp_path, monkeypatch):
     from lcodec import refine
     from lcodec.api import MAX_EFFORT
 
-    one_step = (0,) + (1,) * MAX_EFFORT  # one Adam step per stage: the plumbing, fast
+    one_step = (0,) + (1,) * MAX_EFFORT  # one step per stage: the plumbing, fast
     monkeypatch.setattr(refine, "HYPER_ITERATIONS", one_step)
+    monkeypatch.setattr(refine, "SYMBOL_ITERATIONS", one_step)
     monkeypatch.setattr(refine, "LATENT_ITERATIONS", one_step)
     top = f"lcodec-effort{MAX_EFFORT}"
     images = tmp_path / "img"
@@ -297,7 +298,8 @@ def test_effort_codec_rows_in_the_report(tmp_path, monkeypatch):
     assert [r["target_bpp"] for r in mine] == [0.5, 1.0] and {r["status"] for r in mine} == {"ok"}
     assert all(r["bytes"] <= metrics.byte_budget(r["target_bpp"], 32, 32) for r in mine)
     settings = doc["codecs"][top]["settings"]
-    assert (settings["effort"], settings["refine_iterations"]) == (MAX_EFFORT, 2 * refine.HYPER_TRIES)  # the lifting model: no y stage
+    # the lifting model: two searches for ẑ at each rate tried, then the symbol moves
+    assert (settings["effort"], settings["refine_iterations"]) == (MAX_EFFORT, 2 * refine.HYPER_TRIES + 1)
     assert top in summary.LCODEC_MODES
     assert {b["anchor"] for b in doc["bd"] if b["test"] == top} == {"jpeg", "jpegxl"}
     assert {s["codec"] for s in doc["speed"]} == {"lcodec", top, "jpeg", "jpegxl"}
