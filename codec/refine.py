@@ -459,7 +459,7 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
         saving = (-torch.minimum(up, down)).masked_fill_(refused, 0)
         moved = _spread(saving, k)
         if not len(moved):
-            break
+            continue  # nothing left to propose: the remaining steps only tick
         candidate = s.flatten().clone()
         candidate[moved] += torch.where(up < down, 1.0, -1.0).flatten()[moved]
         coded = _coded(candidate)
