@@ -5,16 +5,34 @@ model id and the first 4 bytes of the weights' SHA-256, and a decoder refuses
 weights whose digest does not match. New weights get a new id. The same table
 is in `bitstream/SPEC.md`. `MODELS` is read-only: code that runs other weights
 passes them to `lcodec.engine` as an argument.
+
+The package ships the weights of `SHIPPED_MODEL_IDS` only (`weights/`); the table
+keeps every id with its digest. The weights of the other released models are kept
+outside the package (in the repository, `models/archive/`): a decoder finds them in
+the folders that the environment variable `LCODEC_WEIGHTS_PATH` names
+(os.pathsep-separated, searched after the installed ones), so old files still
+decode wherever someone has their weights.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from ..errors import ModelMismatchError
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_PATH_VARIABLE = "LCODEC_WEIGHTS_PATH"
+
+
+def weights_dirs() -> list[Path]:
+    """Where weights files are looked for, in order: the installed ones, then the folders of
+    `LCODEC_WEIGHTS_PATH` (read at every call, so a process may set it late)."""
+    extra = os.environ.get(WEIGHTS_PATH_VARIABLE, "")
+    return [WEIGHTS_DIR, *(Path(p).expanduser().absolute() for p in extra.split(os.pathsep) if p)]
 
 
 @dataclass(frozen=True)
@@ -25,9 +43,30 @@ class ModelEntry:
     sha256: str  # hex digest of the weights file
     retired: bool = False  # not shipped: no release ever wrote a file with this id
 
+    def find(self) -> Path | None:
+        """The weights file in the first folder of `weights_dirs()` that has it, or None."""
+        return next((d / self.filename for d in weights_dirs() if (d / self.filename).is_file()), None)
+
+    @property
+    def installed(self) -> bool:
+        return self.find() is not None
+
     @property
     def path(self) -> Path:
-        return WEIGHTS_DIR / self.filename
+        """The weights file (`find`); its digest is checked when it is loaded.
+
+        Raises `ModelMismatchError` naming the model and what to do where no folder has it:
+        this lcodec does not ship it (only `SHIPPED_MODEL_IDS`), or it was retired."""
+        found = self.find()
+        if found is not None:
+            return found
+        if self.retired:
+            raise ModelMismatchError(f"model id {self.model_id} ({self.name}) was retired before the first release "
+                                     "and is not shipped; no released lcodec wrote this file")
+        raise ModelMismatchError(
+            f"the weights of model id {self.model_id} ({self.name}) are not installed: this lcodec ships the "
+            f"weights of models {' and '.join(map(str, sorted(SHIPPED_MODEL_IDS)))} only; put {self.filename} in a folder "
+            f"named by {WEIGHTS_PATH_VARIABLE} (the lcodec repository keeps it in models/archive/)")
 
     @property
     def digest4(self) -> bytes:
@@ -39,14 +78,14 @@ MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     # id 0: a tiny model (N=8, M=12) trained for a few steps; it exists so that the golden
     # test files pin the format and stay fast. Not for real use.
     0: ModelEntry(0, "tiny-test", "tiny-test.pt", "520e084ac735caff567529a5acf70ca59d5d1390792becfe1c972368257eb217"),
-    # ids 1-5: snapshots of the training run of id 6 (models/weights/TRAINING_HISTORY.md), retired before
+    # ids 1-5: snapshots of the training run of id 6 (models/history/TRAINING_HISTORY.md), retired before
     # the first release; their ids stay taken.
     1: ModelEntry(1, "hp-64-96", "hp-64-96.pt", "3843751f3522cd80867d15bd05843b8d0f9413b18896cbb03ec60c92424a0279", retired=True),
     2: ModelEntry(2, "hp-64-96-v2", "hp-64-96-v2.pt", "d56266d48a504a8eac2e7361d230e6e0451c54293dce250ea279be44d56b9033", retired=True),
     3: ModelEntry(3, "hp-64-256", "hp-64-256.pt", "fa928472a3422b693c95b7d6c728d7a997470ca13a1cf9b94c51edb3439bedee", retired=True),
     4: ModelEntry(4, "hp-64-256-v2", "hp-64-256-v2.pt", "b02e01289b449f73b9990d0546860878d68da8654e7e9a105c64eff564f7e104", retired=True),
     5: ModelEntry(5, "hp-64-96-v3", "hp-64-96-v3.pt", "5560e388cdaac252f6275d262e4dda74dc5d437b309cef2df5debee2d64635aa", retired=True),
-    # id 6: mean-scale hyperprior, N=64, M=96, nine levels 0.04-2 bpp (weights/MODEL_CARD.md).
+    # id 6: mean-scale hyperprior, N=64, M=96, nine levels 0.04-2 bpp (models/history/TRAINING_HISTORY.md).
     6: ModelEntry(6, "hp-64-96-v4", "hp-64-96-v4.pt", "f89554407887dafa92299f583f77ec29d3529cdca8dcaa910cc4feb36fa6b806"),
     # id 7: mean-scale hyperprior over CDF 9/7 lifting (arch "lifting"), N=128, M=768, nine levels.
     7: ModelEntry(7, "lift-97-128", "lift-97-128.pt", "2a16471fa6dc7483043a7169f9bad3793a04232ca40591f5bd62979b3ac6ab51"),
@@ -70,3 +109,7 @@ DEFAULT_MODEL_ID = 11
 # second choice bought +0.005 / +0.008 dB at 0.06 / 0.12 bpp and nothing from 0.25 bpp (first 8
 # Kodak images) for twice the encode time, and id 11 is above id 10 at every level.
 CHOICE_MODEL_IDS = (11,)
+# The models whose weights the package ships (`weights/`; pyproject.toml's package-data takes every
+# .pt file there, and tests/test_release.py checks that the wheel holds these and nothing else):
+# the test model and the models new files are made with. The others' files are in models/archive/.
+SHIPPED_MODEL_IDS = frozenset({0, DEFAULT_MODEL_ID, *CHOICE_MODEL_IDS})
