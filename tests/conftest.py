@@ -18,6 +18,8 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 KODAK = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kodak"
+# The weights of the released models that the package does not ship (registry.SHIPPED_MODEL_IDS).
+ARCHIVE = Path(__file__).resolve().parents[1] / "models" / "archive"
 
 # A --size every model reaches for the small test images (a few KB even at its top rate), for
 # tests about the plumbing rather than rate control; those aim at a natural image instead.
@@ -57,6 +59,14 @@ def quick_lc(pixels: np.ndarray) -> bytes:
 
     lo, hi = lcodec.model_info().rate_range
     return lcodec.encode(pixels, rate=(lo + hi) / 2)
+
+
+@pytest.fixture
+def archived_weights(monkeypatch) -> Path:
+    """The archived weights where a decoder looks for weights that are not installed: on
+    LCODEC_WEIGHTS_PATH, as a user who has them would put them."""
+    monkeypatch.setenv("LCODEC_WEIGHTS_PATH", str(ARCHIVE))
+    return ARCHIVE
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ The expected outcome is computed by `spec_outcome`, an independent re-reading of
 the SPEC.md check table with `struct` and `zlib` (not with lcodec's container), so
 a wrong error class or a wrong check order is a failure too.
 
-Cases are mutations of a corpus of valid files: the golden files plus fresh encodes
+Cases are mutations of a corpus of valid files: the golden files (those of the models the package
+does not ship decode with the weights of models/archive/, on LCODEC_WEIGHTS_PATH) plus fresh encodes
 with model 0 (the tiny test model, fast) and the default model (`--models` to choose), made with
 an explicit rate parameter so the corpus does not depend on rate control. The
 mutation classes (see `CLASSES`) come in three families:
@@ -64,6 +65,7 @@ import numpy as np
 from lcodec.models.registry import DEFAULT_MODEL_ID  # no torch: the table only
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
+ARCHIVE = Path(__file__).resolve().parents[1] / "models" / "archive"  # weights the package does not ship
 MAGIC = b"lcod"
 HEADER = struct.Struct(">4sBB4sHHBh")  # SPEC.md: magic, version, model_id, digest, width, height, mode, rate_q
 HEADER_SIZE, CRC_SIZE = 17, 4
@@ -367,7 +369,7 @@ def spec_outcome(data: bytes, max_pixels: int) -> frozenset[str]:
     if width * height > max_pixels:
         return frozenset({"ImageTooLargeError"})
     entry = MODELS.get(model_id)
-    if entry is None or entry.digest4 != digest or not entry.path.exists():
+    if entry is None or entry.digest4 != digest or not entry.installed:
         return frozenset({"ModelMismatchError"})
     return frozenset({"CorruptFileError", IMAGE})
 
@@ -656,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(rows, indent=1))
         return 0
 
+    os.environ.setdefault("LCODEC_WEIGHTS_PATH", str(ARCHIVE))  # the golden files of archived models decode
     corpus = build_corpus(tuple(int(m) for m in args.models.split(",")))
     reference = {s.data: decode_once(s.data, DEFAULT_MAX_PIXELS)["pixels_crc"] for s in corpus}
     indices = [args.only_case] if args.only_case is not None else range(args.cases)

@@ -18,6 +18,15 @@ CASES = 200
 SEED = 20240601
 
 
+@pytest.fixture(scope="module", autouse=True)
+def archived_weights():
+    """The corpus holds the golden files of archived models too: their weights where a decoder
+    looks for them (the harness's own main does the same)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LCODEC_WEIGHTS_PATH", str(fuzz_lc.ARCHIVE))
+        yield
+
+
 @pytest.fixture(scope="module")
 def corpus():
     return fuzz_lc.build_corpus()
@@ -82,9 +91,10 @@ def test_a_planted_bug_is_caught(corpus, reference, monkeypatch):
 
 def test_watchdog_reports_a_hang_and_recovers():
     """The harness itself: a case over the time budget is a 'hang', and the next case still runs."""
-    from lcodec.models.registry import MODELS
+    from lcodec.models.registry import DEFAULT_MODEL_ID, MODELS
 
-    bomb = fuzz_lc.with_crc(fuzz_lc.HEADER.pack(b"lcod", 1, 6, MODELS[6].digest4, 4096, 4096, 1, 0))
+    bomb = fuzz_lc.with_crc(fuzz_lc.HEADER.pack(b"lcod", 1, DEFAULT_MODEL_ID, MODELS[DEFAULT_MODEL_ID].digest4,
+                                                4096, 4096, 1, 0))
     watchdog = fuzz_lc.Watchdog(timeout=0.05, max_rss_mb=4096, address_space_mb=0)
     try:
         assert watchdog.run(bomb, fuzz_lc.DEFAULT_MAX_PIXELS)["outcome"] == "hang"

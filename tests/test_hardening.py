@@ -43,7 +43,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 HEADER = struct.Struct(">4sBB4sHHBh")  # SPEC.md: magic, version, model_id, digest, width, height, mode, rate_q
 
 
-def lc_file(model_id: int = 6, width: int = 64, height: int = 48, mode: int = 1, rate_q: int = 0,
+def lc_file(model_id: int = engine.DEFAULT_MODEL_ID, width: int = 64, height: int = 48, mode: int = 1, rate_q: int = 0,
             payload: bytes = b"", digest: bytes | None = None) -> bytes:
     """A file laid out from the SPEC.md table with a correct CRC."""
     digest = MODELS[model_id].digest4 if digest is None else digest
@@ -58,12 +58,6 @@ def with_fields(data: bytes, **fields) -> bytes:
     values.update(fields)
     body = HEADER.pack(*(values[n] for n in names)) + data[HEADER.size:-4]
     return body + struct.pack(">I", zlib.crc32(body))
-
-
-@pytest.fixture(scope="module")
-def shipped_file() -> bytes:
-    """A small RGB file made with model 6 (explicit rate: no rate search)."""
-    return engine.encode_array(smooth_rgb(64, 96, seed=3), "RGB", rate=4.0, model_id=6).data
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +78,7 @@ def corrupt_payload() -> bytes:
 
 def test_engine_refuses_a_huge_declared_size_before_allocating():
     bomb = lc_file(width=0xFFFF, height=0xFFFF, payload=b"\x01" * 8)
-    engine.load_model(6)  # loaded outside the measurement: a model load is not an allocation from the header
+    engine.load_model(engine.DEFAULT_MODEL_ID)  # loaded outside the measurement: a model load is not an allocation from the header
     tracemalloc.start()
     try:
         with pytest.raises(ImageTooLargeError, match="max_pixels"):
@@ -238,10 +232,11 @@ def test_unreadable_inputs_are_clean_errors(tmp_path):
 def test_decoding_with_1_2_and_4_threads(tmp_path):
     """The same file gives the same pixels with 1, 2 and 4 torch threads: the stream and the table
     selection are exact (integer h_s), and g_s runs one thread per operation with tiles side by side
-    (SPEC.md, "Symbols and reconstruction"). Small tiles (4 latents) make the model-6 file span 4 x 4
-    tiles, so the side-by-side path is what runs here."""
-    (tmp_path / "m6.lc").write_bytes(engine.encode_array(smooth_rgb(256, 192, seed=3), "RGB", rate=4.0, model_id=6).data)
-    files = [str(GOLDEN / "v1_rgb_64x48.lc"), str(GOLDEN / "v1_gray_65x37.lc"), str(tmp_path / "m6.lc")]
+    (SPEC.md, "Symbols and reconstruction"). Small tiles (4 latents) make the 256 x 192 file of the
+    test model (a GDN model, whose halo is 4 latents) span 4 x 3 tiles, so the side-by-side path is
+    what runs here."""
+    (tmp_path / "m0.lc").write_bytes(engine.encode_array(smooth_rgb(256, 192, seed=3), "RGB", rate=4.0, model_id=0).data)
+    files = [str(GOLDEN / "v1_rgb_64x48.lc"), str(GOLDEN / "v1_gray_65x37.lc"), str(tmp_path / "m0.lc")]
     code = ("import sys, torch, numpy as np; torch.set_num_threads(int(sys.argv[1])); from lcodec import engine\n"
             "np.save(sys.stdout.buffer, np.stack([np.resize(engine.decode_array(open(p, 'rb').read(), tile_latents=4)[0],"
             " 4096 * 36) for p in sys.argv[2:]]))")
@@ -259,13 +254,14 @@ def test_smaller_g_s_tiles_decode_the_same_pixels():
     """g_a and g_s run on 4 x 4-latent tiles (64 pixels, halo 64) instead of one piece: the halo covers the
     receptive field, so only float summation order may differ (measured: identical here; 1024x768
     with 16-latent tiles differs by 1 in 0.001% of samples, see kodak_eval/large_images.py). At 256 x 192
-    the image is wider than one tile and its halos (4 + 2 x 4 latents), so it is really split."""
+    the image is wider than one tile and its halos (4 + 2 x 4 latents with the GDN test model), so it is
+    really split."""
     pixels = smooth_rgb(192, 256, seed=5)
-    data = engine.encode_array(pixels, "RGB", rate=4.0, model_id=6).data
+    data = engine.encode_array(pixels, "RGB", rate=4.0, model_id=0).data
     whole, _ = engine.decode_array(data)
     tiled, _ = engine.decode_array(data, tile_latents=4)
     assert np.abs(whole.astype(np.int16) - tiled.astype(np.int16)).max() <= 1
-    assert engine.encode_array(pixels, "RGB", rate=4.0, model_id=6, tile_latents=4).data == data
+    assert engine.encode_array(pixels, "RGB", rate=4.0, model_id=0, tile_latents=4).data == data
 
 
 # -- large images: bounded memory, same bits ----------------------------------------------------------------
@@ -291,11 +287,12 @@ def test_the_range_coder_works_in_runs_without_changing_a_bit(monkeypatch):
     """The range coder goes through an item in runs of CHUNK positions (an 8K image's latent can hold
     10^8 symbols): runs of any length give the same stream and the same symbols, and beyond its input
     (int32 symbols, uint8 table indices) it holds about 8 bytes per symbol (columns or symbols, and
-    the coding order, int32), one run's temporaries and the stream (measured here: 10 and 12 bytes
-    per symbol to encode and decode)."""
+    the coding order, int32), one run's temporaries and the stream (measured here, with the test model's
+    tables: 8.4 and 13.2 bytes per symbol to encode and decode; 10 and 12 with id 6's, 12.3 and 16.8 with
+    the wider ones of id 11)."""
     from lcodec.bitstream import range_coder
 
-    tables = engine.load_model(6).y_tables
+    tables = engine.load_model(0).y_tables
     rng = np.random.default_rng(7)
     n = 1 << 16
     idx = rng.integers(0, tables.num_tables, n).astype(np.uint8)

@@ -91,7 +91,7 @@ def test_documented_modules_exist(monkeypatch):
     """Every `python -m X` and `torchrun ... -m X` in the READMEs and the model card names a module that exists."""
     monkeypatch.syspath_prepend(str(ROOT))  # kodak_eval is run from the repository, not installed
     docs = [ROOT / "README.md", ROOT / "kodak_eval" / "README.md", ROOT / "models" / "weights" / "MODEL_CARD.md",
-            ROOT / "models" / "weights" / "TRAINING_HISTORY.md"]
+            ROOT / "models" / "history" / "TRAINING_HISTORY.md"]
     names = {m for doc in docs for m in re.findall(r"(?<![\w-])-m ([A-Za-z_][\w.]*)", doc.read_text())}
     assert {"lcodec.models.training.train", "kodak_eval.model_table"} <= names
     for name in sorted(names):

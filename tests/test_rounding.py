@@ -15,14 +15,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_the_lifting_models_round_for_rate_and_distortion_the_gdn_model_plainly():
-    assert rounding.rdo_lambda(engine.load_model(8)) == rounding.RDO_LAMBDA["lifting"]
-    assert rounding.rdo_lambda(engine.load_model(6)) is None
+    assert rounding.rdo_lambda(engine.load_model(engine.DEFAULT_MODEL_ID)) == rounding.RDO_LAMBDA["lifting"]
+    assert rounding.rdo_lambda(engine.load_model(0)) is None
     v = torch.tensor([0.4, 0.6, -1.51, 2.49])
-    assert torch.equal(rounding.round_latents(v, torch.zeros(4, dtype=torch.int32), engine.load_model(6)), torch.round(v))
+    assert torch.equal(rounding.round_latents(v, torch.zeros(4, dtype=torch.int32), engine.load_model(0)), torch.round(v))
 
 
 def test_rdo_rounding_picks_the_cheaper_neighbour():
-    model = engine.load_model(8)
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(1, 768, 4, 4, generator=gen) * 3
     idx = torch.randint(0, model.y_tables.num_tables, v.shape, generator=gen, dtype=torch.int32)
@@ -42,7 +42,7 @@ def test_rdo_rounding_picks_the_cheaper_neighbour():
 
 
 def test_rdo_rounding_spends_fewer_bits_at_the_same_rate(kodak_crop, monkeypatch):
-    enc = engine.Encoder(engine.load_model(8), kodak_crop, "RGB")
+    enc = engine.Encoder(engine.load_model(engine.DEFAULT_MODEL_ID), kodak_crop, "RGB")
     rq = 4 * container.RATE_SCALE
     estimate, size = enc.estimate_bytes(rq), len(enc.payload(rq))
     monkeypatch.setattr(rounding, "RDO_LAMBDA", {})
@@ -52,11 +52,11 @@ def test_rdo_rounding_spends_fewer_bits_at_the_same_rate(kodak_crop, monkeypatch
 
 def test_rdo_rounding_buys_a_better_picture_at_the_same_exact_size(kodak_crop, monkeypatch):
     budget = int(0.5 * kodak_crop.shape[0] * kodak_crop.shape[1] / 8)
-    rounded = engine.encode_array(kodak_crop, "RGB", bpp=0.5, model_id=8)
+    rounded = engine.encode_array(kodak_crop, "RGB", bpp=0.5, model_id=engine.DEFAULT_MODEL_ID)
     monkeypatch.setattr(rounding, "RDO_LAMBDA", {})
-    plain = engine.encode_array(kodak_crop, "RGB", bpp=0.5, model_id=8)
+    plain = engine.encode_array(kodak_crop, "RGB", bpp=0.5, model_id=engine.DEFAULT_MODEL_ID)
     assert 0.97 * budget <= len(rounded.data) <= budget
     assert rounded.rate > plain.rate  # the saved bits bought a finer step
-    # Measured on this crop with id 8: +0.21 dB (+0.40 at 0.25 bpp, +0.18 at 1 bpp).
+    # Measured on this crop with id 11: +0.23 dB (+0.16 at 0.25 bpp, +0.18 at 1 bpp).
     decoded = engine.decode_array(rounded.data)[0], engine.decode_array(plain.data)[0]
     assert psnr(kodak_crop, decoded[0]) > psnr(kodak_crop, decoded[1]) + 0.1
