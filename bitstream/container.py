@@ -1,8 +1,8 @@
-"""The .lc container, version 1: header, payload, CRC32. Mirrors `bitstream/SPEC.md`.
+"""The .lc container, versions 1 and 2: header, payload, CRC32. Mirrors `bitstream/SPEC.md`.
 
     offset  size  type      field
          0     4  bytes     magic b"lcod"
-         4     1  u8        format version (1)
+         4     1  u8        format version (1, or 2 for models with a subband context)
          5     1  u8        model id (append-only model table)
          6     4  bytes     weights digest (first 4 bytes of the weights' SHA-256)
         10     2  u16 BE    width in pixels (>= 1)
@@ -25,11 +25,12 @@ from dataclasses import dataclass
 
 from ..errors import CorruptFileError, ImageTooLargeError, NotAnLcFileError, UnsupportedVersionError
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "HEADER_SIZE", "CRC_SIZE", "OVERHEAD_BYTES", "DEFAULT_MAX_PIXELS",
+__all__ = ["MAGIC", "FORMAT_VERSION", "VERSIONS", "HEADER_SIZE", "CRC_SIZE", "OVERHEAD_BYTES", "DEFAULT_MAX_PIXELS",
            "MODES", "Header", "pack", "unpack", "read_header"]
 
 MAGIC = b"lcod"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version; files of models with a subband context are written as it
+VERSIONS = (1, 2)  # every version this lcodec reads and writes (SPEC.md, "Version policy")
 _FIELDS = struct.Struct(">4sBB4sHHBh")  # magic, version, model_id, digest, width, height, mode, rate_q
 HEADER_SIZE = _FIELDS.size  # 17
 CRC_SIZE = 4
@@ -60,7 +61,7 @@ class Header:
 
     def __post_init__(self) -> None:
         checks = (
-            (self.version == FORMAT_VERSION, f"this lcodec writes format version {FORMAT_VERSION} only"),
+            (self.version in VERSIONS, f"this lcodec writes format versions {VERSIONS} only"),
             (0 <= self.model_id <= 255, "model_id must fit in a byte"),
             (isinstance(self.weights_digest, bytes) and len(self.weights_digest) == 4,
              "weights_digest must be 4 bytes"),
@@ -105,10 +106,10 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
         raise CorruptFileError(f"the .lc file is truncated: it has {len(data)} bytes, "
                                f"fewer than the {OVERHEAD_BYTES} of an empty file.")
     _, version, model_id, digest, width, height, mode, rate_q = _FIELDS.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if version not in VERSIONS:
         # Before the CRC: a later version may lay out (or checksum) the file differently.
         raise UnsupportedVersionError(f"this .lc file uses format version {version}, but this lcodec only reads "
-                                      f"version {FORMAT_VERSION}; upgrade lcodec to decode it.")
+                                      f"versions {VERSIONS[0]} to {VERSIONS[-1]}; upgrade lcodec to decode it.")
     (stored_crc,) = struct.unpack_from(">I", data, len(data) - CRC_SIZE)
     if zlib.crc32(data[:len(data) - CRC_SIZE]) != stored_crc:
         raise CorruptFileError("the .lc file is corrupt: its CRC32 checksum does not match "

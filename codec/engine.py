@@ -28,6 +28,7 @@ from .bitstream import container, range_coder
 from .bitstream.container import RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
+from .models import context
 from .models.frozen import PAD, FrozenModel, hyper_tiles, latent_region, one_thread_per_operation, sha256_file
 from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS
 
@@ -173,22 +174,43 @@ class Encoder:
             yield (rows, cols), sym.to(torch.int32), idx
 
     def _symbols(self, rq: int, z: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ẑ (by default h_a's), the y symbols and their table indices at rate rq, flat in C order, as coded."""
+        """ẑ (by default h_a's), the y symbols and their hyper table indices at rate rq, flat in C
+        order (for a context model, rounded pass by pass: `rounding.round_in_passes`)."""
         if z is None:
             gain, z = self._hyper_latent(rq)
         else:
             gain, _ = self.model.gains(rq / RATE_SCALE)
+        if self.model.context is not None:
+            v, idx = self._residuals(gain, z, exact=True)
+            sym, _ = rounding.round_in_passes(self.model, v, idx)
+            return z.numpy().ravel(), sym.ravel(), idx.ravel()
         shape = self.y.shape[1:]
         sym, idx = np.empty(shape, dtype=np.int32), np.empty(shape, dtype=_table_index_dtype(self.model))
         for (rows, cols), tile_sym, tile_idx in self._symbol_tiles(gain, z):
             sym[:, rows, cols], idx[:, rows, cols] = tile_sym[0].numpy(), tile_idx[0].numpy()
         return z.numpy().ravel(), sym.ravel(), idx.ravel()
 
+    def _residuals(self, gain: torch.Tensor, z: torch.Tensor, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The gained latents less their means (M, h, w) float32 and their hyper table indices, h_s
+        run tile by tile (`exact=False`: in float32, for estimates)."""
+        params = self.model.entropy_parameters if exact else self.model.approximate_entropy_parameters
+        shape = self.y.shape[1:]
+        v, idx = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=_table_index_dtype(self.model))
+        for tile in hyper_tiles(z):
+            rows, cols = latent_region(tile)
+            mean, tile_idx = params(z, tile)
+            v[:, rows, cols] = (self.y[:, :, rows, cols] * gain - mean)[0].numpy()
+            idx[:, rows, cols] = tile_idx[0].numpy()
+        return v, idx
+
     def estimate_bytes(self, rq: int) -> float:
         """Predicted file size at rq: the ideal code length under the frozen tables (the real
         coder is within ~0.01% of it), with the fast float32 hyper-synthesis."""
         gain, z = self._hyper_latent(rq)
         bits = self.model.z_tables.cost_bits(z.numpy().ravel(), self.z_index)
+        if self.model.context is not None:
+            _, y_bits = rounding.round_in_passes(self.model, *self._residuals(gain, z, exact=False))
+            return OVERHEAD + (bits + y_bits) / 8
         for _, sym, idx in self._symbol_tiles(gain, z, exact=False):
             bits += self.model.y_tables.cost_bits(sym.numpy().ravel(), idx.numpy().ravel())
         return OVERHEAD + bits / 8
@@ -201,15 +223,48 @@ class Encoder:
         else:
             z, _, idx = self._symbols(rq, refined.z)
             sym = refined.symbols
-        return range_coder.encode([(z, self.z_index, self.model.z_tables), (sym, idx, self.model.y_tables)])
+        return range_coder.encode([(z, self.z_index, self.model.z_tables)] + latent_items(self.model, sym, idx, tuple(self.y.shape[1:])))
 
     def file(self, rq: int, model_id: int, digest4: bytes, refined: refine.Refined | None = None) -> bytes:
         """The whole .lc file at rq, naming model `model_id` and weights digest `digest4`."""
         payload = self.payload(rq, refined)
         header = container.Header(
-            version=container.FORMAT_VERSION, model_id=model_id, weights_digest=digest4,
+            version=format_version(self.model), model_id=model_id, weights_digest=digest4,
             width=self.width, height=self.height, mode=self.mode, rate_q=rq, payload_size=len(payload))
         return container.pack(header, payload)
+
+
+def format_version(model: FrozenModel) -> int:
+    """The format version of the files `model` writes: 2 with a subband context, else 1."""
+    return 2 if model.context is not None else 1
+
+
+def latent_items(model: FrozenModel, sym: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int]
+                 ) -> list[tuple[np.ndarray, np.ndarray, object]]:
+    """The coder's items of y (flat symbols and hyper indices of a latent of `shape`): (symbols,
+    table indices, tables) in coding order -- one item with the hyper indices, or with a
+    subband context the LL block and then one item per pass."""
+    if model.context is None:
+        return [(sym, idx, model.y_tables)]
+    return [(s, t, model.y_tables) for _, s, t in context.pass_items(model.context, sym.reshape(shape), idx.reshape(shape))]
+
+
+def _decode_passes(dec: range_coder.Decoder, model: FrozenModel, idx: np.ndarray) -> np.ndarray:
+    """The y symbols (M, h, w) of a context-coded stream, pass by pass (`idx`: hyper indices)."""
+    ll = slice(0, context.LL_CHANNELS)
+    sym = np.empty(idx.shape, dtype=np.int32)
+    sym[ll] = dec.decode(idx[ll].ravel(), model.y_tables).reshape(sym[ll].shape)
+    bands = context.empty_bands(idx.shape, np.int32)
+
+    def decoded(p: context.Pass, t: np.ndarray) -> np.ndarray:
+        s = dec.decode(t, model.y_tables)
+        context.put_values(bands, p, s)
+        return s
+
+    for _ in context.code_passes(model.context, idx, decoded):
+        pass
+    context.from_bands(bands, sym)
+    return sym
 
 
 def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size: int | None = None,
@@ -432,7 +487,7 @@ def decode_latent(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS
     z = torch.from_numpy(z.astype(np.int64)).view(1, N, zh, zw)
     # The means become ŷ once the symbols are added.
     y_hat, idx = model.latent_entropy_parameters(z, _table_index_dtype(model))
-    sym = dec.decode(idx.ravel(), model.y_tables)
+    sym = dec.decode(idx.ravel(), model.y_tables) if model.context is None else _decode_passes(dec, model, idx)
     dec.finish()
     del idx
     y_hat.add_(torch.from_numpy(sym).view(1, M, zh * 4, zw * 4))

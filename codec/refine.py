@@ -62,6 +62,7 @@ import torch
 from . import rounding
 from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
+from .models import context
 from .models.entropy_models import LIKELIHOODS
 from .models.frozen import FrozenModel
 from .models.integer_hyper import OUT_BITS
@@ -179,11 +180,20 @@ class Refiner:
 
     def file_bytes(self, symbols: np.ndarray) -> float:
         """The ideal size of the whole file with these y symbols (flat int32)."""
-        return OVERHEAD_BYTES + (self.z_bits + self.model.y_tables.cost_bits(symbols, self.idx_np)) / 8
+        return OVERHEAD_BYTES + (self.z_bits + _latent_bits(self.model, symbols, self.idx_np, self.u0.shape)) / 8
 
-    def round(self, v: torch.Tensor) -> torch.Tensor:
-        """The symbols of the latents less their means `v` (float), rounded as the encoder does."""
-        return rounding.round_latents(v, self.idx, self.model)
+    def round(self, v: torch.Tensor, lam: float | None = None) -> torch.Tensor:
+        """The symbols of the latents less their means `v` (float), rounded as the encoder does
+        (with `lam` instead of the model's λ if given)."""
+        return _round(self.model, v, self.idx, lam)
+
+    def coded_indices(self, symbols: torch.Tensor) -> torch.Tensor:
+        """The table index each of `symbols` (float, shaped as u0) is coded with: ẑ's, and with a
+        subband context what the symbols around it make of it."""
+        if self.model.context is None:
+            return self.idx
+        sym = _coded(symbols).reshape(self.u0.shape[1:])
+        return torch.from_numpy(context.coded_indices(self.model.context, sym, self.idx_np.reshape(sym.shape)))[None]
 
     def symbols(self, u: torch.Tensor) -> np.ndarray:
         return _coded(self.round(u - self.mean))
@@ -200,7 +210,7 @@ class Refiner:
         lo, hi = math.log(lam / FILL_RANGE), math.log(lam * FILL_RANGE)  # small λ: larger files
         for _ in range(FILL_STEPS):
             mid = (lo + hi) / 2
-            s = _coded(rounding.rdo_round(v, self.idx, self.model, math.exp(mid)))
+            s = _coded(self.round(v, math.exp(mid)))
             size = self.file_bytes(s)
             if size <= ceiling:
                 found, hi = (s, size), mid
@@ -223,6 +233,26 @@ def _coded(s: torch.Tensor) -> np.ndarray:
     """Rounded latents (float) as the coder takes them: flat int32, C order. Clamped as in
     `Encoder._symbol_tiles`, so that the conversion is defined (the coder refuses |s| >= 2^24)."""
     return s.clamp(-2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS).to(torch.int32).numpy().ravel()
+
+
+def _round(model: FrozenModel, v: torch.Tensor, idx: torch.Tensor, lam: float | None = None) -> torch.Tensor:
+    """`v` (1, M, h, w) rounded as the encoder does under the hyper indices `idx`: pass by pass
+    with a subband context (`rounding.round_in_passes`), else `rounding.round_latents` (or
+    `rounding.rdo_round` with `lam`)."""
+    if model.context is not None:
+        sym, _ = rounding.round_in_passes(model, v[0].numpy(), idx[0].numpy(), lam)
+        return torch.from_numpy(sym)[None].float()
+    return rounding.round_latents(v, idx, model) if lam is None else rounding.rdo_round(v, idx, model, lam)
+
+
+def _latent_bits(model: FrozenModel, symbols: np.ndarray, idx: np.ndarray, shape: tuple[int, ...]) -> float:
+    """The code length in bits of the y symbols (flat int32) with hyper indices `idx` (flat) of a
+    latent of `shape` (1, M, h, w), as the coder codes them."""
+    if model.context is None:
+        return model.y_tables.cost_bits(symbols, idx)
+    shape = tuple(shape[1:])
+    return sum(model.y_tables.cost_bits(s, t)
+               for _, s, t in context.pass_items(model.context, symbols.reshape(shape), idx.reshape(shape)))
 
 
 def _hyper_bits(model: FrozenModel, z_int: torch.Tensor) -> float:
@@ -327,8 +357,8 @@ class HyperCost:
     def exact(self, z_int: torch.Tensor) -> float:
         model = self.model
         mean, idx = model.latent_entropy_parameters(z_int, np.dtype(np.int64))
-        s = rounding.round_latents(self.u - mean, torch.from_numpy(idx)[None], model)
-        bits = _hyper_bits(model, z_int) + model.y_tables.cost_bits(_coded(s), idx.ravel())
+        s = _round(model, self.u - mean, torch.from_numpy(idx)[None])
+        bits = _hyper_bits(model, z_int) + _latent_bits(model, _coded(s), idx.ravel(), self.u.shape)
         return float((self.u - s - mean).square().sum()) + self.lam * bits
 
     def surrogate(self, z: torch.Tensor) -> torch.Tensor:
@@ -442,7 +472,6 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
     aim = (1 - AIM) * budget
     energy = (_symbol_energy(model) * ref.inv_gain.flatten() ** 2).view(1, -1, 1, 1)
     mu = float(energy.median()) * rounding.rdo_lambda(model)
-    code_length = rounding.code_lengths(ref.idx, rounding.bits_table(model))
     s = torch.from_numpy(symbols).view(ref.u0.shape).float()
     size = ref.file_bytes(symbols)
     k, refused = SYMBOL_START, torch.zeros(s.shape, dtype=torch.bool)
@@ -452,6 +481,8 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
         tick()
         if grad is None:  # after a refused move s, and so every estimate, is what it was
             d, grad = ref.distortion_and_gradient(s)
+            # With a subband context, each symbol's table as the symbols around it now make it.
+            code_length = rounding.code_lengths(ref.coded_indices(s), rounding.bits_table(model))
             now = code_length(s)
             up_bits, down_bits = code_length(s + 1) - now, code_length(s - 1) - now
         up = grad + energy + mu * up_bits

@@ -28,6 +28,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .bitstream.tables import ESCAPE_MAX_BITS
+from .models import context
 from .models.frozen import FrozenModel
 
 # λ per model architecture (`ModelConfig.arch`), measured on Kodak; absent: plain rounding.
@@ -45,6 +47,47 @@ def round_latents(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> tor
     the y tables `idx` of `model` (float; `rdo_round` or plain rounding, as the model has it)."""
     lam = rdo_lambda(model)
     return torch.round(v) if lam is None else rdo_round(v, idx, model, lam)
+
+
+def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: float | None = None
+                    ) -> tuple[np.ndarray, float]:
+    """The symbols (M, h, w) int32 of the residuals v (M, h, w) float32 of a model with a subband
+    context, whose hyper table indices are idx, rounded as `round_latents` does (with `lam`
+    instead of the model's λ if given) pass by pass in coding order, each pass under the tables
+    its context gives it from the passes before; and their ideal code length in bits. The
+    rounding sees the real cost of each symbol, given the symbols coded before it."""
+    tables = model.y_tables
+    lam = rdo_lambda(model) if lam is None else lam
+    bits_np = _bits_numpy(model)
+
+    def rounded(values: np.ndarray, t: np.ndarray) -> np.ndarray:
+        values, t = values.ravel(), t.ravel()
+        k = np.rint(np.clip(values, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS))
+        if lam is not None:  # as `rdo_round`, in numpy: a pass is small, torch's per-call cost is not
+            nonzero = np.flatnonzero(k)
+            k0, vv, tt = k[nonzero], values[nonzero], t[nonzero]
+            k1 = k0 - np.sign(k0)
+            j0 = np.square(vv - k0) + lam * _numpy_code_length(bits_np, tt, k0)
+            j1 = np.square(vv - k1) + lam * _numpy_code_length(bits_np, tt, k1)
+            k[nonzero] = np.where(j1 < j0, k1, k0)
+        return k.astype(np.int32)
+
+    ll = slice(0, context.LL_CHANNELS)
+    sym = np.empty(v.shape, dtype=np.int32)
+    sym[ll] = rounded(v[ll], idx[ll]).reshape(sym[ll].shape)
+    bits = tables.cost_bits(sym[ll].ravel(), idx[ll].ravel())
+    v_bands = context.to_bands(v)
+    sym_bands = context.empty_bands(v.shape, np.int32)
+
+    def choose(p: context.Pass, t: np.ndarray) -> np.ndarray:
+        s = rounded(context.pass_values(v_bands, p), t)
+        context.put_values(sym_bands, p, s)
+        return s
+
+    for _, s, t in context.code_passes(model.context, idx, choose):
+        bits += tables.cost_bits(s, t)
+    context.from_bands(sym_bands, sym)
+    return sym, bits
 
 
 def rdo_round(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel, lam: float) -> torch.Tensor:
@@ -75,6 +118,20 @@ def code_lengths(idx: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor, to
         return flat[row + torch.where((col >= 0) & (col < length), col, length)]
 
     return code_length
+
+
+def _numpy_code_length(tables: tuple[np.ndarray, np.ndarray, np.ndarray], idx: np.ndarray, sym: np.ndarray
+                       ) -> np.ndarray:
+    """`code_lengths` in numpy: the code length (float32) of integers `sym` (float) under tables `idx`."""
+    bits, offsets, lengths = tables
+    col = sym.astype(np.int64) - offsets[idx]
+    length = lengths[idx]
+    return bits[idx, np.where((col >= 0) & (col < length), col, length)]
+
+
+@functools.lru_cache(maxsize=8)
+def _bits_numpy(model: FrozenModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(a.numpy() for a in bits_table(model))
 
 
 @functools.lru_cache(maxsize=8)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..bitstream.tables import CdfTables
 from ..errors import ModelMismatchError, ModelNotFrozenError
+from .context import SubbandContext
 from .integer_hyper import OUT_BITS, ApproximateHyperSynthesis, IntegerHyperSynthesis, table_index
 from .lifting import InverseLifting, LiftingTransform
 from .networks import AnalysisTransform, HyperAnalysisTransform, ModelConfig, SynthesisTransform, interpolate_levels
@@ -176,6 +177,10 @@ class FrozenModel:
         self.z_tables = _tables_from_state(state["z_tables"])
         self.scale_thresholds = state["scale_thresholds"].long()
         self.rate_range = (float(state["rate_range"][0]), float(state["rate_range"][1]))
+        # The subband context model (`lcodec.models.context`), for lifting models that have one.
+        self.context = SubbandContext.from_state(state["context"]) if "context" in state else None
+        if self.context is not None and len(self.context.magnitude) != self.y_tables.num_tables:
+            raise ModelNotFrozenError(f"{path}: its subband context does not match its y tables")
         self.info = state.get("info", {})
 
     @property

@@ -1,0 +1,287 @@
+"""The subband context model: y table indices refined by the symbols already coded.
+
+The hyperprior gives every latent a table index t from ẑ alone (one scale per channel per
+4x4 latents). A lifting model's latent is a wavelet decomposition, and a coefficient's
+magnitude is predicted far better by the coefficients around it: its parent (the next
+coarser level, same colour and orientation), the other subbands at the same place, and its
+neighbours in the same band. With a context model the detail coefficients are coded band by
+band, coarse to fine, in passes, and each pass's table indices are a learned lookup of the
+hyper index and three integer activity labels computed from the symbols of earlier passes.
+
+Coding order (bitstream/SPEC.md, "Subband context"):
+
+* the LL block (channels 0..2) with the hyperprior's indices, as one item;
+* then for level 4, 3, 2, 1, for each subband (colour c = 0, 1, 2; within it orientation
+  o = HL, LH, HH), for parity 0 then 1 of a checkerboard over the band's own grid: one item
+  holding the band's coefficients at positions (i, j) with (i + j) % 2 == parity, row-major.
+
+A coefficient's three labels each compare the summed magnitudes of a set of already coded
+symbols with what the hyperprior expected of them (the sum of `magnitude[t]` over their
+hyper indices):
+
+* `same`: its four neighbours in the band (parity 1 only; all are of parity 0);
+* `parent`: the 3x3 neighbourhood of its parent in the same channel one level coarser
+  (levels 3..1);
+* `cross`: the subbands of its level coded before it, at the same position.
+
+A label is 0 when its set is empty, else 1 + the number of `thresholds` θ with
+65536 · A ≥ θ · E (A: summed magnitudes, each capped at `MAGNITUDE_CAP`; E: summed expected
+magnitudes; both integers). The coded table index is
+`remap[level - 1, colour, parity, t, same, parent, cross]`. Everything is integer arithmetic
+on decoded integers and stored integer tables, so both sides compute the same indices on
+every machine and for any thread count. A remap of the identity (`remap[..., t, ...] = t`)
+codes exactly the hyperprior's bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+LEVELS = 4
+SUBBANDS = 9  # 3 orientations x 3 colours: channel o * 3 + c of a level's band
+ORDER = tuple(o * 3 + c for c in range(3) for o in range(3))  # coding order of a level's channels
+LL_CHANNELS = 3
+MAGNITUDE_CAP = 255  # a symbol's magnitude counts at most this much in a label
+MAGNITUDE_ONE = 256  # `magnitude` is E|s| in units of 1/256
+RATIO_ONE = 256  # `thresholds` are ratios A / E in units of 1/256
+
+
+@dataclass(frozen=True)
+class Pass:
+    level: int  # 4 (coarsest) .. 1
+    channel: int  # of the level's 9: orientation * 3 + colour
+    parity: int  # 0 or 1: the checkerboard half (i + j) % 2
+
+    @property
+    def colour(self) -> int:
+        return self.channel % 3
+
+
+PASSES = tuple(Pass(level, k, p) for level in range(LEVELS, 0, -1) for k in ORDER for p in (0, 1))
+
+
+def level_channels(level: int) -> tuple[int, int]:
+    """The first y channel of `level`'s details and the space-to-depth factor r (y holds
+    9·r² channels of it)."""
+    start = LL_CHANNELS + sum(SUBBANDS * 4**(LEVELS - k) for k in range(LEVELS, level, -1))
+    return start, 2**(LEVELS - level)
+
+
+def to_bands(y: np.ndarray) -> dict[int, np.ndarray]:
+    """y (768, h, w) -> per level, its details on their own grid (9, h·r, w·r) (copies)."""
+    _, h, w = y.shape
+    bands = {}
+    for level in range(LEVELS, 0, -1):
+        start, r = level_channels(level)
+        part = y[start:start + SUBBANDS * r * r].reshape(SUBBANDS, r, r, h, w)
+        bands[level] = np.ascontiguousarray(part.transpose(0, 3, 1, 4, 2).reshape(SUBBANDS, h * r, w * r))
+    return bands
+
+
+def from_bands(bands: dict[int, np.ndarray], out: np.ndarray) -> None:
+    """Write per-level bands back into y's layout `out` (768, h, w) (the inverse of `to_bands`)."""
+    _, h, w = out.shape
+    for level, band in bands.items():
+        start, r = level_channels(level)
+        out[start:start + SUBBANDS * r * r] = (
+            band.reshape(SUBBANDS, h, r, w, r).transpose(0, 2, 4, 1, 3).reshape(SUBBANDS * r * r, h, w))
+
+
+def empty_bands(shape: tuple[int, int, int], dtype) -> dict[int, np.ndarray]:
+    """Uninitialised per-level band arrays for a latent of `shape` (M, h, w), as `to_bands` lays them out."""
+    _, h, w = shape
+    return {level: np.empty((SUBBANDS, h * level_channels(level)[1], w * level_channels(level)[1]), dtype=dtype)
+            for level in range(LEVELS, 0, -1)}
+
+
+def parity_mask(shape: tuple[int, int], parity: int) -> np.ndarray:
+    i, j = np.indices(shape, sparse=True)
+    return (i + j) % 2 == parity
+
+
+def _box3(a: np.ndarray) -> np.ndarray:
+    """Sum over each 3x3 neighbourhood, zeros outside (int64)."""
+    p = np.pad(a, 1)
+    rows = p[:-2] + p[1:-1] + p[2:]
+    return rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
+
+
+def _cross4(a: np.ndarray) -> np.ndarray:
+    """Sum of the four neighbours (up, down, left, right), zeros outside (int64)."""
+    p = np.pad(a, 1)
+    return p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:]
+
+
+@dataclass(frozen=True, eq=False)
+class SubbandContext:
+    """The stored integers of a context model (see the module docstring)."""
+
+    magnitude: np.ndarray  # (T,) int64 >= 1: E|s| under each y table, in 1/256
+    thresholds: np.ndarray  # (B - 2,) int64, increasing: label boundaries of A / E, in 1/256
+    remap: np.ndarray  # (4, 3, 2, T, B, B, B) uint8: the coded table index
+
+    @property
+    def labels(self) -> int:
+        return len(self.thresholds) + 2
+
+    @classmethod
+    def identity(cls, magnitude: np.ndarray, thresholds: np.ndarray) -> "SubbandContext":
+        T, B = len(magnitude), len(thresholds) + 2
+        remap = np.broadcast_to(np.arange(T, dtype=np.uint8).reshape(1, 1, 1, T, 1, 1, 1),
+                                (LEVELS, 3, 2, T, B, B, B)).copy()
+        return cls(np.asarray(magnitude, np.int64), np.asarray(thresholds, np.int64), remap)
+
+    def state(self) -> dict:
+        import torch
+        return {"magnitude": torch.from_numpy(self.magnitude.astype(np.int64)),
+                "thresholds": torch.from_numpy(self.thresholds.astype(np.int64)),
+                "remap": torch.from_numpy(self.remap.astype(np.uint8))}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "SubbandContext":
+        ctx = cls(state["magnitude"].numpy().astype(np.int64), state["thresholds"].numpy().astype(np.int64),
+                  state["remap"].numpy().astype(np.uint8))
+        ctx.check()
+        return ctx
+
+    def check(self) -> None:
+        T = len(self.magnitude)
+        B = self.labels
+        if self.remap.shape != (LEVELS, 3, 2, T, B, B, B):
+            raise ValueError(f"remap has shape {self.remap.shape}, expected {(LEVELS, 3, 2, T, B, B, B)}")
+        if int(self.remap.max()) >= T or int(self.magnitude.min()) < 1 or np.any(np.diff(self.thresholds) <= 0):
+            raise ValueError("invalid subband context tables")
+
+    def label(self, actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+        """Labels (uint8) of summed capped magnitudes `actual` against summed expected ones."""
+        out = np.zeros(actual.shape, dtype=np.uint8)
+        seen = expected > 0
+        lhs = actual * (MAGNITUDE_ONE * RATIO_ONE)
+        out[seen] = 1
+        for theta in self.thresholds:
+            out += (seen & (lhs >= int(theta) * expected)).astype(np.uint8)
+        return out
+
+    def pass_indices(self, p: Pass, hyper_idx: np.ndarray, labels: tuple[np.ndarray, ...]) -> np.ndarray:
+        """The coded table index of each position from its hyper index and three labels."""
+        same, parent, cross = labels
+        return self.remap[p.level - 1, p.colour, p.parity][hyper_idx, same, parent, cross]
+
+
+class Passes:
+    """One image's latent seen band by band: the state both coder and decoder keep while they
+    go through the passes. Built from the hyper indices (M, h, w); symbols are added pass by
+    pass (`put`), and `indices(p)` gives a pass's coded table indices from what was put before.
+    It holds the hyper indices and the capped magnitudes of the details, one byte each; labels
+    are computed one band plane at a time."""
+
+    def __init__(self, ctx: SubbandContext, hyper_idx: np.ndarray):
+        self.ctx = ctx
+        self.hyper = to_bands(hyper_idx)
+        self.mags = {level: np.zeros(band.shape, dtype=np.uint8) for level, band in self.hyper.items()}
+        # The sums over the subbands of the level done so far (`cross`), kept as they are coded.
+        self._cross_level = None
+        self._cross: list[np.ndarray] = []
+        self._positions: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def positions(self, p: Pass) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and columns of the pass's positions in its band, in coding order."""
+        key = (p.level, p.parity)
+        if key not in self._positions:
+            self._positions[key] = np.nonzero(parity_mask(self.hyper[p.level].shape[1:], p.parity))
+        return self._positions[key]
+
+    def _plane(self, level: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Capped magnitudes and expected magnitudes of one channel's band plane (int64)."""
+        return self.mags[level][k].astype(np.int64), self.ctx.magnitude[self.hyper[level][k]]
+
+    def _labels(self, p: Pass) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The three labels at the pass's positions, in its coding order."""
+        ctx, level, k = self.ctx, p.level, p.channel
+        rows, cols = self.positions(p)
+        none = np.zeros(rows.size, dtype=np.uint8)
+        if p.parity:
+            a, e = self._plane(level, k)
+            same = ctx.label(_cross4(a)[rows, cols], _cross4(e)[rows, cols])
+        else:
+            same = none
+        if level < LEVELS:
+            a, e = self._plane(level + 1, k)
+            pr, pc = rows // 2, cols // 2
+            parent = ctx.label(_box3(a)[pr, pc], _box3(e)[pr, pc])
+        else:
+            parent = none
+        if self._cross_level != level:
+            self._cross_level = level
+            self._cross = [np.zeros(self.hyper[level].shape[1:], dtype=np.int64) for _ in range(2)]
+        cross = ctx.label(self._cross[0][rows, cols], self._cross[1][rows, cols]) if ORDER.index(k) else none
+        return same, parent, cross
+
+    def labels(self, p: Pass) -> tuple[np.ndarray, ...]:
+        """The pass's hyper indices and three labels, in its coding order (for fitting)."""
+        return (self.hyper[p.level][p.channel][self.positions(p)],) + self._labels(p)
+
+    def indices(self, p: Pass) -> np.ndarray:
+        """The pass's coded table indices, in its coding order (row-major over its positions)."""
+        return self.ctx.pass_indices(p, self.hyper[p.level][p.channel][self.positions(p)], self._labels(p))
+
+    def put(self, p: Pass, symbols: np.ndarray) -> None:
+        """Record the pass's symbols (in its coding order)."""
+        rows, cols = self.positions(p)
+        self.mags[p.level][p.channel][rows, cols] = np.minimum(np.abs(symbols.astype(np.int64)), MAGNITUDE_CAP)
+        if p.parity == 1:  # the subband is complete: it joins the cross sums of the subbands after it
+            a, e = self._plane(p.level, p.channel)
+            self._cross[0] += a
+            self._cross[1] += e
+
+
+def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray, symbols_for: Callable[[Pass, np.ndarray], np.ndarray]
+                ) -> Iterator[tuple[Pass, np.ndarray, np.ndarray]]:
+    """Go through the detail passes in coding order: for each, its table indices t from what was
+    coded before, then `symbols_for(pass, t)` -- the encoder's chosen or the decoder's decoded
+    symbols of the pass, in its coding order -- recorded for the passes after it. Yields
+    (pass, symbols, t)."""
+    state = Passes(ctx, hyper_idx)
+    for p in PASSES:
+        t = state.indices(p)
+        s = symbols_for(p, t)
+        yield p, s, t
+        state.put(p, s)
+
+
+def put_values(bands: dict[int, np.ndarray], p: Pass, values: np.ndarray) -> None:
+    """Write the pass's values (in its coding order) into band-layout arrays (the inverse of `pass_values`)."""
+    band = bands[p.level][p.channel]
+    band[parity_mask(band.shape, p.parity)] = values
+
+
+def pass_values(bands: dict[int, np.ndarray], p: Pass) -> np.ndarray:
+    """The values of a band-layout array (`to_bands`) at the pass's positions, in its coding order."""
+    band = bands[p.level][p.channel]
+    return band[parity_mask(band.shape, p.parity)]
+
+
+def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray
+               ) -> Iterator[tuple[Pass | None, np.ndarray, np.ndarray]]:
+    """The y items of a context-coded latent with known symbols, in coding order: (pass,
+    symbols, table indices), the LL block first (pass None, hyper indices). symbols and
+    hyper_idx are (M, h, w)."""
+    yield None, symbols[:LL_CHANNELS].ravel(), hyper_idx[:LL_CHANNELS].ravel()
+    bands = to_bands(symbols)
+    yield from code_passes(ctx, hyper_idx, lambda p, t: pass_values(bands, p))
+
+
+def coded_indices(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray) -> np.ndarray:
+    """The table index every symbol of a latent (M, h, w) is coded with (M, h, w): the hyper
+    index in the LL block, the context's elsewhere."""
+    out = np.empty(hyper_idx.shape, dtype=hyper_idx.dtype)
+    out[:LL_CHANNELS] = hyper_idx[:LL_CHANNELS]
+    bands = empty_bands(hyper_idx.shape, hyper_idx.dtype)
+    for p, _, t in pass_items(ctx, symbols, hyper_idx):
+        if p is not None:
+            put_values(bands, p, t)
+    from_bands(bands, out)
+    return out

@@ -1,0 +1,182 @@
+"""The subband context model: its labels follow SPEC.md, its indices are integer-exact, and a
+context-coded file round-trips."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lcodec import engine
+from lcodec.models import context
+from lcodec.models.context import LEVELS, ORDER, PASSES, SubbandContext
+
+
+def reference_labels(ctx: SubbandContext, symbols: np.ndarray, hyper: np.ndarray, p) -> np.ndarray:
+    """The three labels of every position of pass p, position by position, as SPEC.md words them
+    (a second implementation: loops over the band grid, nothing shared with `Passes`)."""
+    sym_bands, idx_bands = context.to_bands(symbols), context.to_bands(hyper)
+    band = sym_bands[p.level]
+    _, H, W = band.shape
+    done_before = ORDER[:ORDER.index(p.channel)]
+
+    def mag(level, k, i, j):
+        return min(abs(int(sym_bands[level][k, i, j])), context.MAGNITUDE_CAP)
+
+    def expected(level, k, i, j):
+        return int(ctx.magnitude[idx_bands[level][k, i, j]])
+
+    def label(pairs):
+        if not pairs:
+            return 0
+        a = sum(x for x, _ in pairs)
+        e = sum(y for _, y in pairs)
+        return 1 + sum(1 for theta in ctx.thresholds if a * 65536 >= int(theta) * e)
+
+    out = []
+    for i in range(H):
+        for j in range(W):
+            if (i + j) % 2 != p.parity:
+                continue
+            same = []
+            if p.parity == 1:
+                for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                    if 0 <= i + di < H and 0 <= j + dj < W:
+                        same.append((mag(p.level, p.channel, i + di, j + dj), expected(p.level, p.channel, i + di, j + dj)))
+            parent = []
+            if p.level < LEVELS:
+                ph, pw = sym_bands[p.level + 1].shape[1:]
+                for di in (-1, 0, 1):
+                    for dj in (-1, 0, 1):
+                        a, b = i // 2 + di, j // 2 + dj
+                        if 0 <= a < ph and 0 <= b < pw:
+                            parent.append((mag(p.level + 1, p.channel, a, b), expected(p.level + 1, p.channel, a, b)))
+            cross = [(mag(p.level, k, i, j), expected(p.level, k, i, j)) for k in done_before]
+            out.append((label(same), label(parent), label(cross)))
+    return np.array(out, dtype=np.int64).reshape(-1, 3)
+
+
+@pytest.fixture(scope="module")
+def random_context():
+    rng = np.random.default_rng(3)
+    T = 20
+    magnitude = np.sort(rng.integers(1, 4000, T))
+    thresholds = np.array([64, 160, 256, 410, 640, 1024], dtype=np.int64)
+    ctx = SubbandContext.identity(magnitude, thresholds)
+    remap = rng.integers(0, T, ctx.remap.shape).astype(np.uint8)
+    return SubbandContext(magnitude, thresholds, remap)
+
+
+def random_latent(rng, T, h=2, w=3):
+    symbols = (rng.laplace(size=(768, h, w)) * rng.choice([0.2, 1, 5], size=(768, 1, 1))).round().astype(np.int32)
+    symbols[rng.random(symbols.shape) < 0.002] = 300  # beyond the magnitude cap
+    hyper = rng.integers(0, T, (768, h, w)).astype(np.uint8)
+    return symbols, hyper
+
+
+def test_labels_follow_the_spec_position_by_position(random_context):
+    rng = np.random.default_rng(5)
+    symbols, hyper = random_latent(rng, len(random_context.magnitude))
+    state = context.Passes(random_context, hyper)
+    bands = context.to_bands(symbols)
+    seen = set()
+    for p in PASSES:
+        got = np.stack([a.astype(np.int64) for a in state.labels(p)[1:]], axis=1)
+        np.testing.assert_array_equal(got, reference_labels(random_context, symbols, hyper, p), err_msg=str(p))
+        seen.update(map(tuple, got))
+        state.put(p, context.pass_values(bands, p))
+    assert len(seen) > 40  # the labels are exercised, not all zero
+
+
+def test_pass_items_cover_every_symbol_once_in_order(random_context):
+    rng = np.random.default_rng(6)
+    symbols, hyper = random_latent(rng, len(random_context.magnitude))
+    items = list(context.pass_items(random_context, symbols, hyper))
+    assert len(items) == 1 + len(PASSES) == 1 + 4 * 9 * 2
+    assert sum(s.size for _, s, _ in items) == symbols.size
+    assert sorted(np.concatenate([s for _, s, _ in items]).tolist()) == sorted(symbols.ravel().tolist())
+    levels = [p.level for p, _, _ in items[1:]]
+    assert levels == sorted(levels, reverse=True)  # coarse to fine
+
+
+def test_identity_context_codes_the_hyperprior_s_bits(random_context):
+    rng = np.random.default_rng(8)
+    symbols, hyper = random_latent(rng, len(random_context.magnitude))
+    identity = SubbandContext.identity(random_context.magnitude, random_context.thresholds)
+    coded = context.coded_indices(identity, symbols, hyper)
+    np.testing.assert_array_equal(coded, hyper)
+
+
+def test_bands_round_trip():
+    y = np.arange(768 * 3 * 2).reshape(768, 3, 2)
+    out = np.empty_like(y)
+    context.from_bands(context.to_bands(y), out)
+    out[:3] = y[:3]
+    np.testing.assert_array_equal(out, y)
+    # Level 1's band of a 3x2 latent is 24x16; channel 192 + k*64 + 8i + j holds band k at (8r + i, 8c + j).
+    bands = context.to_bands(y)
+    assert bands[1].shape == (9, 24, 16)
+    assert bands[1][4, 8 * 2 + 3, 8 * 1 + 5] == y[192 + 4 * 64 + 8 * 3 + 5, 2, 1]
+
+
+@pytest.fixture(scope="module")
+def context_weights():
+    weights = engine.installed_weights()
+    if weights.model.context is None:
+        pytest.skip("the default model has no subband context")
+    return weights
+
+
+@pytest.fixture(scope="module")
+def sample_pixels():
+    """The README's sample picture (256x176, photo-like)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "sample.png"
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def test_a_context_file_round_trips_its_symbols(context_weights, sample_pixels):
+    model = context_weights.model
+    enc = engine.Encoder(model, sample_pixels, "RGB")
+    rq = 4 * 1024
+    z, sym, idx = enc._symbols(rq)
+    data = enc.file(rq, engine.DEFAULT_MODEL_ID, context_weights.digest4)
+    assert data[4] == 2  # format version 2: a subband context
+    _, _, y_hat = engine.decode_latent(data, weights=context_weights)
+    gain, _ = model.gains(rq / 1024)
+    z = torch.from_numpy(z.astype(np.int64)).view(1, model.config.N, enc.y.shape[2] // 4, enc.y.shape[3] // 4)
+    mean, _ = model.latent_entropy_parameters(z, np.dtype(np.uint8))
+    np.testing.assert_array_equal(np.rint((y_hat - mean).numpy()).astype(np.int32).ravel(), sym)
+
+
+def test_context_saves_bits_over_the_hyperprior(context_weights, sample_pixels):
+    model = context_weights.model
+    enc = engine.Encoder(model, sample_pixels, "RGB")
+    _, sym, idx = enc._symbols(4 * 1024)
+    shape = (model.config.M,) + tuple(enc.y.shape[2:])
+    hyper_bits = model.y_tables.cost_bits(sym, idx)
+    coded = context.coded_indices(model.context, sym.reshape(shape), idx.reshape(shape))
+    context_bits = model.y_tables.cost_bits(sym, coded.ravel())
+    assert context_bits < 0.95 * hyper_bits
+
+
+def test_context_indices_ignore_threads_and_float_noise(context_weights, sample_pixels, monkeypatch):
+    """The decoder's table indices depend on integers only: the same with 1 and 2 threads, and
+    with the means (the only float the decoder adds to the symbols) perturbed."""
+    data = engine.encode_array(sample_pixels, "RGB", rate=3.0, weights=context_weights).data
+    decoded = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        decoded.append(engine.decode_latent(data, weights=context_weights)[2].clone())
+    real = context_weights.model.__class__.entropy_parameters
+
+    def noisy(self, z_int, tile):
+        mean, idx = real(self, z_int, tile)
+        return mean + 1e-4, idx
+
+    monkeypatch.setattr(context_weights.model.__class__, "entropy_parameters", noisy)
+    perturbed = engine.decode_latent(data, weights=context_weights)[2]
+    torch.set_num_threads(2)
+    assert torch.equal(decoded[0], decoded[1])
+    np.testing.assert_allclose(perturbed.numpy(), decoded[0].numpy() + 1e-4, atol=1e-5)
