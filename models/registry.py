@@ -63,10 +63,11 @@ class ModelEntry:
         if self.retired:
             raise ModelMismatchError(f"model id {self.model_id} ({self.name}) was retired before the first release "
                                      "and is not shipped; no released lcodec wrote this file")
+        shipped = " and ".join(map(str, sorted(SHIPPED_MODEL_IDS)))
         raise ModelMismatchError(
             f"the weights of model id {self.model_id} ({self.name}) are not installed: this lcodec ships the "
-            f"weights of models {' and '.join(map(str, sorted(SHIPPED_MODEL_IDS)))} only; put {self.filename} in a folder "
-            f"named by {WEIGHTS_PATH_VARIABLE} (the lcodec repository keeps it in models/archive/)")
+            f"weights of models {shipped} only; put {self.filename} in a folder named by {WEIGHTS_PATH_VARIABLE} "
+            "(the lcodec repository keeps it in models/archive/)")
 
     @property
     def digest4(self) -> bytes:
