@@ -99,14 +99,19 @@ def test_documented_modules_exist(monkeypatch):
 
 
 def test_documented_training_commands_parse():
-    """Every `python -m lcodec.models.training.train` command in the README and the model card
-    (continuation lines joined; those built from shell variables or elided with ... left out) parses."""
-    from lcodec.models.training import train
+    """Every `python -m lcodec.models.training.train` command in the README (continuation lines
+    joined; those built from shell variables or elided with ... left out) parses, and every recipe
+    command in the README and the model card names a recipe the runner can follow."""
+    from lcodec.models.training import recipe, train
 
+    text = README.replace("\\\n", " ")
+    commands = [line.split("lcodec.models.training.train", 1)[1] for line in text.splitlines()
+                if "-m lcodec.models.training.train " in line and "$" not in line and "..." not in line]
+    assert commands
+    for args in commands:
+        train.parse_args(shlex.split(args))
     for doc in (ROOT / "README.md", ROOT / "models" / "weights" / "MODEL_CARD.md"):
-        text = doc.read_text().replace("\\\n", " ")
-        commands = [line.split("lcodec.models.training.train", 1)[1] for line in text.splitlines()
-                    if "-m lcodec.models.training.train " in line and "$" not in line and "..." not in line]
-        assert commands, doc
-        for args in commands:
-            train.parse_args(shlex.split(args))
+        recipes = re.findall(r"-m lcodec\.models\.training\.recipe (\S+)", doc.read_text())
+        assert recipes, doc
+        for path in recipes:
+            recipe.load(ROOT / path)
