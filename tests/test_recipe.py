@@ -1,5 +1,6 @@
-"""One command makes the default model: its recipe holds the settings the runs that made it
-recorded, and the runner follows a recipe stage by stage, continuing where it stopped."""
+"""One command makes the default model: every shipped model has a recipe; id 11's holds the
+settings the runs that made it recorded; and the runner follows a recipe stage by stage,
+continuing where it stopped."""
 
 import collections
 import json
@@ -17,10 +18,11 @@ from lcodec.models.registry import DEFAULT_MODEL_ID, MODELS
 from lcodec.models.training import recipe, train
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "models" / "recipes" / f"{MODELS[DEFAULT_MODEL_ID].name}.toml"
+RECIPES = ROOT / "models" / "recipes"
+RECIPE = RECIPES / "lift-97-128-v5.toml"  # id 11, whose runs' states and logs are committed
 CHECKPOINTS = ROOT / "models" / "checkpoints"
 HISTORY = ROOT / "models" / "history"
-# The runs that made the default model: the arguments each stage's committed state recorded, and its log.
+# The runs that made id 11: the arguments each stage's committed state recorded, and its log.
 STATES = {"lift": "lift-97-128-run.pt", "entropy-rate": "lift-97-128-v2-run.pt",
           "small-scales": "lift-97-128-v3-run.pt", "coarse-levels": "lift-97-128-v4-run.pt",
           "postfilter": "lift-97-128-v5-postfilter.pt"}
@@ -50,8 +52,14 @@ def _train_args(stage: recipe.Stage) -> dict:
     return vars(train.parse_args(["--out", "x", *recipe.options(stage.settings)]))
 
 
-def test_the_recipe_makes_the_registered_default_model(default_recipe):
-    assert (default_recipe.model, default_recipe.model_id) == (MODELS[DEFAULT_MODEL_ID].name, DEFAULT_MODEL_ID)
+def test_the_default_model_has_a_recipe():
+    entry = MODELS[DEFAULT_MODEL_ID]
+    r = recipe.load(RECIPES / f"{entry.name}.toml")
+    assert (r.model, r.model_id) == (entry.name, DEFAULT_MODEL_ID)
+
+
+def test_the_recipe_makes_id_11(default_recipe):
+    assert (default_recipe.model, default_recipe.model_id) == (MODELS[11].name, 11)
     assert [s.kind for s in default_recipe.stages][-3:] == ["fit_levels", "freeze", "postfilter"]
 
 
@@ -76,8 +84,8 @@ def test_the_first_stage_is_the_same_run_with_the_gains_held(default_recipe):
     assert hold.settings["gain-lr-scale"] == 0 and hold.settings["lr-drop"] >= 1  # held, no lr drop
 
 
-def test_the_default_model_records_its_last_training_run_and_its_base(default_recipe):
-    shipped = torch.load(MODELS[DEFAULT_MODEL_ID].path, map_location="cpu", weights_only=True)["info"]
+def test_id_11_records_its_last_training_run_and_its_base(default_recipe, archived_weights):
+    shipped = torch.load(MODELS[11].path, map_location="cpu", weights_only=True)["info"]
     assert shipped["training"]["args"] == _recorded("coarse-levels")
     assert shipped["postfilter"]["base_sha256"] == MODELS[10].sha256  # the freeze stage's output is id 10
     fitted = torch.load(CHECKPOINTS / STATES["coarse-levels"], map_location="cpu", weights_only=False)["fitted_levels"]
@@ -160,7 +168,7 @@ def test_quick_mode_runs_every_stage_and_a_second_run_continues_where_it_stopped
     assert frozen["config"]["postfilter"] == 48 and frozen["config"]["coarse_levels"] == 2
     weights = engine.Weights.load(model)
     pixels = np.asarray(Image.open(images / "0.png"))
-    engine.decode_array(engine.encode_array(pixels, "RGB", rate=2.0, model_id=DEFAULT_MODEL_ID, weights=weights).data,
+    engine.decode_array(engine.encode_array(pixels, "RGB", rate=2.0, model_id=11, weights=weights).data,
                         weights=weights)
 
     # A stage stopped before the end (no output digest yet) runs again; the stages before it do not.
