@@ -256,8 +256,8 @@ def _decode_passes(dec: range_coder.Decoder, model: FrozenModel, idx: np.ndarray
     sym[ll] = dec.decode(idx[ll].ravel(), model.y_tables).reshape(sym[ll].shape)
     bands = context.empty_bands(idx.shape, np.int32)
 
-    def decoded(p: context.Pass, t: np.ndarray) -> np.ndarray:
-        s = dec.decode(t, model.y_tables)
+    def decoded(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        s = dec.decode(t, model.y_tables) + mu
         context.put_values(bands, p, s)
         return s
 
@@ -474,6 +474,9 @@ def decode_latent(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS
         raise ModelMismatchError(f"the file was made with other weights than {weights.name!r} "
                                  f"(digest {header.weights_digest.hex()}, given {weights.digest4.hex()})")
     model = weights.model
+    if header.version != format_version(model):
+        raise CorruptFileError(f"the file is corrupt: it declares format version {header.version}, but model "
+                               f"{weights.name!r} writes version {format_version(model)}")
     lo, hi = _rate_bounds(model)
     if not lo <= header.rate_q <= hi:
         # The encoder never writes such a value; far outside it the gains overflow to inf/NaN.

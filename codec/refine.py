@@ -187,13 +187,15 @@ class Refiner:
         (with `lam` instead of the model's λ if given)."""
         return _round(self.model, v, self.idx, lam)
 
-    def coded_indices(self, symbols: torch.Tensor) -> torch.Tensor:
-        """The table index each of `symbols` (float, shaped as u0) is coded with: ẑ's, and with a
-        subband context what the symbols around it make of it."""
+    def coded_indices(self, symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table index each of `symbols` (float, shaped as u0) is coded with and its
+        prediction (the value coded is the symbol less it): ẑ's and 0, and with a subband context
+        what the symbols around it make of them."""
         if self.model.context is None:
-            return self.idx
+            return self.idx, torch.zeros(())
         sym = _coded(symbols).reshape(self.u0.shape[1:])
-        return torch.from_numpy(context.coded_indices(self.model.context, sym, self.idx_np.reshape(sym.shape)))[None]
+        idx, mean = context.coded_indices(self.model.context, sym, self.idx_np.reshape(sym.shape))
+        return torch.from_numpy(idx)[None], torch.from_numpy(mean)[None].float()
 
     def symbols(self, u: torch.Tensor) -> np.ndarray:
         return _coded(self.round(u - self.mean))
@@ -482,9 +484,10 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
         if grad is None:  # after a refused move s, and so every estimate, is what it was
             d, grad = ref.distortion_and_gradient(s)
             # With a subband context, each symbol's table as the symbols around it now make it.
-            code_length = rounding.code_lengths(ref.coded_indices(s), rounding.bits_table(model))
-            now = code_length(s)
-            up_bits, down_bits = code_length(s + 1) - now, code_length(s - 1) - now
+            coded_idx, mean = ref.coded_indices(s)
+            code_length = rounding.code_lengths(coded_idx, rounding.bits_table(model))
+            now = code_length(s - mean)
+            up_bits, down_bits = code_length(s - mean + 1) - now, code_length(s - mean - 1) - now
         up = grad + energy + mu * up_bits
         down = -grad + energy + mu * down_bits
         saving = (-torch.minimum(up, down)).masked_fill_(refused, 0)

@@ -79,13 +79,14 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
     v_bands = context.to_bands(v)
     sym_bands = context.empty_bands(v.shape, np.int32)
 
-    def choose(p: context.Pass, t: np.ndarray) -> np.ndarray:
-        s = rounded(context.pass_values(v_bands, p), t)
+    def choose(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        # Rounded about the prediction μ (an integer): the RDO's neighbour is towards μ.
+        s = rounded(context.pass_values(v_bands, p) - mu.astype(np.float32), t) + mu
         context.put_values(sym_bands, p, s)
         return s
 
-    for _, s, t in context.code_passes(model.context, idx, choose):
-        bits += tables.cost_bits(s, t)
+    for _, coded, t in context.code_passes(model.context, idx, choose):
+        bits += tables.cost_bits(coded, t)
     context.from_bands(sym_bands, sym)
     return sym, bits
 

@@ -45,6 +45,8 @@ SUBBANDS = 9  # 3 orientations x 3 colours: channel o * 3 + c of a level's band
 ORDER = tuple(o * 3 + c for c in range(3) for o in range(3))  # coding order of a level's channels
 LL_CHANNELS = 3
 MAGNITUDE_CAP = 255  # a symbol's magnitude counts at most this much in a label
+SYMBOL_CLIP = 32767  # a symbol counts at most this much (either sign) in a prediction
+MEAN_ONE = 256  # `weights` are in units of 1/256
 MAGNITUDE_ONE = 256  # `magnitude` is E|s| in units of 1/256
 RATIO_ONE = 256  # `thresholds` are ratios A / E in units of 1/256
 
@@ -122,6 +124,11 @@ class SubbandContext:
     magnitude: np.ndarray  # (T,) int64 >= 1: E|s| under each y table, in 1/256
     thresholds: np.ndarray  # (B - 2,) int64, increasing: label boundaries of A / E, in 1/256
     remap: np.ndarray  # (4, 3, 2, T, B, B, B) uint8: the coded table index
+    weights: np.ndarray | None = None  # (4, 9, 4) int64: the prediction's weights, in 1/256 (None: zeros)
+
+    def __post_init__(self) -> None:
+        if self.weights is None:
+            object.__setattr__(self, "weights", np.zeros((LEVELS, SUBBANDS, 4), dtype=np.int64))
 
     @property
     def labels(self) -> int:
@@ -138,12 +145,14 @@ class SubbandContext:
         import torch
         return {"magnitude": torch.from_numpy(self.magnitude.astype(np.int64)),
                 "thresholds": torch.from_numpy(self.thresholds.astype(np.int64)),
-                "remap": torch.from_numpy(self.remap.astype(np.uint8))}
+                "remap": torch.from_numpy(self.remap.astype(np.uint8)),
+                "weights": torch.from_numpy(self.weights.astype(np.int64))}
 
     @classmethod
     def from_state(cls, state: dict) -> "SubbandContext":
+        weights = state["weights"].numpy().astype(np.int64) if "weights" in state else None
         ctx = cls(state["magnitude"].numpy().astype(np.int64), state["thresholds"].numpy().astype(np.int64),
-                  state["remap"].numpy().astype(np.uint8))
+                  state["remap"].numpy().astype(np.uint8), weights)
         ctx.check()
         return ctx
 
@@ -154,6 +163,8 @@ class SubbandContext:
             raise ValueError(f"remap has shape {self.remap.shape}, expected {(LEVELS, 3, 2, T, B, B, B)}")
         if int(self.remap.max()) >= T or int(self.magnitude.min()) < 1 or np.any(np.diff(self.thresholds) <= 0):
             raise ValueError("invalid subband context tables")
+        if self.weights.shape != (LEVELS, SUBBANDS, 4) or int(np.abs(self.weights).max(initial=0)) >= 1 << 16:
+            raise ValueError(f"invalid subband context weights (shape {self.weights.shape})")
 
     def label(self, actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
         """Labels (uint8) of summed capped magnitudes `actual` against summed expected ones."""
@@ -175,13 +186,13 @@ class Passes:
     """One image's latent seen band by band: the state both coder and decoder keep while they
     go through the passes. Built from the hyper indices (M, h, w); symbols are added pass by
     pass (`put`), and `indices(p)` gives a pass's coded table indices from what was put before.
-    It holds the hyper indices and the capped magnitudes of the details, one byte each; labels
-    are computed one band plane at a time."""
+    It holds the hyper indices (one byte each) and the details' symbols clipped to 16 bits;
+    labels are computed one band plane at a time."""
 
     def __init__(self, ctx: SubbandContext, hyper_idx: np.ndarray):
         self.ctx = ctx
         self.hyper = to_bands(hyper_idx)
-        self.mags = {level: np.zeros(band.shape, dtype=np.uint8) for level, band in self.hyper.items()}
+        self.symbols = {level: np.zeros(band.shape, dtype=np.int16) for level, band in self.hyper.items()}
         # The sums over the subbands of the level done so far (`cross`), kept as they are coded.
         self._cross_level = None
         self._cross: list[np.ndarray] = []
@@ -196,7 +207,8 @@ class Passes:
 
     def _plane(self, level: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Capped magnitudes and expected magnitudes of one channel's band plane (int64)."""
-        return self.mags[level][k].astype(np.int64), self.ctx.magnitude[self.hyper[level][k]]
+        mags = np.minimum(np.abs(self.symbols[level][k].astype(np.int64)), MAGNITUDE_CAP)
+        return mags, self.ctx.magnitude[self.hyper[level][k]]
 
     def _labels(self, p: Pass) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The three labels at the pass's positions, in its coding order."""
@@ -214,10 +226,8 @@ class Passes:
             parent = ctx.label(_box3(a)[pr, pc], _box3(e)[pr, pc])
         else:
             parent = none
-        if self._cross_level != level:
-            self._cross_level = level
-            self._cross = [np.zeros(self.hyper[level].shape[1:], dtype=np.int64) for _ in range(2)]
-        cross = ctx.label(self._cross[0][rows, cols], self._cross[1][rows, cols]) if ORDER.index(k) else none
+        sums = self._cross_sums(level)
+        cross = ctx.label(sums[0][rows, cols], sums[1][rows, cols]) if ORDER.index(k) else none
         return same, parent, cross
 
     def labels(self, p: Pass) -> tuple[np.ndarray, ...]:
@@ -228,27 +238,56 @@ class Passes:
         """The pass's coded table indices, in its coding order (row-major over its positions)."""
         return self.ctx.pass_indices(p, self.hyper[p.level][p.channel][self.positions(p)], self._labels(p))
 
+    def mean(self, p: Pass) -> np.ndarray:
+        """The pass's predicted symbols (int64, in its coding order): for parity 1, the weighted
+        sum of the four decoded neighbours in the band (each clipped to ±SYMBOL_CLIP, zero outside
+        the band), rounded: floor((Σ w·s + 128) / 256); zeros for parity 0."""
+        rows, cols = self.positions(p)
+        w = self.ctx.weights[p.level - 1, p.channel]
+        if p.parity == 0 or not w.any():
+            return np.zeros(rows.size, dtype=np.int64)
+        padded = np.pad(self.symbols[p.level][p.channel].astype(np.int64), 1)
+        r, c = rows + 1, cols + 1
+        acc = (w[0] * padded[r - 1, c] + w[1] * padded[r + 1, c] + w[2] * padded[r, c - 1] + w[3] * padded[r, c + 1])
+        return (acc + MEAN_ONE // 2) >> 8
+
+    def neighbours(self, p: Pass) -> np.ndarray:
+        """(n, 4) the clipped decoded neighbours (up, down, left, right) of the pass's positions (for fitting)."""
+        rows, cols = self.positions(p)
+        padded = np.pad(self.symbols[p.level][p.channel].astype(np.int64), 1)
+        r, c = rows + 1, cols + 1
+        return np.stack([padded[r - 1, c], padded[r + 1, c], padded[r, c - 1], padded[r, c + 1]], axis=1)
+
     def put(self, p: Pass, symbols: np.ndarray) -> None:
         """Record the pass's symbols (in its coding order)."""
         rows, cols = self.positions(p)
-        self.mags[p.level][p.channel][rows, cols] = np.minimum(np.abs(symbols.astype(np.int64)), MAGNITUDE_CAP)
+        self.symbols[p.level][p.channel][rows, cols] = np.clip(symbols, -SYMBOL_CLIP, SYMBOL_CLIP)
         if p.parity == 1:  # the subband is complete: it joins the cross sums of the subbands after it
             a, e = self._plane(p.level, p.channel)
-            self._cross[0] += a
-            self._cross[1] += e
+            sums = self._cross_sums(p.level)
+            sums[0] += a
+            sums[1] += e
+
+    def _cross_sums(self, level: int) -> list[np.ndarray]:
+        """Summed capped and expected magnitudes of the level's subbands completed so far."""
+        if self._cross_level != level:
+            self._cross_level = level
+            self._cross = [np.zeros(self.hyper[level].shape[1:], dtype=np.int64) for _ in range(2)]
+        return self._cross
 
 
-def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray, symbols_for: Callable[[Pass, np.ndarray], np.ndarray]
+def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray,
+                symbols_for: Callable[[Pass, np.ndarray, np.ndarray], np.ndarray]
                 ) -> Iterator[tuple[Pass, np.ndarray, np.ndarray]]:
-    """Go through the detail passes in coding order: for each, its table indices t from what was
-    coded before, then `symbols_for(pass, t)` -- the encoder's chosen or the decoder's decoded
-    symbols of the pass, in its coding order -- recorded for the passes after it. Yields
-    (pass, symbols, t)."""
+    """Go through the detail passes in coding order: for each, its table indices t and predicted
+    symbols μ from what was coded before, then `symbols_for(pass, t, μ)` -- the encoder's chosen
+    or the decoder's decoded symbols s of the pass, in its coding order -- recorded for the
+    passes after it. Yields (pass, s - μ, t): what the pass codes."""
     state = Passes(ctx, hyper_idx)
     for p in PASSES:
-        t = state.indices(p)
-        s = symbols_for(p, t)
-        yield p, s, t
+        t, mu = state.indices(p), state.mean(p)
+        s = symbols_for(p, t, mu)
+        yield p, s - mu, t
         state.put(p, s)
 
 
@@ -271,17 +310,24 @@ def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray
     hyper_idx are (M, h, w)."""
     yield None, symbols[:LL_CHANNELS].ravel(), hyper_idx[:LL_CHANNELS].ravel()
     bands = to_bands(symbols)
-    yield from code_passes(ctx, hyper_idx, lambda p, t: pass_values(bands, p))
+    yield from code_passes(ctx, hyper_idx, lambda p, t, mu: pass_values(bands, p))
 
 
-def coded_indices(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray) -> np.ndarray:
-    """The table index every symbol of a latent (M, h, w) is coded with (M, h, w): the hyper
-    index in the LL block, the context's elsewhere."""
+def coded_indices(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The table index every symbol of a latent (M, h, w) is coded with, and its prediction μ
+    (the value coded is the symbol less μ), both (M, h, w): the hyper index and 0 in the LL
+    block, the context's elsewhere."""
     out = np.empty(hyper_idx.shape, dtype=hyper_idx.dtype)
     out[:LL_CHANNELS] = hyper_idx[:LL_CHANNELS]
+    mean = np.zeros(hyper_idx.shape, dtype=np.int64)
     bands = empty_bands(hyper_idx.shape, hyper_idx.dtype)
-    for p, _, t in pass_items(ctx, symbols, hyper_idx):
+    mean_bands = empty_bands(hyper_idx.shape, np.int64)
+    sym_bands = to_bands(symbols)
+    for p, coded, t in pass_items(ctx, symbols, hyper_idx):
         if p is not None:
             put_values(bands, p, t)
+            put_values(mean_bands, p, pass_values(sym_bands, p) - coded)
     from_bands(bands, out)
-    return out
+    from_bands(mean_bands, mean)
+    mean[:LL_CHANNELS] = 0
+    return out, mean

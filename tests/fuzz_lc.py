@@ -283,7 +283,7 @@ def _header_fields(rng: np.random.Generator, corpus: list[Seed]) -> tuple[bytes,
         elif field == "mode":
             mode = int(rng.choice([1 - min(mode, 1), int(rng.integers(2, 256))]))
         elif field == "version":
-            version = int(rng.choice([0, 2, 255, int(rng.integers(0, 256))]))
+            version = int(rng.choice([0, 1, 2, 3, 255, int(rng.integers(0, 256))]))
         elif field == "model":
             kind = rng.choice(["other-known", "unknown", "random-digest"])
             if kind == "other-known":
@@ -360,7 +360,7 @@ def spec_outcome(data: bytes, max_pixels: int) -> frozenset[str]:
     if len(data) < OVERHEAD:
         return frozenset({"CorruptFileError"})
     _, version, model_id, digest, width, height, mode, _ = HEADER.unpack_from(data)
-    if version != 1:
+    if version not in (1, 2):
         return frozenset({"UnsupportedVersionError"})
     if zlib.crc32(data[:-CRC_SIZE]) != struct.unpack(">I", data[-CRC_SIZE:])[0]:
         return frozenset({"CorruptFileError"})
@@ -371,6 +371,10 @@ def spec_outcome(data: bytes, max_pixels: int) -> frozenset[str]:
     entry = MODELS.get(model_id)
     if entry is None or entry.digest4 != digest or not entry.installed:
         return frozenset({"ModelMismatchError"})
+    from lcodec import engine
+
+    if version != (2 if engine.load_model(model_id).context is not None else 1):
+        return frozenset({"CorruptFileError"})  # version 2 is the format of the models with a subband context
     return frozenset({"CorruptFileError", IMAGE})
 
 

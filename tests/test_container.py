@@ -96,7 +96,7 @@ def test_any_flipped_byte_is_detected_in_any_file(payload, data):
         unpack(bytes(damaged))
 
 
-@pytest.mark.parametrize("version", [2, 7, 255, 0])
+@pytest.mark.parametrize("version", [3, 7, 255, 0])
 def test_decoder_rejects_future_version(version):
     # A later version may have another layout: the version is checked before CRC and fields.
     for data in (raw_file(version=version), raw_file(version=version, crc=0, width=0, mode=9),
@@ -170,7 +170,7 @@ def test_pixel_limit_is_inclusive_and_adjustable():
 
 
 @pytest.mark.parametrize("fields", [
-    dict(version=2), dict(model_id=256), dict(weights_digest=b"abc"), dict(width=0), dict(height=65536),
+    dict(version=3), dict(model_id=256), dict(weights_digest=b"abc"), dict(width=0), dict(height=65536),
     dict(mode="RGBA"), dict(rate_q=0x8000), dict(rate_q=-0x8001), dict(payload_size=-1),
 ])
 def test_header_rejects_fields_the_format_cannot_hold(fields):

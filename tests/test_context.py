@@ -53,8 +53,16 @@ def reference_labels(ctx: SubbandContext, symbols: np.ndarray, hyper: np.ndarray
                         if 0 <= a < ph and 0 <= b < pw:
                             parent.append((mag(p.level + 1, p.channel, a, b), expected(p.level + 1, p.channel, a, b)))
             cross = [(mag(p.level, k, i, j), expected(p.level, k, i, j)) for k in done_before]
-            out.append((label(same), label(parent), label(cross)))
-    return np.array(out, dtype=np.int64).reshape(-1, 3)
+            mu = 0
+            if p.parity == 1:
+                def n(a, b):
+                    inside = 0 <= a < H and 0 <= b < W
+                    return max(-32767, min(32767, int(band[p.channel, a, b]))) if inside else 0
+                w = [int(x) for x in ctx.weights[p.level - 1, p.channel]]
+                acc = w[0] * n(i - 1, j) + w[1] * n(i + 1, j) + w[2] * n(i, j - 1) + w[3] * n(i, j + 1)
+                mu = (acc + 128) // 256
+            out.append((label(same), label(parent), label(cross), mu))
+    return np.array(out, dtype=np.int64).reshape(-1, 4)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +73,14 @@ def random_context():
     thresholds = np.array([64, 160, 256, 410, 640, 1024], dtype=np.int64)
     ctx = SubbandContext.identity(magnitude, thresholds)
     remap = rng.integers(0, T, ctx.remap.shape).astype(np.uint8)
-    return SubbandContext(magnitude, thresholds, remap)
+    weights = rng.integers(-300, 300, (4, 9, 4))
+    return SubbandContext(magnitude, thresholds, remap, weights)
 
 
 def random_latent(rng, T, h=2, w=3):
     symbols = (rng.laplace(size=(768, h, w)) * rng.choice([0.2, 1, 5], size=(768, 1, 1))).round().astype(np.int32)
     symbols[rng.random(symbols.shape) < 0.002] = 300  # beyond the magnitude cap
+    symbols[rng.random(symbols.shape) < 0.001] = -40000  # beyond the prediction's clip
     hyper = rng.integers(0, T, (768, h, w)).astype(np.uint8)
     return symbols, hyper
 
@@ -82,9 +92,9 @@ def test_labels_follow_the_spec_position_by_position(random_context):
     bands = context.to_bands(symbols)
     seen = set()
     for p in PASSES:
-        got = np.stack([a.astype(np.int64) for a in state.labels(p)[1:]], axis=1)
+        got = np.stack([a.astype(np.int64) for a in state.labels(p)[1:]] + [state.mean(p)], axis=1)
         np.testing.assert_array_equal(got, reference_labels(random_context, symbols, hyper, p), err_msg=str(p))
-        seen.update(map(tuple, got))
+        seen.update(map(tuple, got[:, :3]))
         state.put(p, context.pass_values(bands, p))
     assert len(seen) > 40  # the labels are exercised, not all zero
 
@@ -92,7 +102,8 @@ def test_labels_follow_the_spec_position_by_position(random_context):
 def test_pass_items_cover_every_symbol_once_in_order(random_context):
     rng = np.random.default_rng(6)
     symbols, hyper = random_latent(rng, len(random_context.magnitude))
-    items = list(context.pass_items(random_context, symbols, hyper))
+    no_prediction = SubbandContext(random_context.magnitude, random_context.thresholds, random_context.remap)
+    items = list(context.pass_items(no_prediction, symbols, hyper))
     assert len(items) == 1 + len(PASSES) == 1 + 4 * 9 * 2
     assert sum(s.size for _, s, _ in items) == symbols.size
     assert sorted(np.concatenate([s for _, s, _ in items]).tolist()) == sorted(symbols.ravel().tolist())
@@ -104,8 +115,9 @@ def test_identity_context_codes_the_hyperprior_s_bits(random_context):
     rng = np.random.default_rng(8)
     symbols, hyper = random_latent(rng, len(random_context.magnitude))
     identity = SubbandContext.identity(random_context.magnitude, random_context.thresholds)
-    coded = context.coded_indices(identity, symbols, hyper)
+    coded, mean = context.coded_indices(identity, symbols, hyper)
     np.testing.assert_array_equal(coded, hyper)
+    assert not mean.any()
 
 
 def test_bands_round_trip():
@@ -156,8 +168,8 @@ def test_context_saves_bits_over_the_hyperprior(context_weights, sample_pixels):
     _, sym, idx = enc._symbols(4 * 1024)
     shape = (model.config.M,) + tuple(enc.y.shape[2:])
     hyper_bits = model.y_tables.cost_bits(sym, idx)
-    coded = context.coded_indices(model.context, sym.reshape(shape), idx.reshape(shape))
-    context_bits = model.y_tables.cost_bits(sym, coded.ravel())
+    context_bits = sum(model.y_tables.cost_bits(c, t)
+                       for _, c, t in context.pass_items(model.context, sym.reshape(shape), idx.reshape(shape)))
     assert context_bits < 0.95 * hyper_bits
 
 

@@ -25,8 +25,10 @@ from tqdm import tqdm
 from ...bitstream.container import RATE_SCALE
 from ...bitstream.tables import CdfTables
 from ...engine import Encoder
-from ..context import LEVELS, MAGNITUDE_ONE, PASSES, RATIO_ONE, Passes, SubbandContext, pass_values, to_bands
+from ..context import LEVELS, MAGNITUDE_ONE, MEAN_ONE, PASSES, RATIO_ONE, Passes, SubbandContext, pass_values, to_bands
 from ..frozen import FrozenModel, sha256_file
+from ..networks import interpolate_levels
+from .fit_levels import GRID_STEP, fitted_positions, measured_rates, training_images
 from .train import load_images
 
 MAX_MAGNITUDE = 48  # magnitudes counted one by one; larger ones count as this one
@@ -75,27 +77,57 @@ def magnitude_pmf(tables: CdfTables) -> np.ndarray:
     return pmf / pmf.sum(1, keepdims=True)
 
 
-def count(model: FrozenModel, ctx: SubbandContext, images: torch.Tensor, progress: bool = True) -> np.ndarray:
-    """Histogram (4, 3, 2, T, B, B, B, MAX_MAGNITUDE + 1) of symbol magnitudes per cell, over
-    every image at every trained level."""
-    T, B, S = model.y_tables.num_tables, ctx.labels, MAX_MAGNITUDE + 1
-    hist = np.zeros((LEVELS, 3, 2, T * B**3 * S), dtype=np.int64)
-    levels = len(model.levels)
-    for image in tqdm(images, desc="images", disable=not progress):
+def latents(model: FrozenModel, images: torch.Tensor, progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The one-pass y symbols (int16, clipped) and hyper indices (M, h, w) of every image at every
+    trained level, as the frozen model codes them without a context."""
+    out = []
+    for image in tqdm(images, desc="latents", disable=not progress):
         enc = Encoder(model, image.permute(1, 2, 0).numpy(), "RGB")
-        for level in range(levels):
+        shape = (model.config.M,) + tuple(enc.y.shape[2:])
+        for level in range(len(model.levels)):
             _, sym, idx = enc._symbols(level * RATE_SCALE)  # noqa: SLF001 -- the symbols as coded
-            M = model.config.M
-            shape = (M,) + enc.y.shape[2:]
-            sym, idx = sym.reshape(shape), idx.reshape(shape)
-            state = Passes(ctx, idx)
-            sym_bands = to_bands(sym)
-            for p in PASSES:
-                s = pass_values(sym_bands, p)
-                t, same, parent, cross = (a.astype(np.int64) for a in state.labels(p))
-                key = (((t * B + same) * B + parent) * B + cross) * S + np.minimum(np.abs(s), MAX_MAGNITUDE)
-                hist[p.level - 1, p.colour, p.parity] += np.bincount(key, minlength=hist.shape[-1])
-                state.put(p, s)
+            out.append((np.clip(sym, -32767, 32767).astype(np.int16).reshape(shape), idx.reshape(shape)))
+    return out
+
+
+def fit_weights(ctx: SubbandContext, data: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The prediction weights (4, 9, 4) in 1/`MEAN_ONE`: per level and channel, the least-squares
+    fit of a parity-1 symbol from its four neighbours."""
+    xtx = np.zeros((LEVELS, 9, 4, 4))
+    xty = np.zeros((LEVELS, 9, 4))
+    for sym, idx in data:
+        state = Passes(ctx, idx)
+        bands = to_bands(sym)
+        for p in PASSES:
+            s = pass_values(bands, p).astype(np.int64)
+            if p.parity == 1:
+                x = state.neighbours(p).astype(np.float64)
+                xtx[p.level - 1, p.channel] += x.T @ x
+                xty[p.level - 1, p.channel] += x.T @ s
+            state.put(p, s)
+    weights = np.zeros((LEVELS, 9, 4), dtype=np.int64)
+    for level in range(LEVELS):
+        for k in range(9):
+            w = np.linalg.lstsq(xtx[level, k] + 1e-3 * np.eye(4), xty[level, k], rcond=None)[0]
+            weights[level, k] = np.round(w * MEAN_ONE)
+    return weights
+
+
+def count(ctx: SubbandContext, data: list[tuple[np.ndarray, np.ndarray]], num_tables: int) -> np.ndarray:
+    """Histogram (4, 3, 2, T, B, B, B, MAX_MAGNITUDE + 1) of the coded values' magnitudes (the
+    symbol less its prediction) per cell."""
+    T, B, S = num_tables, ctx.labels, MAX_MAGNITUDE + 1
+    hist = np.zeros((LEVELS, 3, 2, T * B**3 * S), dtype=np.int64)
+    for sym, idx in data:
+        state = Passes(ctx, idx)
+        bands = to_bands(sym)
+        for p in PASSES:
+            s = pass_values(bands, p).astype(np.int64)
+            t, same, parent, cross = (a.astype(np.int64) for a in state.labels(p))
+            coded = s - state.mean(p)
+            key = (((t * B + same) * B + parent) * B + cross) * S + np.minimum(np.abs(coded), MAX_MAGNITUDE)
+            hist[p.level - 1, p.colour, p.parity] += np.bincount(key, minlength=hist.shape[-1])
+            state.put(p, s)
     return hist.reshape(LEVELS, 3, 2, T, B, B, B, S)
 
 
@@ -119,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/train"))
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--prior", type=float, default=PRIOR)
+    ap.add_argument("--level-images", type=int, default=32,
+                    help="training images on which the levels are refitted to their targets (0: keep them)")
     args = ap.parse_args(argv)
 
     model = FrozenModel(args.weights)
@@ -127,23 +161,53 @@ def main(argv: list[str] | None = None) -> None:
     ctx = SubbandContext.identity(magnitude, thresholds)
     hist_path = args.out.with_suffix(".hist.npz")
     if hist_path.exists():
-        hist = np.load(hist_path)["hist"]
+        saved = np.load(hist_path)
+        hist, weights = saved["hist"], saved["weights"]
     else:
         images = load_images(args.data)
         images = images[np.linspace(0, len(images) - 1, min(args.images, len(images))).round().astype(int)]
-        hist = count(model, ctx, images)
+        data = latents(model, images)
+        weights = fit_weights(ctx, data)
+        ctx = SubbandContext(magnitude, thresholds, ctx.remap, weights)
+        hist = count(ctx, data, model.y_tables.num_tables)
+        del data
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(hist_path, hist=hist)
+        np.savez_compressed(hist_path, hist=hist, weights=weights)
     remap = fit(hist, model.y_tables, args.prior)
-    ctx = SubbandContext(magnitude, thresholds, remap)
+    ctx = SubbandContext(magnitude, thresholds, remap, weights)
     state = torch.load(args.weights, map_location="cpu", weights_only=True)
     state["context"] = ctx.state()
     state["info"] = dict(state.get("info", {})) | {"context": {
         "data": str(args.data), "images": args.images, "prior": args.prior, "thresholds": list(THRESHOLDS)}}
-    tmp = args.out.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(args.out)
+    _save(state, args.out)
+    if args.level_images:
+        refit_levels(args.out, args.data, args.level_images)
     print(f"{args.out}: sha256 {sha256_file(args.out)}")
+
+
+def refit_levels(path: Path, data: Path, count: int) -> None:
+    """Give level i of the frozen model at `path` the gains of the q where its mean coded rate on
+    `count` training images is the level's target (`fit_levels`, on the frozen model as it codes,
+    context included); rewrites the file."""
+    model = FrozenModel(path)
+    levels = model.config.levels
+    qs = np.arange(-1.0, len(levels) + 1 + GRID_STEP / 2, GRID_STEP)
+    rates = measured_rates(model, training_images(data, count), qs)
+    positions = fitted_positions(levels, qs, rates)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for name in ("log_gain", "log_inv_gain"):
+        table = state[name].float()
+        state[name] = torch.stack([interpolate_levels(table, q) for q in positions]).half()
+    state["info"]["context"]["fitted_levels"] = {"images": count, "positions": positions}
+    _save(state, path)
+    for target, q in zip(levels, positions):
+        print(f"level {target:g} bpp: q {q:.3f}")
+
+
+def _save(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
