@@ -2,7 +2,7 @@
 
     offset  size  type      field
          0     4  bytes     magic b"lcod"
-         4     1  u8        format version (1, or 2 for models with a subband context)
+         4     1  u8        format version (1 or 2)
          5     1  u8        model id (append-only model table)
          6     4  bytes     weights digest (first 4 bytes of the weights' SHA-256)
         10     2  u16 BE    width in pixels (>= 1)
@@ -29,7 +29,7 @@ __all__ = ["MAGIC", "FORMAT_VERSION", "VERSIONS", "HEADER_SIZE", "CRC_SIZE", "OV
            "MODES", "Header", "pack", "unpack", "read_header"]
 
 MAGIC = b"lcod"
-FORMAT_VERSION = 2  # the newest version; files of models with a subband context are written as it
+FORMAT_VERSION = 2  # the version new files are written in
 VERSIONS = (1, 2)  # every version this lcodec reads and writes (SPEC.md, "Version policy")
 _FIELDS = struct.Struct(">4sBB4sHHBh")  # magic, version, model_id, digest, width, height, mode, rate_q
 HEADER_SIZE = _FIELDS.size  # 17

@@ -229,14 +229,9 @@ class Encoder:
         """The whole .lc file at rq, naming model `model_id` and weights digest `digest4`."""
         payload = self.payload(rq, refined)
         header = container.Header(
-            version=format_version(self.model), model_id=model_id, weights_digest=digest4,
+            version=container.FORMAT_VERSION, model_id=model_id, weights_digest=digest4,
             width=self.width, height=self.height, mode=self.mode, rate_q=rq, payload_size=len(payload))
         return container.pack(header, payload)
-
-
-def format_version(model: FrozenModel) -> int:
-    """The format version of the files `model` writes: 2 with a subband context, else 1."""
-    return 2 if model.context is not None else 1
 
 
 def latent_items(model: FrozenModel, sym: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int]
@@ -474,9 +469,9 @@ def decode_latent(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS
         raise ModelMismatchError(f"the file was made with other weights than {weights.name!r} "
                                  f"(digest {header.weights_digest.hex()}, given {weights.digest4.hex()})")
     model = weights.model
-    if header.version != format_version(model):
+    if model.context is not None and header.version < 2:
         raise CorruptFileError(f"the file is corrupt: it declares format version {header.version}, but model "
-                               f"{weights.name!r} writes version {format_version(model)}")
+                               f"{weights.name!r} codes with a subband context, which needs version 2")
     lo, hi = _rate_bounds(model)
     if not lo <= header.rate_q <= hi:
         # The encoder never writes such a value; far outside it the gains overflow to inf/NaN.

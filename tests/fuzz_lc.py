@@ -373,8 +373,8 @@ def spec_outcome(data: bytes, max_pixels: int) -> frozenset[str]:
         return frozenset({"ModelMismatchError"})
     from lcodec import engine
 
-    if version != (2 if engine.load_model(model_id).context is not None else 1):
-        return frozenset({"CorruptFileError"})  # version 2 is the format of the models with a subband context
+    if version < 2 and engine.load_model(model_id).context is not None:
+        return frozenset({"CorruptFileError"})  # a subband context needs version 2
     return frozenset({"CorruptFileError", IMAGE})
 
 
