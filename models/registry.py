@@ -101,15 +101,19 @@ MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     10: ModelEntry(10, "lift-97-128-v4", "lift-97-128-v4.pt", "40f822c22ab48a69ca169417e57d78e22b5858dd539513835cb78eae70eedd20"),
     # id 11: id 10 with a post-filter (width 48) ending its synthesis, trained on id 10's decoded images.
     11: ModelEntry(11, "lift-97-128-v5", "lift-97-128-v5.pt", "b9758d0cdd8e18f72327e8925c3d9580722e8e0a9e784189feaad788931fb3d2"),
+    # id 12: id 11 with a subband context (`models/context.py`): the detail coefficients coded in
+    # passes, coarse to fine, each with a table and a prediction from the symbols coded before;
+    # levels refitted to their targets.
+    12: ModelEntry(12, "lift-97-128-v6", "lift-97-128-v6.pt", "dc29ceb69918bc39bb3ba66fe0864e2b5ec588bb954ad7d7ab751ee05d3fa5cf"),
 })
 
 # The model of one-pass encodes (`rate=`) and of `model_info`.
-DEFAULT_MODEL_ID = 11
+DEFAULT_MODEL_ID = 12
 # The models an encode to a bpp or size target chooses between, per image: it keeps the file
 # whose decoded pixels have the higher PSNR (ties: the first). One model: with id 10, id 6 as a
 # second choice bought +0.005 / +0.008 dB at 0.06 / 0.12 bpp and nothing from 0.25 bpp (first 8
-# Kodak images) for twice the encode time, and id 11 is above id 10 at every level.
-CHOICE_MODEL_IDS = (11,)
+# Kodak images) for twice the encode time, and each later id is above the one before at every level.
+CHOICE_MODEL_IDS = (12,)
 # The models whose weights the package ships (`weights/`; pyproject.toml's package-data takes every
 # .pt file there, and tests/test_release.py checks that the wheel holds these and nothing else):
 # the test model and the models new files are made with. The others' files are in models/archive/.

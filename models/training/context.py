@@ -95,7 +95,7 @@ def fit_weights(ctx: SubbandContext, data: list[tuple[np.ndarray, np.ndarray]]) 
     fit of a parity-1 symbol from its four neighbours."""
     xtx = np.zeros((LEVELS, 9, 4, 4))
     xty = np.zeros((LEVELS, 9, 4))
-    for sym, idx in data:
+    for sym, idx in tqdm(data, desc="prediction"):
         state = Passes(ctx, idx)
         bands = to_bands(sym)
         for p in PASSES:
@@ -117,17 +117,29 @@ def count(ctx: SubbandContext, data: list[tuple[np.ndarray, np.ndarray]], num_ta
     """Histogram (4, 3, 2, T, B, B, B, MAX_MAGNITUDE + 1) of the coded values' magnitudes (the
     symbol less its prediction) per cell."""
     T, B, S = num_tables, ctx.labels, MAX_MAGNITUDE + 1
-    hist = np.zeros((LEVELS, 3, 2, T * B**3 * S), dtype=np.int64)
-    for sym, idx in data:
+    cells = T * B**3 * S
+    hist = np.zeros((LEVELS * 3 * 2, cells), dtype=np.int64)
+    keys: list[np.ndarray] = []
+
+    def flush() -> None:  # one bincount over many passes: each is the size of the whole histogram
+        if keys:
+            hist.reshape(-1)[:] += np.bincount(np.concatenate(keys), minlength=hist.size)
+            keys.clear()
+
+    for n, (sym, idx) in enumerate(tqdm(data, desc="counting")):
         state = Passes(ctx, idx)
         bands = to_bands(sym)
         for p in PASSES:
             s = pass_values(bands, p).astype(np.int64)
             t, same, parent, cross = (a.astype(np.int64) for a in state.labels(p))
             coded = s - state.mean(p)
-            key = (((t * B + same) * B + parent) * B + cross) * S + np.minimum(np.abs(coded), MAX_MAGNITUDE)
-            hist[p.level - 1, p.colour, p.parity] += np.bincount(key, minlength=hist.shape[-1])
+            group = ((p.level - 1) * 3 + p.colour) * 2 + p.parity
+            keys.append(group * cells + (((t * B + same) * B + parent) * B + cross) * S
+                        + np.minimum(np.abs(coded), MAX_MAGNITUDE))
             state.put(p, s)
+        if n % 64 == 63:
+            flush()
+    flush()
     return hist.reshape(LEVELS, 3, 2, T, B, B, B, S)
 
 

@@ -7,6 +7,7 @@
 A recipe is a TOML file (`models/recipes/`):
 
     model = "lift-97-128-v5"        # the name of what it makes (and `model_id`, once registered)
+    extends = "other.toml"          # optional: that recipe's stages (and data, shared) come first
     data = "../shared/data/train"   # the training images (relative to the working directory)
 
     [shared.train]                  # settings every stage of a kind starts from
@@ -22,7 +23,7 @@ A recipe is a TOML file (`models/recipes/`):
     lr = 3e-4
 
 Each stage is one run of a single-stage command (`python -m lcodec.models.training.train`,
-`fit_levels`, `freeze`, `postfilter`, `widen`; `--dry-run` prints them) into its own folder, where
+`fit_levels`, `freeze`, `postfilter`, `context`, `widen`; `--dry-run` prints them) into its own folder, where
 `stage.json` records its settings and its input's SHA-256, and its output's once it has finished.
 Running the same command again skips the finished stages and continues at the first unfinished
 one; a training stage continues from its last checkpoint. A folder begun with other settings or
@@ -182,6 +183,9 @@ KINDS: dict[str, StageKind] = {
     # a post-filter trained on a frozen model's decoded images; the frozen model with it
     "postfilter": StageKind("lcodec.models.training.postfilter", "frozen.pt", _postfilter_argv, _postfilter_quick,
                             state="checkpoint.pt"),
+    # a frozen lifting model's subband context fitted on its training latents, levels refitted
+    "context": StageKind("lcodec.models.training.context", "frozen.pt", _file_argv("frozen.pt", data=True),
+                         lambda s: s | {"images": 2, "level-images": 2}),
     # a checkpoint's latent width changed or a rate level added
     "widen": StageKind("lcodec.models.training.widen", "widened.pt", _file_argv("widened.pt", data=True),
                        lambda s: s | ({"images": 2} if "images" in s else {})),
@@ -194,9 +198,21 @@ def load(path: Path) -> Recipe:
         doc = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise RecipeError(f"{path}: {e}") from None
-    unknown = set(doc) - {"model", "model_id", "data", "shared", "stages"}
+    unknown = set(doc) - {"model", "model_id", "data", "shared", "stages", "extends"}
     if unknown:
         raise RecipeError(f"{path}: unknown keys {sorted(unknown)}")
+    if "extends" in doc:  # another recipe's stages (and shared settings and data) come first
+        base_path = Path(path).parent / doc["extends"]
+        try:
+            base = tomllib.loads(base_path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise RecipeError(f"{path}: its base recipe {base_path}: {e}") from None
+        if "extends" in base:
+            raise RecipeError(f"{path}: its base recipe {base_path} extends another one; one level only")
+        shared = {k: dict(base.get("shared", {}).get(k, {})) | dict(v) for k, v in doc.get("shared", {}).items()}
+        doc = {"data": base.get("data")} | {k: v for k, v in doc.items() if k != "extends"} | {
+            "shared": dict(base.get("shared", {})) | shared,
+            "stages": list(base.get("stages", [])) + list(doc.get("stages", []))}
     if "model" not in doc or not doc.get("stages"):
         raise RecipeError(f"{path}: a recipe names its model and has at least one [[stages]]")
     shared = doc.get("shared", {})
