@@ -189,3 +189,90 @@ def test_reading_a_header_imports_neither_torch_nor_constriction():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert container.OVERHEAD_BYTES == 21
+
+
+# -- version 2's extension chunks ---------------------------------------------------------------
+
+
+def raw_chunks(*chunks: tuple[bytes, bytes], count: int | None = None) -> bytes:
+    """A chunk block laid out by hand from SPEC.md: u8 count, then per chunk tag, u32 BE length, bytes."""
+    block = bytes([len(chunks) if count is None else count])
+    for tag, data in chunks:
+        block += tag + struct.pack(">I", len(data)) + data
+    return block
+
+
+def test_golden_header_with_chunks():
+    chunks = (container.Chunk(b"ICCP", b"icc!"), container.Chunk(b"ALPH", b""))
+    data = pack(header(version=2, chunks=chunks), b"\x12\x34\x56")
+    assert data == raw_file(version=2, mode=0x81, payload=raw_chunks((b"ICCP", b"icc!"), (b"ALPH", b"")) + b"\x12\x34\x56")
+    assert data.hex().startswith("6c636f640201a1b2c3d40003000281fa00" "02" "49434350" "00000004" "69636321"
+                                 "414c5048" "00000000" "123456")
+    assert len(data) == OVERHEAD_BYTES + container.chunks_size(chunks) + 3 == 21 + 1 + 12 + 8 + 3
+    h, payload = unpack(data)
+    assert (h.chunks, payload, h.payload_size) == (chunks, b"\x12\x34\x56", 3)
+    assert h.chunk(b"ICCP") == b"icc!" and h.chunk(b"ALPH") == b"" and h.chunk(b"EXIF") is None
+
+
+def test_a_version_2_file_without_chunks_costs_what_version_1_does():
+    v2 = pack(header(version=2), b"\x12\x34\x56")
+    assert len(v2) == len(VALID) and v2[4] == 2 and v2[14] == 1 and unpack(v2) == (header(version=2), b"\x12\x34\x56")
+    assert container.chunks_size(()) == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(payload=st.binary(max_size=64), tags=st.lists(st.sampled_from(container.CHUNK_TAGS), unique=True),
+       data=st.data())
+def test_round_trip_with_chunks_and_any_damage_is_caught(payload, tags, data):
+    chunks = tuple(container.Chunk(t, data.draw(st.binary(max_size=40))) for t in tags)
+    h = header(version=2, chunks=chunks, payload_size=len(payload))
+    good = pack(h, payload)
+    assert unpack(good) == (h, payload)
+    position = data.draw(st.integers(0, len(good) - 1))
+    damaged = bytearray(good)
+    damaged[position] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(LcodecError):
+        unpack(bytes(damaged))
+    for n in range(len(good)):
+        with pytest.raises(CorruptFileError):
+            unpack(good[:n])
+
+
+@pytest.mark.parametrize("block, fragment", [
+    (b"", "count is missing"),
+    (raw_chunks(count=0), "flagged but empty"),
+    (raw_chunks((b"ICCP", b"abc"), count=2), "chunk 2 of 2 runs past"),
+    (raw_chunks((b"ICCP", b"abc"))[:-2], "declares 3 bytes"),
+    (raw_chunks((b"JUNK", b"abc")), "unknown chunk tag"),
+    (raw_chunks((b"iccp", b"abc")), "unknown chunk tag"),
+    (raw_chunks((b"EXIF", b"a"), (b"EXIF", b"b")), "appears twice"),
+])
+def test_malformed_chunk_blocks_are_corrupt(block, fragment):
+    with pytest.raises(CorruptFileError, match=fragment):
+        unpack(raw_file(version=2, mode=0x81, payload=block))
+
+
+def test_the_chunk_flag_is_an_unknown_mode_in_version_1():
+    with pytest.raises(CorruptFileError, match="unknown image mode"):
+        unpack(raw_file(version=1, mode=0x81, payload=raw_chunks((b"ICCP", b"abc"))))
+    with pytest.raises(CorruptFileError, match="unknown image mode"):
+        unpack(raw_file(version=2, mode=0x82, payload=raw_chunks((b"ICCP", b"abc"))))
+
+
+def test_chunks_are_checked_before_the_pixel_cap_and_allocate_nothing_from_their_length():
+    lying = raw_file(version=2, mode=0x81, width=0xFFFF, height=0xFFFF,
+                     payload=b"\x01ICCP" + struct.pack(">I", 0xFFFFFFFF) + b"abc")
+    with pytest.raises(CorruptFileError, match="declares 4294967295 bytes"):
+        read_header(lying)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(version=1, chunks=(container.Chunk(b"ICCP", b"x"),)),  # chunks need version 2
+    dict(version=2, chunks=(container.Chunk(b"ICCP", b"x"), container.Chunk(b"ICCP", b"y"))),
+    dict(version=2, chunks=[container.Chunk(b"ICCP", b"x")]),
+])
+def test_header_rejects_chunks_the_format_cannot_hold(fields):
+    with pytest.raises(ValueError):
+        header(**fields)
+    with pytest.raises(ValueError, match="unknown chunk tag"):
+        container.Chunk(b"JUNK", b"")
