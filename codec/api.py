@@ -11,6 +11,12 @@ Rate targets (exactly one per encode):
 - ``size``: the whole file is at most ``size`` bytes;
 - ``rate``: the model's rate parameter q itself, one pass and no search.
 
+Besides the colour, a file keeps the input's alpha plane, coded losslessly (`lcodec.alpha`;
+the colour of fully transparent pixels, which nobody sees, is not kept but filled in), and its ICC profile, EXIF and XMP (`lcodec.metadata`; ``strip_metadata=True`` drops EXIF and
+XMP, never the ICC profile). They count in the size: the colour gets what they leave of the
+target. Decoding gives them back: the image's mode has an "A", its ``info`` holds
+``icc_profile``, ``exif`` and ``xmp``, and `decode_file` writes them into formats that hold them.
+
 Files are written atomically -- through a temporary file in the destination's
 directory that is renamed into place -- so a failure or Ctrl-C never leaves a
 partial output, and an existing file is never replaced unless ``force=True``.
@@ -30,18 +36,21 @@ import io
 import math
 import os
 import secrets
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
+from . import alpha, metadata, ratecontrol
 from .bitstream import container
-from .bitstream.container import DEFAULT_MAX_PIXELS, Header
-from .errors import LcodecError, OutputExistsError, RateError, UnsupportedImageError
-from .imageio import ImageSource, load_image, pixels_from_array, pixels_from_image
+from .bitstream.container import DEFAULT_MAX_PIXELS, OVERHEAD_BYTES, Chunk, Header
+from .errors import LcodecError, LcodecWarning, OutputExistsError, RateError, UnsupportedImageError
+from .imageio import ImageSource, Picture, load_picture, picture_from_array, picture_from_image
+from .metadata import Metadata
 
 PathLike = str | os.PathLike
 
@@ -59,11 +68,13 @@ class EncodedFile:
     size: int  # bytes of the whole file, header included
     width: int
     height: int
-    mode: str  # "RGB" or "L"
+    mode: str  # "RGB" or "L", with "A" when the alpha plane was kept ("RGBA", "LA")
     bpp: float  # 8 * size / (width * height): the real rate of the whole file
     rate: float  # the model's rate parameter q that made it
     target_bytes: int | None  # the size limit asked for (None for an explicit rate)
     warning: str | None = None  # e.g. the file fell well short of the target: the model's top rate
+    kept: tuple[str, ...] = ()  # what the file holds besides the colour: "ICC profile", "EXIF", "XMP", "alpha"
+    kept_bytes: int = 0  # the bytes that costs, of `size`
 
 
 @dataclass(frozen=True)
@@ -74,8 +85,8 @@ class DecodedFile:
     format: str  # the Pillow format written, e.g. "PNG"
     width: int
     height: int
-    mode: str  # "RGB" or "L", as encoded
-    warning: str | None = None  # e.g. the format is lossy: the file does not hold the decoded pixels exactly
+    mode: str  # "RGB", "L", "RGBA" or "LA", as encoded
+    warning: str | None = None  # e.g. the format is lossy, or cannot hold the ICC profile
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,8 @@ class ModelInfo:
 
 
 def encode(image: Image.Image | np.ndarray, *, bpp: float | None = None, size: int | None = None,
-           rate: float | None = None, effort: int = DEFAULT_EFFORT, progress=None) -> bytes:
+           rate: float | None = None, effort: int = DEFAULT_EFFORT, progress=None,
+           strip_metadata: bool = False) -> bytes:
     """Encode a PIL image or a uint8 array to .lc bytes; give exactly one of bpp, size, rate.
 
     `effort` (0-9) buys quality with encode time at the same size: the encode is
@@ -98,42 +110,106 @@ def encode(image: Image.Image | np.ndarray, *, bpp: float | None = None, size: i
     object, is reset to the number of refinement steps and updated after each.
 
     A PIL image is mapped to RGB or grayscale as `lcodec.imageio` describes
-    (EXIF orientation applied; fully opaque alpha dropped, real transparency
-    refused). An array is (H, W) grayscale, (H, W, 3) RGB or opaque (H, W, 4).
+    (EXIF orientation applied); its alpha is kept unless fully opaque, and its ICC
+    profile, EXIF and XMP (``image.info``) are kept, EXIF and XMP unless `strip_metadata`.
+    Metadata too malformed to keep is dropped with a `LcodecWarning`. An array is
+    (H, W) grayscale, (H, W, 2) grayscale and alpha, (H, W, 3) RGB or (H, W, 4) RGBA.
 
     >>> data = lcodec.encode(Image.open("photo.png"), bpp=0.5)   # doctest: +SKIP
     """
     _check_target(bpp, size, rate)
     _check_effort(effort)
-    return _encode(*_pixels(image), bpp=bpp, size=size, rate=rate, effort=effort, progress=progress).data
+    picture = _picture(image)
+    for note in picture.notes:
+        warnings.warn(note, LcodecWarning, stacklevel=2)
+    return _encode(picture, bpp=bpp, size=size, rate=rate, effort=effort, progress=progress,
+                   strip_metadata=strip_metadata).data
 
 
-def _encode(pixels: np.ndarray, mode: str, *, bpp: float | None, size: int | None, rate: float | None,
-            effort: int, progress):
-    """The default model at `rate`; for a bpp or size target, the better file of the models the
-    encoder chooses between (`engine.encode_best`)."""
+@dataclass(frozen=True)
+class _Encoded:
+    data: bytes
+    rate: float
+    target_bytes: int | None
+    warning: str | None
+    kept: tuple[str, ...]
+    kept_bytes: int
+
+
+def _encode(picture: Picture, *, bpp: float | None, size: int | None, rate: float | None, effort: int, progress,
+            strip_metadata: bool) -> _Encoded:
+    """The colour by the default model at `rate`, or for a bpp or size target by the better of the
+    models the encoder chooses between (`engine.encode_best`), within what the chunks (metadata,
+    alpha) leave of the target; then the chunks are put in the file."""
+    kept = picture.metadata.without_private() if strip_metadata else picture.metadata
+    chunks = kept.chunks()
+    names = kept.names()
+    if picture.alpha is not None:
+        chunks += (Chunk(b"ALPH", alpha.encode(picture.alpha)),)
+        names.append("alpha")
+    extra = container.chunks_size(chunks)
+    engine = _engine()
+    pixels, mode = picture.pixels, picture.mode
+    if picture.alpha is not None:
+        pixels = alpha.fill_hidden(pixels, picture.alpha)  # invisible colour: coded as cheaply as can be
+    height, width = pixels.shape[:2]
     if rate is not None:
-        return _engine().encode_array(pixels, mode, rate=rate, effort=effort, progress=progress)
-    return _engine().encode_best(pixels, mode, bpp=bpp, size=size, effort=effort, progress=progress)
+        result = engine.encode_array(pixels, mode, rate=rate, effort=effort, progress=progress)
+    elif not chunks:
+        result = engine.encode_best(pixels, mode, bpp=bpp, size=size, effort=effort, progress=progress)
+    else:
+        goal = ratecontrol.target(width, height, bpp=bpp, size=size)
+        left = goal.bytes - extra
+        what = _listed(names)
+        hint = "; pass strip_metadata=True to drop EXIF and XMP" if kept != kept.without_private() else ""
+        if left <= OVERHEAD_BYTES:
+            raise RateError(f"{goal.asked} is too small for this image: its {what} alone take {extra:,} bytes, "
+                            f"leaving {max(left, 0):,} for the picture, which needs more than {OVERHEAD_BYTES}; "
+                            f"give a larger target{hint}")
+        try:
+            result = engine.encode_best(pixels, mode, size=left, effort=effort, progress=progress)
+        except RateError as e:
+            raise RateError(f"{goal.asked} leaves {left:,} bytes for the picture after its {what} "
+                            f"({extra:,} bytes): {e}{hint}") from None
+        result = replace(result, target_bytes=goal.bytes)
+    data = result.data
+    if chunks:
+        header, payload = container.unpack(data, max_pixels=width * height)
+        data = container.pack(replace(header, chunks=chunks), payload)
+    return _Encoded(data, result.rate, result.target_bytes, result.warning, tuple(names), extra)
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode .lc bytes to a PIL image in the mode that was encoded ("RGB" or "L").
+    """Decode .lc bytes to a PIL image in the mode that was encoded ("RGB" or "L", "RGBA" or "LA"
+    with alpha), with the file's ICC profile, EXIF and XMP in its ``info``.
 
     The header is checked (magic, version, model, dimensions against
     `max_pixels`) before anything is allocated.
     """
-    pixels, mode = _engine().decode_array(bytes(data), max_pixels=max_pixels)
+    data = bytes(data)
+    header = container.read_header(data, max_pixels)
+    pixels, mode = _engine().decode_array(data, max_pixels=max_pixels)
     image = Image.fromarray(pixels)
     assert image.mode == mode, (image.mode, mode)
+    return with_chunks(image, header)
+
+
+def with_chunks(image: Image.Image, header: Header) -> Image.Image:
+    """`image`, the decoded colour of the file with `header`, with the file's alpha plane and metadata."""
+    plane = header.chunk(b"ALPH")
+    if plane is not None:
+        image.putalpha(Image.fromarray(alpha.decode(plane, header.width, header.height)))
+    image.info.update(Metadata.from_header(header).info())
     return image
 
 
 def encode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, bpp: float | None = None,
                 size: int | None = None, rate: float | None = None, force: bool = False,
-                max_pixels: int = DEFAULT_MAX_PIXELS, effort: int = DEFAULT_EFFORT, progress=None) -> EncodedFile:
+                max_pixels: int = DEFAULT_MAX_PIXELS, effort: int = DEFAULT_EFFORT, progress=None,
+                strip_metadata: bool = False) -> EncodedFile:
     """Encode an image file to an .lc file; give exactly one of bpp, size, rate
-    (`effort` and `progress` as for `encode`).
+    (`effort`, `progress` and `strip_metadata` as for `encode`; metadata dropped as
+    malformed is named in the result's `warning`).
 
     `src` is a path or a binary file object; `dst` a path, a binary file
     object, or None for `src` with the suffix ``.lc``. An existing `dst` is an
@@ -146,13 +222,16 @@ def encode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, bpp
     _check_effort(effort)
     dst = _default_output(src, dst, ".lc")
     with _output(src, dst, force) as out:
-        pixels, mode = load_image(src, max_pixels=max_pixels)
+        picture = load_picture(src, max_pixels=max_pixels)
         with _named(src):
-            result = _encode(pixels, mode, bpp=bpp, size=size, rate=rate, effort=effort, progress=progress)
+            result = _encode(picture, bpp=bpp, size=size, rate=rate, effort=effort, progress=progress,
+                             strip_metadata=strip_metadata)
         out.write(result.data)
-    height, width = pixels.shape[:2]
-    return EncodedFile(_path_of(dst), len(result.data), width, height, mode, result.bpp, result.rate,
-                       result.target_bytes, result.warning)
+    height, width = picture.pixels.shape[:2]
+    warning = "; ".join(filter(None, [*picture.notes, result.warning])) or None
+    return EncodedFile(_path_of(dst), len(result.data), width, height, picture.image_mode,
+                       8 * len(result.data) / (width * height), result.rate, result.target_bytes, warning,
+                       result.kept, result.kept_bytes)
 
 
 def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, force: bool = False,
@@ -169,7 +248,9 @@ def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, for
     A format that does not keep 8-bit pixels exactly with Pillow's default
     settings (JPEG, WebP, AVIF, RGB as GIF...) is written anyway, and the
     result's `warning` says so: the file holds the decoded picture compressed
-    again, not the decoded pixels.
+    again, not the decoded pixels. The file's ICC profile, EXIF and XMP are written
+    into PNG, JPEG, WebP, TIFF and AVIF; what a format cannot hold is named in the
+    `warning`. A picture with alpha cannot be written as JPEG (`UnsupportedImageError`).
     """
     dst = _default_output(src, dst, ".png")
     if format is not None:
@@ -180,16 +261,40 @@ def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, for
     with _output(src, dst, force) as out:
         data = _read_bytes(src)
         with _named(src):
+            header = container.read_header(data, max_pixels)
+            if header.chunk(b"ALPH") is not None and fmt in _NO_ALPHA_FORMATS:
+                raise UnsupportedImageError(f"cannot write {_name(dst)} as {fmt}: the picture has an alpha "
+                                            f"channel, which {fmt} cannot hold; name the output .png, .webp or .tif")
             image = decode(data, max_pixels=max_pixels)
-        try:
-            image.save(out, format=fmt)
-        except ValueError as e:  # what Pillow raises for a mode this format cannot store
-            raise UnsupportedImageError(f"cannot write {_name(dst)} as {fmt}: {e}") from None
-    warning = None
+        dropped = _save(image, out, fmt, _name(dst))
+    warnings_ = []
     if image.mode not in _EXACT_FORMATS.get(fmt, ()):
-        warning = (f"{fmt} changes the decoded pixels (Pillow writes it at its default settings, which are lossy "
-                   "here); name the output .png to keep them exactly")
-    return DecodedFile(_path_of(dst), fmt, image.width, image.height, image.mode, warning)
+        warnings_.append(f"{fmt} changes the decoded pixels (Pillow writes it at its default settings, which are "
+                         "lossy here); name the output .png to keep them exactly")
+    if dropped:
+        warnings_.append(f"{fmt} as Pillow writes it cannot hold {_listed(dropped)} of the file: left out")
+    return DecodedFile(_path_of(dst), fmt, image.width, image.height, image.mode, "; ".join(warnings_) or None)
+
+
+def _save(image: Image.Image, out: BinaryIO, fmt: str, name: str) -> list[str]:
+    """Write `image` to `out` as `fmt` with the metadata of its ``info``; what `fmt` did not take."""
+    kept, _ = metadata.from_info(image.info, orientation_applied=False)
+    options, dropped = metadata.save_options(fmt, kept)
+    start = out.tell()
+    try:
+        image.save(out, format=fmt, **options)
+    except ValueError as e:  # what Pillow raises for a mode this format cannot store
+        raise UnsupportedImageError(f"cannot write {name} as {fmt}: {e}") from None
+    except (OSError, TypeError, KeyError, SyntaxError) as e:
+        # Pillow's writers parse EXIF (TIFF) and refuse what they cannot: write the picture without it.
+        if not options:
+            raise
+        out.seek(start)
+        out.truncate()
+        icc = {"icc_profile": options["icc_profile"]} if "icc_profile" in options else {}
+        image.save(out, format=fmt, **icc)
+        dropped += [f"{n} ({e})" for n in kept.names() if n != "ICC profile"]
+    return dropped
 
 
 def read_header(source: PathLike | BinaryIO | bytes | bytearray | memoryview) -> Header:
@@ -223,12 +328,17 @@ def _engine():
     return engine
 
 
-def _pixels(image: Image.Image | np.ndarray) -> tuple[np.ndarray, str]:
+def _picture(image: Image.Image | np.ndarray) -> Picture:
     if isinstance(image, Image.Image):
-        return pixels_from_image(image)
+        return picture_from_image(image)
     if isinstance(image, np.ndarray):
-        return pixels_from_array(image)
+        return picture_from_array(image)
     raise UnsupportedImageError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def _listed(names: list[str] | tuple[str, ...]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _check_target(bpp: float | None, size: int | None, rate: float | None) -> None:
@@ -297,8 +407,11 @@ def _exists(path: Path) -> OutputExistsError:
 
 # Formats whose Pillow writer, at its default settings, stores these modes' 8-bit pixels exactly.
 _EXACT_FORMATS: dict[str, tuple[str, ...]] = {
-    fmt: ("RGB", "L") for fmt in ("PNG", "BMP", "DIB", "TIFF", "PPM", "TGA", "SGI", "PCX", "DDS", "JPEG2000")
-} | {"QOI": ("RGB",), "GIF": ("L",)}
+    fmt: ("RGB", "L") for fmt in ("BMP", "DIB", "PPM", "SGI", "PCX", "DDS", "JPEG2000")
+} | {fmt: ("RGB", "L", "RGBA", "LA") for fmt in ("PNG", "TIFF")} | {"QOI": ("RGB",), "GIF": ("L",),
+                                                                   "TGA": ("RGB", "L", "RGBA")}
+# Formats Pillow writes without an alpha channel.
+_NO_ALPHA_FORMATS = frozenset({"JPEG", "MPO", "PPM", "PCX", "EPS", "PDF", "MPEG", "BLP"})
 
 
 def _format_for(dst: Path) -> str:

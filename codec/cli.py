@@ -25,6 +25,7 @@ import click
 from . import __version__, api
 from .bitstream.container import DEFAULT_MAX_PIXELS, RATE_SCALE, Header
 from .errors import LcodecError
+from .metadata import describe_icc
 from .models.registry import MODELS  # the model table only: no torch
 
 STDIO = "-"
@@ -83,18 +84,23 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
                    "(searches for better probability tables for the picture; every lcodec decodes the result).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Encode several inputs in N worker processes.")
+@click.option("--strip-metadata", is_flag=True,
+              help="Leave out the input's EXIF and XMP (camera, place, date...). The ICC colour profile is kept.")
 def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output: str | None, force: bool,
-           max_pixels: int, effort: int, jobs: int) -> None:
+           max_pixels: int, effort: int, jobs: int, strip_metadata: bool) -> None:
     """Encode images to .lc files no larger than --bpp or --size asks.
 
     Give exactly one of --bpp and --size. Inputs are PNG, JPEG, TIFF, WebP or
     anything else Pillow reads, in RGB or grayscale (also 16-bit, palette,
-    CMYK; alpha only when fully opaque). IN may be - to read stdin.
+    CMYK), with or without alpha. Transparency is kept exactly, and the ICC
+    profile, EXIF and XMP are kept unless --strip-metadata; they count in the
+    size. IN may be - to read stdin.
 
     \b
     Examples:
       lcodec encode photo.png --bpp 0.5            # writes photo.lc
       lcodec encode photo.png --bpp 0.5 --effort 9 # slower, better at the same size
+      lcodec encode photo.jpg --bpp 0.5 --strip-metadata   # no EXIF or XMP in photo.lc
       lcodec encode a.png b.jpg --size 20000 -o out/ -j 2
       lcodec encode huge.tif --bpp 0.1 --max-pixels 100000000
       cat photo.png | lcodec encode - --bpp 0.25 -o - > photo.lc
@@ -105,9 +111,11 @@ def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output:
     plan = _plan(inputs, output, ".lc")
 
     def report(src: str, dst: str, r: api.EncodedFile) -> str:
-        return f"{_shown(src, 'in')} -> {_shown(dst, 'out')}: {r.size:,} bytes, {r.bpp:.4f} bpp ({target})"
+        kept = f"; {', '.join(r.kept)}: {r.kept_bytes:,} bytes" if r.kept else ""
+        return f"{_shown(src, 'in')} -> {_shown(dst, 'out')}: {r.size:,} bytes, {r.bpp:.4f} bpp ({target}{kept})"
 
-    options = dict(bpp=bpp, size=size, force=force, max_pixels=max_pixels, effort=effort)
+    options = dict(bpp=bpp, size=size, force=force, max_pixels=max_pixels, effort=effort,
+                   strip_metadata=strip_metadata)
     if effort and len(plan) == 1:
         with _steps() as bar:  # one file: a bar over its refinement steps
             _run(plan, _encode_one, options | {"progress": bar}, report, jobs)
@@ -131,9 +139,11 @@ def decode(inputs: tuple[str, ...], output: str | None, force: bool, max_pixels:
     The output's extension picks its format: .png (the default), .tif, .bmp
     or any other that Pillow writes; a lossy one (.jpg, .webp...) compresses
     the decoded picture again at Pillow's default settings, and a warning says
-    so. An output name without an extension is an error; stdout gets PNG. A
-    file that does not decode completely leaves no output behind. IN may be -
-    to read stdin.
+    so. The file's ICC profile, EXIF and XMP go into PNG, JPEG, WebP, TIFF
+    and AVIF outputs (a warning names what another format leaves out); a
+    picture with alpha cannot be written as JPEG. An output name without an
+    extension is an error; stdout gets PNG. A file that does not decode
+    completely leaves no output behind. IN may be - to read stdin.
 
     \b
     Examples:
@@ -186,14 +196,28 @@ def _describe(name: str, h: Header, size: int) -> str:
         model = f"{entry.name} ({model}; the installed weights are {entry.digest4.hex()}: cannot decode)"
     else:
         model = f"{entry.name} ({model})"
-    return (f"{name}\n"
-            f"  size:            {size:,} bytes\n"
-            f"  dimensions:      {h.width}x{h.height}\n"
-            f"  mode:            {h.mode}\n"
-            f"  bits per pixel:  {8 * size / h.pixels:.4f}\n"
-            f"  model:           {model}\n"
-            f"  format version:  {h.version}\n"
-            f"  rate parameter:  {h.rate_q / RATE_SCALE:.4f} (stored as {h.rate_q}, q x {RATE_SCALE})")
+    alpha = h.chunk(b"ALPH")
+    lines = [name,
+             f"  size:            {size:,} bytes",
+             f"  dimensions:      {h.width}x{h.height}",
+             f"  mode:            {h.mode + 'A' if alpha is not None else h.mode}",
+             f"  bits per pixel:  {8 * size / h.pixels:.4f}",
+             f"  model:           {model}",
+             f"  format version:  {h.version}",
+             f"  rate parameter:  {h.rate_q / RATE_SCALE:.4f} (stored as {h.rate_q}, q x {RATE_SCALE})"]
+    if alpha is not None:
+        lines.append(f"  alpha:           lossless WebP, {len(alpha):,} bytes")
+    icc = h.chunk(b"ICCP")
+    if icc is not None:
+        what = describe_icc(icc)
+        lines.append(f"  ICC profile:     {len(icc):,} bytes" + (f" ({what})" if what else ""))
+    for label, tag in (("EXIF", b"EXIF"), ("XMP", b"XMP ")):
+        data = h.chunk(tag)
+        if data is not None:
+            lines.append(f"  {label + ':':<17}{len(data):,} bytes")
+    if icc is None and h.chunk(b"EXIF") is None and h.chunk(b"XMP ") is None:
+        lines.append("  metadata:        none (no ICC profile: the colours are sRGB)")
+    return "\n".join(lines)
 
 
 # -- the work, one file at a time (top-level functions: worker processes import them) ------------
@@ -310,6 +334,7 @@ _CLI_WORDS = (
     (re.compile(r"\bpass force=True\b"), "use --force"),
     (re.compile(r"\bpass max_pixels=(\d+)"), r"give --max-pixels \1"),
     (re.compile(r"\bpass a larger max_pixels\b"), "give a larger --max-pixels"),
+    (re.compile(r"\bpass strip_metadata=True\b"), "give --strip-metadata"),
 )
 
 

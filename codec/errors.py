@@ -46,3 +46,7 @@ class ModelNotFrozenError(LcodecError):
 
 class OutputExistsError(LcodecError):
     """The output file exists and overwriting was not allowed."""
+
+
+class LcodecWarning(UserWarning):
+    """Something was left out but the work was done, e.g. malformed metadata of an input image."""

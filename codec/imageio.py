@@ -1,9 +1,10 @@
 """Loading the images people hand an encoder, as the 8-bit pixels the codec codes.
 
-The codec codes two things only: 8-bit RGB, an (H, W, 3) uint8 array, and
-8-bit grayscale ("L"), an (H, W) uint8 array. `load_image` (files and streams)
-and `pixels_from_image` (PIL images already in memory) map what Pillow reads
-onto one of the two, and refuse -- with an `UnsupportedImageError` that says
+The learned codec codes two things only: 8-bit RGB, an (H, W, 3) uint8 array, and
+8-bit grayscale ("L"), an (H, W) uint8 array; an alpha plane and the metadata go
+beside them. `load_picture` (files and streams), `picture_from_image` (PIL images
+already in memory) and `picture_from_array` give a `Picture`: they map what Pillow
+reads onto one of the two, and refuse -- with an `UnsupportedImageError` that says
 what to do -- whatever they cannot map without changing what a viewer shows:
 
 ==================  ==========================================================
@@ -19,23 +20,26 @@ RGB                 RGB, unchanged (Pillow already keeps only the high byte of
                     48-bit PNGs)
 RGBX, P, CMYK,      RGB by Pillow's own conversion (P through its palette; CMYK
 YCbCr               by Pillow's plain formula, without any ICC profile)
-RGBA, LA, PA, P or  RGB or L when every pixel is fully opaque (alpha 255
-L/RGB with a        everywhere), which loses nothing; refused otherwise, since
-transparency key    the format has no alpha channel yet and dropping it would
-                    silently change the picture
+RGBA, LA, PA, P or  RGB or L and an alpha plane (`Picture.alpha`), coded
+L/RGB with a        losslessly beside the colour (`lcodec.alpha`); when every
+transparency key    pixel is fully opaque (alpha 255 everywhere) the alpha is
+                    dropped, which loses nothing and costs nothing
 F, LAB, HSV, ...    refused
 ==================  ==========================================================
 
 The EXIF orientation is applied to the pixels: the .lc format has no
-orientation field, so a decoded phone photo would otherwise lie on its side.
-ICC colour profiles are not applied (pixels are coded as stored) and of an
-animated image only the first frame is coded.
+orientation field, so a decoded phone photo would otherwise lie on its side
+(the kept EXIF then says orientation 1). ICC colour profiles are not applied:
+pixels are coded as stored and the profile is kept with them
+(`lcodec.metadata`, as are EXIF and XMP). Of an animated image only the first
+frame is coded.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
@@ -43,21 +47,45 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .bitstream.container import DEFAULT_MAX_PIXELS
 from .errors import ImageTooLargeError, UnsupportedImageError
+from .metadata import Metadata, from_info
 
 ImageSource = str | os.PathLike | BinaryIO
 
-_FLATTEN_HINT = (
-    "lcodec does not support transparency (alpha) yet; flatten the image onto a background first, "
-    "e.g. with Pillow: Image.alpha_composite(Image.new('RGBA', im.size, 'white'), "
-    "im.convert('RGBA')).convert('RGB').save('flat.png')"
-)
+
+@dataclass(frozen=True, eq=False)
+class Picture:
+    """What an encode codes: the colour the learned codec codes, the alpha plane and the metadata."""
+
+    pixels: np.ndarray  # uint8, (H, W, 3) for "RGB" or (H, W) for "L"
+    mode: str  # "RGB" or "L"
+    alpha: np.ndarray | None = None  # uint8 (H, W); None when every pixel is fully opaque
+    metadata: Metadata = field(default_factory=Metadata)
+    notes: tuple[str, ...] = ()  # what was dropped while reading, and why (to show as warnings)
+
+    @property
+    def image_mode(self) -> str:
+        """The Pillow mode of the whole picture: "RGB", "L", "RGBA" or "LA"."""
+        return self.mode + ("A" if self.alpha is not None else "")
+
+    def array(self) -> np.ndarray:
+        """The whole picture as one array: the colour, with the alpha as a last channel where there is one."""
+        if self.alpha is None:
+            return self.pixels
+        colour = self.pixels if self.pixels.ndim == 3 else self.pixels[:, :, None]
+        return np.concatenate([colour, self.alpha[:, :, None]], axis=2)
 
 
 def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
-    """Read an image file (a path or a binary file object) as codec pixels and mode.
+    """The pixels and Pillow mode of an image file, as `load_picture` reads it: uint8 (H, W, 3)
+    "RGB", (H, W) "L", (H, W, 4) "RGBA" or (H, W, 2) "LA" (without its metadata)."""
+    picture = load_picture(source, max_pixels=max_pixels)
+    return picture.array(), picture.image_mode
 
-    Returns ``(pixels, mode)``: uint8 (H, W, 3) with "RGB" or uint8 (H, W) with
-    "L", mapped as the module docstring says. The pixel count is checked
+
+def load_picture(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+    """Read an image file (a path or a binary file object) as a `Picture`.
+
+    Colour, alpha and metadata are mapped as the module docstring says. The pixel count is checked
     against `max_pixels` from the file's header, before any pixel is decoded,
     so a tiny file that claims to be huge costs nothing. Every failure is an
     `UnsupportedImageError` (or `ImageTooLargeError`) whose message starts
@@ -97,17 +125,25 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
             raise ImageTooLargeError(f"{name}: {e}") from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise UnsupportedImageError(f"{name}: the image data is damaged or truncated ({e})") from None
-        return pixels_from_image(im, name=name)
+        return picture_from_image(im, name=name)
 
 
-def pixels_from_image(image: Image.Image, *, name: str = "the image") -> tuple[np.ndarray, str]:
-    """Codec pixels and mode of an in-memory PIL image (EXIF orientation applied).
+def picture_from_image(image: Image.Image, *, name: str = "the image") -> Picture:
+    """The `Picture` of an in-memory PIL image (EXIF orientation applied, metadata from its ``info``).
 
     `name` only goes into error messages.
     """
-    im = _upright(image)
+    im, turned = _upright(image)
+    metadata, notes = from_info(image.info, orientation_applied=turned)
+    alpha = None
     if im.has_transparency_data:
-        im = _without_opaque_alpha(im, name)
+        im, alpha = _split_alpha(im, name)
+    pixels, mode = _colour(im, name)
+    return Picture(pixels, mode, alpha, metadata, tuple(f"{name}: {note}" for note in notes))
+
+
+def _colour(im: Image.Image, name: str) -> tuple[np.ndarray, str]:
+    """Codec pixels and mode of an image without alpha."""
     mode = im.mode
     try:
         if mode == "L":
@@ -129,52 +165,49 @@ def pixels_from_image(image: Image.Image, *, name: str = "the image") -> tuple[n
     return np.array(im, dtype=np.uint8), im.mode
 
 
-def pixels_from_array(pixels: np.ndarray) -> tuple[np.ndarray, str]:
-    """Codec pixels and mode of a uint8 array: (H, W) or (H, W, 1) is "L", (H, W, 3) "RGB".
-
-    An (H, W, 4) array is RGBA: accepted as RGB when the alpha plane is all
-    255, refused otherwise, as for images.
-    """
+def picture_from_array(pixels: np.ndarray) -> Picture:
+    """The `Picture` of a uint8 array: (H, W) or (H, W, 1) is "L", (H, W, 2) "LA", (H, W, 3) "RGB",
+    (H, W, 4) "RGBA"; an alpha plane that is 255 everywhere is dropped. An array has no metadata."""
     if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
         got = pixels.dtype if isinstance(pixels, np.ndarray) else type(pixels).__name__
         raise UnsupportedImageError(f"expected a uint8 numpy array, got {got}")
-    if pixels.ndim == 3 and pixels.shape[2] == 4:
-        if pixels[:, :, 3].min(initial=255) < 255:
-            raise UnsupportedImageError(f"the array has transparent pixels (alpha < 255); {_FLATTEN_HINT}")
-        pixels = pixels[:, :, :3]
-    if pixels.ndim == 3 and pixels.shape[2] == 1:
-        pixels = pixels[:, :, 0]
-    if pixels.ndim == 2:
-        mode = "L"
-    elif pixels.ndim == 3 and pixels.shape[2] == 3:
-        mode = "RGB"
+    if pixels.ndim == 3 and pixels.shape[2] in (1, 2, 3, 4):
+        channels = pixels.shape[2]
+        alpha = pixels[:, :, -1] if channels in (2, 4) else None
+        pixels = pixels[:, :, 0] if channels in (1, 2) else pixels[:, :, :3]
+    elif pixels.ndim == 2:
+        alpha = None
     else:
-        raise UnsupportedImageError(f"expected an (H, W) or (H, W, 3) array, got shape {pixels.shape}")
+        raise UnsupportedImageError(f"expected an (H, W) array or (H, W, C) with C = 1, 2, 3 or 4, "
+                                    f"got shape {pixels.shape}")
     if pixels.size == 0:
         raise UnsupportedImageError(f"the array is empty (shape {pixels.shape})")
-    return np.ascontiguousarray(pixels), mode
+    if alpha is not None and alpha.min() == 255:
+        alpha = None
+    return Picture(np.ascontiguousarray(pixels), "L" if pixels.ndim == 2 else "RGB",
+                   None if alpha is None else np.ascontiguousarray(alpha))
 
 
-def _upright(im: Image.Image) -> Image.Image:
-    """`im` with its EXIF orientation applied to the pixels (itself when there is none)."""
+def _upright(im: Image.Image) -> tuple[Image.Image, bool]:
+    """`im` with its EXIF orientation applied to the pixels, and whether it had one to apply."""
     try:
         orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # malformed EXIF: Pillow raises many kinds; the pixels are still good
-        return im
-    return ImageOps.exif_transpose(im) if orientation in range(2, 9) else im
+        return im, False
+    if orientation not in range(2, 9):
+        return im, False
+    return ImageOps.exif_transpose(im), True
 
 
-def _without_opaque_alpha(im: Image.Image, name: str) -> Image.Image:
-    """`im` without its alpha (or transparency key) if it is fully opaque, else refuse."""
+def _split_alpha(im: Image.Image, name: str) -> tuple[Image.Image, np.ndarray | None]:
+    """`im` without its alpha (or transparency key), and the alpha plane unless it is fully opaque."""
     gray = im.mode in ("1", "L", "LA", "La") or im.mode.startswith("I")
     try:
         with_alpha = im.convert("LA" if gray else "RGBA")
     except ValueError as e:
         raise UnsupportedImageError(f"{name}: cannot read the transparency of mode {im.mode!r}: {e}") from None
-    alpha_min, _ = with_alpha.getchannel("A").getextrema()
-    if alpha_min < 255:
-        raise UnsupportedImageError(f"{name} has transparent pixels; {_FLATTEN_HINT}")
-    return with_alpha.convert("L" if gray else "RGB")
+    alpha = np.array(with_alpha.getchannel("A"), dtype=np.uint8)
+    return with_alpha.convert("L" if gray else "RGB"), (None if alpha.min() == 255 else alpha)
 
 
 def _sixteen_to_eight(samples: np.ndarray) -> np.ndarray:

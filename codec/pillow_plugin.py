@@ -2,8 +2,10 @@
 
 Opening reads and checks only the header (no torch); the pixels are decoded
 by `lcodec.engine` when Pillow first needs them (``load()``, ``convert()``,
-``save()``...). Pillow cannot write .lc files: use `lcodec.encode`, which
-needs a rate target.
+``save()``...). A file with an alpha plane opens as "RGBA" or "LA", and the
+file's ICC profile, EXIF and XMP are in ``info`` (``icc_profile``, ``exif``,
+``xmp``) from the start. Pillow cannot write .lc files: use `lcodec.encode`,
+which needs a rate target.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from PIL import Image, ImageFile
 
 from .bitstream import container
 from .errors import NotAnLcFileError
+from .metadata import Metadata
 
 FORMAT = "LC"
 
@@ -36,15 +39,16 @@ class LcImageFile(ImageFile.ImageFile):
         except NotAnLcFileError as e:
             raise SyntaxError(str(e)) from e  # Pillow's "not this format"
         self._size = (self.header.width, self.header.height)
-        self._mode = self.header.mode
+        self._mode = self.header.mode + ("A" if self.header.chunk(b"ALPH") is not None else "")
+        self.info.update(Metadata.from_header(self.header).info())
         self.tile = []  # no Pillow decoder: `load` decodes
 
     def load(self):
         if self._im is None:
-            from . import engine  # imports torch: only when pixels are wanted
+            from . import api, engine  # imports torch: only when pixels are wanted
 
             pixels, _ = engine.decode_array(self._data)
-            self.im = Image.fromarray(pixels).im
+            self.im = api.with_chunks(Image.fromarray(pixels), self.header).im
             self._data = b""
             if self.fp is not None and self._exclusive_fp:
                 self.fp.close()

@@ -84,10 +84,10 @@ def test_bad_target_values_are_rate_errors_in_the_apis_words(target, fragment, t
     assert not (tmp_path / "a.lc").exists()
 
 
-def test_transparent_image_is_refused():
+def test_transparent_image_keeps_its_alpha():  # more in test_alpha.py
     rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 128))
-    with pytest.raises(UnsupportedImageError, match="transparen"):
-        lcodec.encode(rgba, size=ANY_SIZE)
+    image = lcodec.decode(lcodec.encode(rgba, size=ANY_SIZE))
+    assert image.mode == "RGBA" and image.getchannel("A").getextrema() == (128, 128)
 
 
 def test_decode_errors_are_lcodec_errors():

@@ -121,13 +121,22 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_file(cli, tmp_path, monkeypatch,
     no_leftovers(tmp_path, "x.lc")
 
 
-def test_transparent_rgba_refused_opaque_rgba_accepted(cli, tmp_path):
+def test_transparency_is_kept_exactly_and_refused_only_where_it_cannot_go(cli, tmp_path, no_leftovers):
     rgba = np.concatenate([smooth_rgb(16, 16), np.full((16, 16, 1), 255, np.uint8)], axis=2)
     assert cli("encode", save(tmp_path / "opaque.png", rgba), "--size", ANY_SIZE).exit_code == 0
-    rgba[0, 0, 3] = 0
+    assert lcodec.read_header(tmp_path / "opaque.lc").chunks == ()  # an opaque alpha costs nothing
+    rgba[0, :, 3] = 0
+    rgba[1, :, 3] = 99
     result = cli("encode", save(tmp_path / "glass.png", rgba), "--size", ANY_SIZE)
-    assert_clean_error(result, 1, "glass.png", "transparency", "flatten")
-    assert not (tmp_path / "glass.lc").exists()
+    assert result.exit_code == 0 and "alpha: " in result.stdout
+    assert cli("decode", tmp_path / "glass.lc", "-o", tmp_path / "back.png").exit_code == 0
+    back = Image.open(tmp_path / "back.png")
+    assert back.mode == "RGBA"
+    np.testing.assert_array_equal(np.asarray(back)[:, :, 3], rgba[:, :, 3])
+    assert "mode:            RGBA" in cli("info", tmp_path / "glass.lc").stdout
+    result = cli("decode", tmp_path / "glass.lc", "-o", tmp_path / "back.jpg")
+    assert_clean_error(result, 1, "back.jpg", "alpha", ".png")
+    no_leftovers(tmp_path, "opaque.png", "opaque.lc", "glass.png", "glass.lc", "back.png")
 
 
 def test_grayscale_round_trip_stays_grayscale(cli, tmp_path):
@@ -179,7 +188,7 @@ def test_info_reads_the_header_without_importing_torch(tmp_path):
     header = lcodec.read_header(lc)
     size = lc.stat().st_size
     for text in (f"{size:,} bytes", "40x30", "RGB", f"{8 * size / 1200:.4f}", f"id {header.model_id}",
-                 header.weights_digest.hex(), "format version:  1", f"{header.rate_q / 1024:.4f}"):
+                 header.weights_digest.hex(), f"format version:  {header.version}", f"{header.rate_q / 1024:.4f}"):
         assert text in out.stdout, (text, out.stdout)
 
 
