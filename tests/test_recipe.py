@@ -1,6 +1,6 @@
 """One command makes the default model: every shipped model has a recipe; id 11's holds the
-settings the runs that made it recorded; and the runner follows a recipe stage by stage,
-continuing where it stopped."""
+settings the runs that made it recorded, and id 12's extends it; and the runner follows a recipe
+stage by stage, continuing where it stopped."""
 
 import collections
 import json
@@ -183,6 +183,18 @@ def test_quick_mode_runs_every_stage_and_a_second_run_continues_where_it_stopped
     other = replace(r, stages=(replace(r.stages[0], settings={**r.stages[0].settings, "lr": 1e-3}),))
     with pytest.raises(recipe.RecipeError, match="another settings"):
         recipe.Run(other, out, recipe.Context(images, tmp_path, quick=True)).run()
+
+    # Id 12's recipe extends id 11's: in the same folder only its own stage, the context, runs.
+    extended = RECIPES / "lift-97-128-v6.toml"
+    assert [s.name for s in recipe.load(extended).stages] == [s.name for s in r.stages] + ["context"]
+    capsys.readouterr()
+    model = recipe.main([str(extended), *argv[1:]])
+    said = capsys.readouterr().out
+    assert all(f"{s.name}: done" in said for s in r.stages) and "context: python -m" in said
+    weights = engine.Weights.load(model)
+    assert weights.model.context is not None
+    data = engine.encode_array(pixels, "RGB", rate=2.0, model_id=12, weights=weights).data
+    assert engine.decode_array(data, weights=weights)[0].shape == pixels.shape
 
 
 @pytest.mark.parametrize("text,error", [

@@ -185,7 +185,7 @@ KINDS: dict[str, StageKind] = {
                             state="checkpoint.pt"),
     # a frozen lifting model's subband context fitted on its training latents, levels refitted
     "context": StageKind("lcodec.models.training.context", "frozen.pt", _file_argv("frozen.pt", data=True),
-                         lambda s: s | {"images": 2, "level-images": 2}),
+                         lambda s: s | {"images": 2, "level-images": 0}),
     # a checkpoint's latent width changed or a rate level added
     "widen": StageKind("lcodec.models.training.widen", "widened.pt", _file_argv("widened.pt", data=True),
                        lambda s: s | ({"images": 2} if "images" in s else {})),
