@@ -46,13 +46,14 @@ def test_golden_file_decodes_to_known_pixels(name, archived_weights):
     assert hashlib.sha256(pixels.tobytes()).hexdigest() == expected["pixels_sha256"]
 
 
-def test_golden_file_decodes_identically_with_one_and_two_threads():
+@pytest.mark.parametrize("name", ["v1_rgb_64x48.lc", "v2_sample_256x176_m12.lc"])
+def test_golden_file_decodes_identically_with_one_and_two_threads(name):
     code = ("import sys, hashlib, torch; torch.set_num_threads(int(sys.argv[1])); from lcodec import engine;"
             "p, _ = engine.decode_array(open(sys.argv[2], 'rb').read()); print(hashlib.sha256(p.tobytes()).hexdigest())")
-    path = str(GOLDEN / "v1_rgb_64x48.lc")
+    path = str(GOLDEN / name)
     hashes = {subprocess.run([sys.executable, "-c", code, n, path], capture_output=True, text=True,
                              check=True).stdout.strip() for n in ("1", "2")}
-    assert hashes == {MANIFEST["v1_rgb_64x48.lc"]["pixels_sha256"]}
+    assert hashes == {MANIFEST[name]["pixels_sha256"]}
 
 
 def _reference_hyper_synthesis(layers, z: np.ndarray) -> np.ndarray:

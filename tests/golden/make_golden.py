@@ -2,7 +2,7 @@
 
     python tests/golden/make_golden.py
 
-Never regenerate an existing golden file: they pin format version 1 and a model
+Never regenerate an existing golden file: they pin a format version (`v<n>_`) and a model
 each (id 0, the tiny test model, unless the name says `_m<id>`). A new format
 version or a new shipped model adds files beside them; existing ones are skipped.
 """
@@ -19,6 +19,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def images() -> dict[str, tuple[np.ndarray, str, float, int]]:
+    from PIL import Image
+
+    sample = np.asarray(Image.open(HERE.parents[1] / "examples" / "sample.png").convert("RGB"))
     yy, xx = np.mgrid[0:48, 0:64]
     rgb = np.stack([xx * 4, yy * 5, (xx + yy) * 2 % 256], axis=2).astype(np.uint8)
     rng = np.random.default_rng(7)
@@ -27,7 +30,10 @@ def images() -> dict[str, tuple[np.ndarray, str, float, int]]:
     return {"v1_rgb_64x48": (rgb, "RGB", 5.0, 0), "v1_gray_65x37": (gray, "L", 2.0, 0),
             "v1_rgb_64x48_m6": (rgb, "RGB", 5.0, 6), "v1_rgb_64x48_m7": (rgb, "RGB", 5.0, 7),
             "v1_rgb_64x48_m8": (rgb, "RGB", 5.0, 8), "v1_rgb_64x48_m9": (rgb, "RGB", 5.0, 9),
-            "v1_rgb_64x48_m10": (rgb, "RGB", 5.0, 10), "v1_rgb_64x48_m11": (rgb, "RGB", 5.0, 11)}
+            "v1_rgb_64x48_m10": (rgb, "RGB", 5.0, 10), "v1_rgb_64x48_m11": (rgb, "RGB", 5.0, 11),
+            # Format version 2 and the subband context: the small picture, and one whose bands
+            # are big enough for every label and prediction to occur.
+            "v2_rgb_64x48_m12": (rgb, "RGB", 5.0, 12), "v2_sample_256x176_m12": (sample, "RGB", 4.0, 12)}
 
 
 def main() -> None:
