@@ -3,14 +3,18 @@
 
 The claim under test (bitstream/SPEC.md, "Reading a file: checks, order and errors"):
 decoding any byte string ends either in a `LcodecError` subclass -- the one the
-spec's ordered checks 1-8 name, or `CorruptFileError` from the payload (check 9) --
-or, where every check passes, in a valid image of the declared size and mode.
+spec's ordered checks 1-9 name, or `CorruptFileError` from the payload or the alpha
+chunk (checks 10-12) -- or, where every check passes, in a valid image of the declared
+size and mode (with an alpha channel where the file has an alpha chunk).
 Never another exception, never a hang (> `--timeout` s per case), never a memory
 blow-up (> `--max-rss-mb` peak RSS in the decoding process).
 
 Every case is decoded three times, with `lcodec.engine.decode_array`, with
 `lcodec.api.decode` and through Pillow's .lc plugin (`Image.open(...).load()`),
-which must agree (same error class, or the same pixels).
+which must agree (same error class, or the same pixels). The engine decodes the
+colour only; the API and the plugin add the alpha and the metadata of the chunks, so
+they alone may fail where the engine decoded, with CorruptFileError for an alpha
+chunk that does not decode, and their metadata must be the chunks' bytes.
 The expected outcome is computed by `spec_outcome`, an independent re-reading of
 the SPEC.md check table with `struct` and `zlib` (not with lcodec's container), so
 a wrong error class or a wrong check order is a failure too.
@@ -18,8 +22,8 @@ a wrong error class or a wrong check order is a failure too.
 Cases are mutations of a corpus of valid files: the golden files (those of the models the package
 does not ship decode with the weights of models/archive/, on LCODEC_WEIGHTS_PATH) plus fresh encodes
 with model 0 (the tiny test model, fast) and the default model (`--models` to choose), made with
-an explicit rate parameter so the corpus does not depend on rate control. The
-mutation classes (see `CLASSES`) come in three families:
+an explicit rate parameter so the corpus does not depend on rate control, some with chunks (an ICC
+profile, EXIF, XMP, an alpha plane). The mutation classes (see `CLASSES`) come in four families:
 
 * ``raw-*``: bit flips, inserted/deleted bytes, truncations, splices of two files
   and random bytes, CRC left as is -- almost all of these stop at the container;
@@ -27,7 +31,10 @@ mutation classes (see `CLASSES`) come in three families:
   the range decoder and the integer hyper-synthesis see the damage;
 * ``header-*``: header fields rewritten with the CRC re-computed: huge, zero and
   odd dimensions, odd modes, other versions, unknown or swapped model ids and
-  digests, rate_q extremes.
+  digests, rate_q extremes;
+* ``chunks-*``: version 2's chunk block damaged with the CRC re-computed: counts,
+  lengths and tags rewritten, the flag toggled, chunks added, bytes flipped, and the
+  alpha chunk's WebP damaged inside a well-framed block.
 
 Declared sizes are capped with ``max_pixels`` = `FUZZ_MAX_PIXELS` (512 x 512) for the
 cases, so the 5 s budget measures robustness, not the legitimate cost of decoding a
@@ -70,7 +77,9 @@ MAGIC = b"lcod"
 HEADER = struct.Struct(">4sBB4sHHBh")  # SPEC.md: magic, version, model_id, digest, width, height, mode, rate_q
 HEADER_SIZE, CRC_SIZE = 17, 4
 OVERHEAD = HEADER_SIZE + CRC_SIZE
-DEFAULT_MAX_PIXELS = 8192 * 8192  # SPEC.md, check 7
+CHUNKS_FLAG = 0x80  # SPEC.md: in version 2, set in the mode byte when a chunk block follows the header
+CHUNK_TAGS = (b"ICCP", b"EXIF", b"XMP ", b"ALPH")
+DEFAULT_MAX_PIXELS = 8192 * 8192  # SPEC.md, check 8
 FUZZ_MAX_PIXELS = 512 * 512
 IMAGE = "image"  # the outcome "decoded to a valid image"
 
@@ -114,8 +123,12 @@ CORPUS_SPECS = (
 DEFAULT_CORPUS_MODELS = (0, DEFAULT_MODEL_ID)
 
 
+# Corpus specs that also get chunks (indices into CORPUS_SPECS): metadata and an alpha plane.
+CHUNKED_SPECS = (2, 4, 7)
+
+
 def build_corpus(models: tuple[int, ...] = DEFAULT_CORPUS_MODELS) -> list[Seed]:
-    """The golden files, then fresh one-pass encodes (explicit rate: no rate search)."""
+    """The golden files, then fresh one-pass encodes (explicit rate: no rate search), some with chunks."""
     from lcodec import engine
 
     seeds = [Seed(p.name, p.read_bytes()) for p in sorted(GOLDEN.glob("*.lc"))]
@@ -123,8 +136,57 @@ def build_corpus(models: tuple[int, ...] = DEFAULT_CORPUS_MODELS) -> list[Seed]:
         pixels = smooth_image(h, w, seed=k, gray=gray)
         for model_id in [m for m in models if (m == 0) == tiny]:
             data = engine.encode_array(pixels, "L" if gray else "RGB", rate=q, model_id=model_id).data
-            seeds.append(Seed(f"m{model_id}-{'L' if gray else 'RGB'}-{w}x{h}-q{q:g}", data))
+            name = f"m{model_id}-{'L' if gray else 'RGB'}-{w}x{h}-q{q:g}"
+            seeds.append(Seed(name, data))
+            if k in CHUNKED_SPECS:
+                seeds.append(Seed(name + "-chunks", with_chunks(data, corpus_chunks(h, w, seed=k))))
     return seeds
+
+
+def corpus_chunks(height: int, width: int, seed: int) -> list[tuple[bytes, bytes]]:
+    """(tag, data) of an ICC profile, EXIF, XMP and an alpha plane (a disc, soft-edged) for a corpus file."""
+    from PIL import Image, ImageCms
+
+    from lcodec import alpha
+
+    y, x = np.mgrid[0:height, 0:width]
+    disc = np.clip(255 * (0.45 * min(height, width) - np.hypot(y - height / 2, x - width / 2)), 0, 255)
+    exif = Image.Exif()
+    exif[0x010F] = f"fuzz camera {seed}"
+    return [(b"ICCP", ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()),
+            (b"EXIF", exif.tobytes()[6:]),
+            (b"XMP ", b'<x:xmpmeta xmlns:x="adobe:ns:meta/"/>'),
+            (b"ALPH", alpha.encode(disc.astype(np.uint8)))]
+
+
+def with_chunks(data: bytes, chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A valid file without chunks, given `chunks` as SPEC.md lays them out (version 2, flag, count, chunks)."""
+    header, payload = split(data)
+    header = replace_header(header + b"", version=2, mode=header[14] | CHUNKS_FLAG)
+    block = bytes([len(chunks)]) + b"".join(tag + struct.pack(">I", len(body)) + body for tag, body in chunks)
+    return with_crc(header + block + payload)
+
+
+def parse_chunks(data: bytes) -> tuple[dict[bytes, bytes], int] | None:
+    """The chunks of a file whose first 17 bytes are a header, as SPEC.md check 7 reads them, and where the
+    payload starts; None where the block is malformed. A file without the flag has none."""
+    version, mode = data[4], data[14]
+    if not (version >= 2 and mode & CHUNKS_FLAG):
+        return {}, HEADER_SIZE
+    end, pos = len(data) - CRC_SIZE, HEADER_SIZE
+    if pos >= end or data[pos] == 0:
+        return None
+    count, pos, chunks = data[pos], pos + 1, {}
+    for _ in range(count):
+        if pos + 8 > end:
+            return None
+        tag, length = data[pos:pos + 4], struct.unpack(">I", data[pos + 4:pos + 8])[0]
+        pos += 8
+        if tag not in CHUNK_TAGS or tag in chunks or length > end - pos:
+            return None
+        chunks[tag] = data[pos:pos + length]
+        pos += length
+    return chunks, pos
 
 
 # -- byte-level helpers --------------------------------------------------------------------------
@@ -136,8 +198,9 @@ def with_crc(body: bytes) -> bytes:
 
 
 def split(data: bytes) -> tuple[bytes, bytes]:
-    """(header, payload) of a valid file."""
-    return data[:HEADER_SIZE], data[HEADER_SIZE:-CRC_SIZE]
+    """(header, payload) of a valid file; the header with its chunk block, if any."""
+    _, start = parse_chunks(data)
+    return data[:start], data[start:-CRC_SIZE]
 
 
 def flip_bits(rng: np.random.Generator, b: bytes, max_flips: int = 8) -> bytes:
@@ -175,7 +238,7 @@ def random_bytes(rng: np.random.Generator, max_len: int) -> bytes:
 
 
 def replace_header(data: bytes, **fields) -> bytes:
-    """`data` with header fields replaced (the CRC is not touched)."""
+    """`data` with header fields replaced (the CRC is not touched; the chunk flag is part of `mode`)."""
     names = ("magic", "version", "model_id", "digest", "width", "height", "mode", "rate_q")
     values = dict(zip(names, HEADER.unpack_from(data)))
     values.update(fields)
@@ -281,7 +344,8 @@ def _header_fields(rng: np.random.Generator, corpus: list[Seed]) -> tuple[bytes,
                 max_pixels = DEFAULT_MAX_PIXELS
                 width, height = 0xFFFF, 0xFFFF
         elif field == "mode":
-            mode = int(rng.choice([1 - min(mode, 1), int(rng.integers(2, 256))]))
+            flag = mode & CHUNKS_FLAG
+            mode = int(rng.choice([(1 - min(mode & 0x7F, 1)) | flag, int(rng.integers(2, 256))]))
         elif field == "version":
             version = int(rng.choice([0, 1, 2, 3, 255, int(rng.integers(0, 256))]))
         elif field == "model":
@@ -298,6 +362,49 @@ def _header_fields(rng: np.random.Generator, corpus: list[Seed]) -> tuple[bytes,
     body = replace_header(data, version=version, model_id=model_id, digest=digest, width=width, height=height,
                           mode=mode, rate_q=rate_q)[:-CRC_SIZE]
     return (with_crc(body) if rng.random() < 0.9 else body + data[-CRC_SIZE:]), max_pixels
+
+
+def _chunks(rng: np.random.Generator, corpus: list[Seed]) -> tuple[bytes, int]:
+    """Damage the chunk block of a file that has one (or give one to a file that has none), then fix the CRC."""
+    with_block = [s.data for s in corpus if s.data[4] >= 2 and s.data[14] & CHUNKS_FLAG]
+    data = with_block[int(rng.integers(len(with_block)))] if with_block and rng.random() < 0.85 else _pick(rng, corpus)
+    chunks, start = parse_chunks(data)
+    header, payload = data[:HEADER_SIZE], data[start:-CRC_SIZE]
+    block = bytearray(data[HEADER_SIZE:start])
+    kind = rng.choice(["alpha", "flip", "count", "length", "tag", "flag", "add"], p=[0.3, 0.15, 0.1, 0.15, 0.1, 0.1, 0.1])
+    if kind == "alpha" and b"ALPH" in chunks:  # a well-framed block whose alpha WebP is damaged
+        webp = chunks[b"ALPH"]
+        webp = rng.choice([flip_bits, truncate, insert_bytes, delete_bytes])(rng, webp) if rng.random() < 0.8 \
+            else random_bytes(rng, 256)
+        chunks = {**chunks, b"ALPH": webp}
+        return with_chunks(with_crc(header[:14] + bytes([header[14] & 0x7F]) + header[15:] + payload),
+                           list(chunks.items())), FUZZ_MAX_PIXELS
+    if kind == "add" or not block:
+        tags = rng.choice(len(CHUNK_TAGS), size=int(rng.integers(1, 4)))
+        added = [(CHUNK_TAGS[int(t)], random_bytes(rng, 64)) for t in tags]  # duplicates now and then
+        base = with_crc(header[:4] + b"\x02" + header[5:14] + bytes([header[14] & 0x7F]) + header[15:] + payload)
+        return with_chunks(base, added), FUZZ_MAX_PIXELS
+    if kind == "flip":
+        block = bytearray(flip_bits(rng, bytes(block)))
+    elif kind == "count":
+        block[0] = int(rng.choice([0, 1, 255, int(rng.integers(256)), max(block[0] - 1, 0), min(block[0] + 1, 255)]))
+    elif kind in ("length", "tag"):
+        heads, pos = [], 1
+        for _ in range(block[0]):
+            heads.append(pos)
+            pos += 8 + struct.unpack(">I", bytes(block[pos + 4:pos + 8]))[0]
+        at = heads[int(rng.integers(len(heads)))]
+        if kind == "length":
+            old = struct.unpack(">I", bytes(block[at + 4:at + 8]))[0]
+            new = int(rng.choice([0, 0xFFFFFFFF, old + 1, max(old - 1, 0), int(rng.integers(0, 1 << 32))]))
+            block[at + 4:at + 8] = struct.pack(">I", new)
+        else:
+            others = [t for t in CHUNK_TAGS if t != bytes(block[at:at + 4])]
+            block[at:at + 4] = rng.choice([b"JUNK", b"iccp", b"\0\0\0\0", others[int(rng.integers(len(others)))]])
+    else:  # the flag off (the block becomes payload) or a version-1 header with it on
+        header = header[:14] + bytes([header[14] ^ CHUNKS_FLAG]) + header[15:] if rng.random() < 0.5 \
+            else header[:4] + b"\x01" + header[5:]
+    return with_crc(header + bytes(block) + payload), FUZZ_MAX_PIXELS
 
 
 def _max_pixels(rng: np.random.Generator, corpus: list[Seed]) -> tuple[bytes, int]:
@@ -330,6 +437,7 @@ CLASSES: dict[str, tuple[Callable[[np.random.Generator, list[Seed]], tuple[bytes
     "payload-extend-crc": (_payload_mutation(_p_extend), 3),
     "payload-fill-crc": (_payload_mutation(_p_fill), 4),
     "header-fields-crc": (_header_fields, 16),
+    "chunks-crc": (_chunks, 10),
     "max-pixels": (_max_pixels, 2),
     "clean": (_clean, 2),
 }
@@ -349,9 +457,9 @@ def make_case(seed: int, index: int, corpus: list[Seed], only: str | None = None
 
 
 def spec_outcome(data: bytes, max_pixels: int) -> frozenset[str]:
-    """The outcomes SPEC.md allows for `data`: its ordered checks 1-8, re-implemented here.
+    """The outcomes SPEC.md allows for `data`: its ordered checks 1-9, re-implemented here.
 
-    Past check 8 the payload either decodes (an image) or is a CorruptFileError.
+    Past check 9 the payload and the alpha chunk either decode (an image) or are a CorruptFileError.
     """
     from lcodec.models.registry import MODELS
 
@@ -364,7 +472,9 @@ def spec_outcome(data: bytes, max_pixels: int) -> frozenset[str]:
         return frozenset({"UnsupportedVersionError"})
     if zlib.crc32(data[:-CRC_SIZE]) != struct.unpack(">I", data[-CRC_SIZE:])[0]:
         return frozenset({"CorruptFileError"})
-    if width == 0 or height == 0 or mode > 1:
+    if version >= 2:
+        mode &= ~CHUNKS_FLAG
+    if width == 0 or height == 0 or mode > 1 or parse_chunks(data) is None:
         return frozenset({"CorruptFileError"})
     if width * height > max_pixels:
         return frozenset({"ImageTooLargeError"})
@@ -430,18 +540,35 @@ def decode_once(data: bytes, max_pixels: int) -> dict:
     pixels, mode = result
     out["outcome"] = IMAGE
     _, _, _, _, width, height, mode_byte, _ = HEADER.unpack_from(data)
-    want_mode = ("L", "RGB")[mode_byte]
+    want_mode = ("L", "RGB")[mode_byte & 0x7F]
     want_shape = (height, width) if want_mode == "L" else (height, width, 3)
+    chunks, _ = parse_chunks(data)
     if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.shape == want_shape
             and mode == want_mode):
         out["problem"] = (f"invalid image: {type(pixels).__name__} {getattr(pixels, 'dtype', '?')} "
                           f"{getattr(pixels, 'shape', '?')} {mode}, header says {want_shape} {want_mode}")
     elif api_err is not None:
+        if b"ALPH" in chunks and isinstance(api_err, LcodecError) and type(api_err).__name__ == "CorruptFileError":
+            # The alpha chunk does not decode (SPEC.md check 12): the API and the plugin both refuse the file.
+            out["outcome"], out["detail"] = "CorruptFileError", str(api_err)[:200]
+            if type(pillow_err) is not type(api_err):
+                out["problem"] = f"Image.open gave {type(pillow_err).__name__}, api.decode CorruptFileError"
+            return out
         out["problem"] = f"api.decode raised {type(api_err).__name__} but the engine decoded"
-    elif not (isinstance(image, Image.Image) and image.mode == mode and np.array_equal(np.asarray(image), pixels)):
-        out["problem"] = "api.decode returned other pixels than the engine"
-    elif pillow is None or pillow[0] != mode or not np.array_equal(pillow[1], pixels):
-        out["problem"] = f"Image.open gave {type(pillow_err).__name__ if pillow_err else 'other pixels'}"
+        out["detail"] = "".join(traceback.format_exception(api_err))
+    else:
+        with_alpha = mode + "A" if b"ALPH" in chunks else mode
+        metadata = {key: value for key, value in (("icc_profile", chunks.get(b"ICCP")), ("xmp", chunks.get(b"XMP ")),
+                                                  ("exif", None if b"EXIF" not in chunks else b"Exif\0\0" + chunks[b"EXIF"]))
+                    if value is not None}
+        colour = lambda array: array[..., :-1].squeeze() if b"ALPH" in chunks else array  # noqa: E731
+        if not (isinstance(image, Image.Image) and image.mode == with_alpha
+                and np.array_equal(colour(np.asarray(image)).reshape(pixels.shape), pixels)):
+            out["problem"] = "api.decode returned other pixels than the engine"
+        elif {k: image.info.get(k) for k in ("icc_profile", "exif", "xmp") if k in image.info} != metadata:
+            out["problem"] = "api.decode's info is not the file's metadata"
+        elif pillow is None or pillow[0] != with_alpha or not np.array_equal(pillow[1], np.asarray(image)):
+            out["problem"] = f"Image.open gave {type(pillow_err).__name__ if pillow_err else 'other pixels'}"
     out["pixels_crc"] = zlib.crc32(pixels.tobytes()) if out["problem"] is None else None
     return out
 
@@ -449,6 +576,7 @@ def decode_once(data: bytes, max_pixels: int) -> dict:
 # What each error message says went wrong, to show which stage of the decoder stopped a case.
 REASONS = (("not an .lc file", "magic"), ("CRC32", "crc"), ("is truncated", "truncated"),
            ("format version", "version"), ("empty image", "zero-size"), ("unknown image mode", "mode"),
+           ("extension chunks are malformed", "chunks"), ("alpha", "alpha"),
            ("over the limit", "pixel-cap"), ("model id", "model-id"), ("other weights", "digest"),
            ("entropy decoder rejected", "payload:entropy-decoder"), ("left over", "payload:trailing-data"),
            ("escaped value", "payload:escape"), ("earlier part", "payload:earlier-failure"))

@@ -60,6 +60,27 @@ def test_seeded_cases_fail_cleanly_and_as_the_spec_says(corpus, reference):
     assert reasons[fuzz_lc.IMAGE] >= 10
 
 
+def test_damaged_chunks_and_alpha_fail_cleanly_and_as_the_spec_says(corpus, reference):
+    """Version 2's chunk block: the framing checks (SPEC.md check 7) and the alpha chunk's decoder (check 12)."""
+    reasons = collections.Counter()
+    for i in range(60):
+        case = fuzz_lc.make_case(SEED, i, corpus, only="chunks-crc")
+        result = fuzz_lc.decode_once(case.data, case.max_pixels)
+        verdict = fuzz_lc.judge(case, result, reference)
+        reasons[fuzz_lc.reason(result["outcome"], result["detail"])] += 1
+        assert verdict == "ok", (i, verdict, result["problem"], result["detail"][-1500:])
+    assert reasons["CorruptFileError/chunks"] >= 5 and reasons["CorruptFileError/alpha"] >= 5, reasons
+    assert reasons[fuzz_lc.IMAGE] >= 1, reasons
+
+
+def test_corpus_files_with_chunks_give_their_metadata_and_alpha_back(corpus):
+    chunked = [s for s in corpus if s.name.endswith("-chunks")]
+    assert len(chunked) >= 2
+    for seed in chunked:
+        result = fuzz_lc.decode_once(seed.data, fuzz_lc.DEFAULT_MAX_PIXELS)
+        assert result["outcome"] == fuzz_lc.IMAGE and result["problem"] is None, result
+
+
 def test_cases_are_reproducible(corpus):
     assert fuzz_lc.make_case(SEED, 17, corpus) == fuzz_lc.make_case(SEED, 17, corpus)
     assert fuzz_lc.make_case(SEED, 17, corpus) != fuzz_lc.make_case(SEED + 1, 17, corpus)
@@ -75,6 +96,12 @@ def test_spec_oracle_names_each_check():
     assert allowed(fuzz_lc.with_crc(fuzz_lc.replace_header(golden, version=2)[:-4])) == {"CorruptFileError", fuzz_lc.IMAGE}
     assert allowed(golden[:-1] + bytes([golden[-1] ^ 1])) == {"CorruptFileError"}
     assert allowed(golden, 64 * 48 - 1) == {"ImageTooLargeError"}
+    chunked = fuzz_lc.with_chunks(golden, [(b"ICCP", b"icc")])
+    assert allowed(chunked) == {"CorruptFileError", fuzz_lc.IMAGE}
+    assert allowed(fuzz_lc.with_chunks(golden, [(b"ICCP", b"a"), (b"ICCP", b"b")])) == {"CorruptFileError"}
+    assert allowed(fuzz_lc.with_chunks(golden, [(b"JUNK", b"a")])) == {"CorruptFileError"}
+    assert allowed(fuzz_lc.with_crc(chunked[:4] + b"\x01" + chunked[5:-4])) == {"CorruptFileError"}  # flag in v1
+    assert allowed(chunked, 64 * 48 - 1) == {"ImageTooLargeError"}
     assert allowed(fuzz_lc.with_crc(fuzz_lc.replace_header(golden, model_id=77)[:-4])) == {"ModelMismatchError"}
 
 
