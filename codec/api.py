@@ -266,7 +266,7 @@ def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, for
                 raise UnsupportedImageError(f"cannot write {_name(dst)} as {fmt}: the picture has an alpha "
                                             f"channel, which {fmt} cannot hold; name the output .png, .webp or .tif")
             image = decode(data, max_pixels=max_pixels)
-        dropped = _save(image, out, fmt, _name(dst))
+        dropped = _save(image, out, fmt, _name(dst), Metadata.from_header(header))
     warnings_ = []
     if image.mode not in _EXACT_FORMATS.get(fmt, ()):
         warnings_.append(f"{fmt} changes the decoded pixels (Pillow writes it at its default settings, which are "
@@ -276,9 +276,8 @@ def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, for
     return DecodedFile(_path_of(dst), fmt, image.width, image.height, image.mode, "; ".join(warnings_) or None)
 
 
-def _save(image: Image.Image, out: BinaryIO, fmt: str, name: str) -> list[str]:
-    """Write `image` to `out` as `fmt` with the metadata of its ``info``; what `fmt` did not take."""
-    kept, _ = metadata.from_info(image.info, orientation_applied=False)
+def _save(image: Image.Image, out: BinaryIO, fmt: str, name: str, kept: Metadata) -> list[str]:
+    """Write `image` to `out` as `fmt` with the metadata `kept`, as the file has it; what `fmt` did not take."""
     options, dropped = metadata.save_options(fmt, kept)
     start = out.tell()
     try:

@@ -206,3 +206,24 @@ def test_icc_description_is_read_from_v2_and_v4_profiles():
     lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
     assert metadata.describe_icc(lab)  # whatever lcms names it, it reads
     assert metadata.describe_icc(b"\0" * 131) is None and metadata.describe_icc(ICC[:140]) is None
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".webp", ".tif", ".bmp"])
+def test_junk_in_a_files_metadata_chunks_is_written_out_or_left_out_never_a_crash(tmp_path, ext):
+    """Another encoder may store anything in ICCP, EXIF and XMP: a decoder hands it on, or leaves it out."""
+    from dataclasses import replace
+
+    data = lcodec.encode(smooth_rgb(16, 16), size=ANY_SIZE)
+    header, payload = container.unpack(data)
+    junk = (container.Chunk(b"ICCP", b"junk"), container.Chunk(b"EXIF", b"MM\0*\xff\xff\xff\xff junk"),
+            container.Chunk(b"XMP ", b"\xff\xfe not UTF-8"))
+    lc = tmp_path / "junk.lc"
+    lc.write_bytes(container.pack(replace(header, chunks=junk), payload))
+    assert lcodec.decode(lc.read_bytes()).info["icc_profile"] == b"junk"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about the EXIF it cannot parse
+        result = lcodec.decode_file(lc, tmp_path / f"out{ext}")
+        with Image.open(tmp_path / f"out{ext}") as im:
+            assert im.size == (16, 16)
+    if ext in (".png", ".bmp"):
+        assert "left out" in result.warning
