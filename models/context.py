@@ -99,22 +99,57 @@ def empty_bands(shape: tuple[int, int, int], dtype) -> dict[int, np.ndarray]:
             for level in range(LEVELS, 0, -1)}
 
 
-def parity_mask(shape: tuple[int, int], parity: int) -> np.ndarray:
-    i, j = np.indices(shape, sparse=True)
-    return (i + j) % 2 == parity
+def take(plane: np.ndarray, parity: int) -> np.ndarray:
+    """The values of a band plane (H, W) at the positions of a checkerboard parity, in
+    coding order (row-major): row i holds them at columns (i + parity) % 2, + 2, + 4, ... W is
+    even: y's width is a multiple of 4, each band's a multiple of that."""
+    H, W = plane.shape
+    pairs = plane.reshape(H, W // 2, 2)
+    out = np.empty((H, W // 2), dtype=plane.dtype)
+    out[0::2] = pairs[0::2, :, parity]
+    out[1::2] = pairs[1::2, :, 1 - parity]
+    return out.reshape(-1)
+
+
+def place(plane: np.ndarray, parity: int, values: np.ndarray) -> None:
+    """Write a parity's values (in coding order) into a band plane (the inverse of `take`)."""
+    H, W = plane.shape
+    pairs = plane.reshape(H, W // 2, 2)
+    values = values.reshape(H, W // 2)
+    pairs[0::2, :, parity] = values[0::2]
+    pairs[1::2, :, 1 - parity] = values[1::2]
+
+
+def _padded(a: np.ndarray) -> np.ndarray:
+    """a (H, W) as int64 inside a border of zeros (H + 2, W + 2)."""
+    out = np.zeros((a.shape[0] + 2, a.shape[1] + 2), dtype=np.int64)
+    out[1:-1, 1:-1] = a
+    return out
 
 
 def _box3(a: np.ndarray) -> np.ndarray:
     """Sum over each 3x3 neighbourhood, zeros outside (int64)."""
-    p = np.pad(a, 1)
+    p = _padded(a)
     rows = p[:-2] + p[1:-1] + p[2:]
     return rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
 
 
+def _neighbours(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The up, down, left and right neighbour of every position (int64), zeros outside."""
+    p = _padded(a)
+    return p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]
+
+
 def _cross4(a: np.ndarray) -> np.ndarray:
     """Sum of the four neighbours (up, down, left, right), zeros outside (int64)."""
-    p = np.pad(a, 1)
-    return p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:]
+    up, down, left, right = _neighbours(a)
+    return up + down + left + right
+
+
+def _up2(a: np.ndarray) -> np.ndarray:
+    """Each position of a (h, w) repeated over its 2x2 children (2h, 2w)."""
+    h, w = a.shape
+    return np.broadcast_to(a[:, None, :, None], (h, 2, w, 2)).reshape(2 * h, 2 * w)
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,19 +202,20 @@ class SubbandContext:
             raise ValueError(f"invalid subband context weights (shape {self.weights.shape})")
 
     def label(self, actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
-        """Labels (uint8) of summed capped magnitudes `actual` against summed expected ones."""
-        out = np.zeros(actual.shape, dtype=np.uint8)
-        seen = expected > 0
-        lhs = actual * (MAGNITUDE_ONE * RATIO_ONE)
-        out[seen] = 1
-        for theta in self.thresholds:
-            out += (seen & (lhs >= int(theta) * expected)).astype(np.uint8)
+        """Labels (int64) of summed capped magnitudes `actual` against summed expected ones:
+        0 where nothing was expected (an empty set), else 1 + #{θ : 65536·A >= θ·E}, which for
+        integers is 1 + #{θ <= floor(65536·A / E)}."""
+        ratio = (actual * (MAGNITUDE_ONE * RATIO_ONE)) // np.maximum(expected, 1)
+        out = np.searchsorted(self.thresholds, ratio, side="right") + 1
+        out[expected <= 0] = 0
         return out
 
     def pass_indices(self, p: Pass, hyper_idx: np.ndarray, labels: tuple[np.ndarray, ...]) -> np.ndarray:
         """The coded table index of each position from its hyper index and three labels."""
         same, parent, cross = labels
-        return self.remap[p.level - 1, p.colour, p.parity][hyper_idx, same, parent, cross]
+        B = self.labels
+        table = self.remap[p.level - 1, p.colour, p.parity].reshape(-1)
+        return table[((hyper_idx.astype(np.int64) * B + same) * B + parent) * B + cross]
 
 
 class Passes:
@@ -196,14 +232,6 @@ class Passes:
         # The sums over the subbands of the level done so far (`cross`), kept as they are coded.
         self._cross_level = None
         self._cross: list[np.ndarray] = []
-        self._positions: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-    def positions(self, p: Pass) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and columns of the pass's positions in its band, in coding order."""
-        key = (p.level, p.parity)
-        if key not in self._positions:
-            self._positions[key] = np.nonzero(parity_mask(self.hyper[p.level].shape[1:], p.parity))
-        return self._positions[key]
 
     def _plane(self, level: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Capped magnitudes and expected magnitudes of one channel's band plane (int64)."""
@@ -212,56 +240,52 @@ class Passes:
 
     def _labels(self, p: Pass) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The three labels at the pass's positions, in its coding order."""
-        ctx, level, k = self.ctx, p.level, p.channel
-        rows, cols = self.positions(p)
-        none = np.zeros(rows.size, dtype=np.uint8)
-        if p.parity:
+        ctx, level, k, parity = self.ctx, p.level, p.channel, p.parity
+        n = self.hyper[level][k].size // 2
+        none = np.zeros(n, dtype=np.int64)
+        if parity:
             a, e = self._plane(level, k)
-            same = ctx.label(_cross4(a)[rows, cols], _cross4(e)[rows, cols])
+            same = ctx.label(take(_cross4(a), parity), take(_cross4(e), parity))
         else:
             same = none
         if level < LEVELS:
             a, e = self._plane(level + 1, k)
-            pr, pc = rows // 2, cols // 2
-            parent = ctx.label(_box3(a)[pr, pc], _box3(e)[pr, pc])
+            parent = ctx.label(take(_up2(_box3(a)), parity), take(_up2(_box3(e)), parity))
         else:
             parent = none
-        sums = self._cross_sums(level)
-        cross = ctx.label(sums[0][rows, cols], sums[1][rows, cols]) if ORDER.index(k) else none
+        if ORDER.index(k):
+            sums = self._cross_sums(level)
+            cross = ctx.label(take(sums[0], parity), take(sums[1], parity))
+        else:
+            cross = none
         return same, parent, cross
 
     def labels(self, p: Pass) -> tuple[np.ndarray, ...]:
         """The pass's hyper indices and three labels, in its coding order (for fitting)."""
-        return (self.hyper[p.level][p.channel][self.positions(p)],) + self._labels(p)
+        return (take(self.hyper[p.level][p.channel], p.parity),) + self._labels(p)
 
     def indices(self, p: Pass) -> np.ndarray:
         """The pass's coded table indices, in its coding order (row-major over its positions)."""
-        return self.ctx.pass_indices(p, self.hyper[p.level][p.channel][self.positions(p)], self._labels(p))
+        return self.ctx.pass_indices(p, take(self.hyper[p.level][p.channel], p.parity), self._labels(p))
 
     def mean(self, p: Pass) -> np.ndarray:
         """The pass's predicted symbols (int64, in its coding order): for parity 1, the weighted
         sum of the four decoded neighbours in the band (each clipped to ±SYMBOL_CLIP, zero outside
         the band), rounded: floor((Σ w·s + 128) / 256); zeros for parity 0."""
-        rows, cols = self.positions(p)
         w = self.ctx.weights[p.level - 1, p.channel]
         if p.parity == 0 or not w.any():
-            return np.zeros(rows.size, dtype=np.int64)
-        padded = np.pad(self.symbols[p.level][p.channel].astype(np.int64), 1)
-        r, c = rows + 1, cols + 1
-        acc = (w[0] * padded[r - 1, c] + w[1] * padded[r + 1, c] + w[2] * padded[r, c - 1] + w[3] * padded[r, c + 1])
+            return np.zeros(self.hyper[p.level][p.channel].size // 2, dtype=np.int64)
+        up, down, left, right = (take(a, 1) for a in _neighbours(self.symbols[p.level][p.channel]))
+        acc = int(w[0]) * up + int(w[1]) * down + int(w[2]) * left + int(w[3]) * right
         return (acc + MEAN_ONE // 2) >> 8
 
     def neighbours(self, p: Pass) -> np.ndarray:
         """(n, 4) the clipped decoded neighbours (up, down, left, right) of the pass's positions (for fitting)."""
-        rows, cols = self.positions(p)
-        padded = np.pad(self.symbols[p.level][p.channel].astype(np.int64), 1)
-        r, c = rows + 1, cols + 1
-        return np.stack([padded[r - 1, c], padded[r + 1, c], padded[r, c - 1], padded[r, c + 1]], axis=1)
+        return np.stack([take(a, p.parity) for a in _neighbours(self.symbols[p.level][p.channel])], axis=1)
 
     def put(self, p: Pass, symbols: np.ndarray) -> None:
         """Record the pass's symbols (in its coding order)."""
-        rows, cols = self.positions(p)
-        self.symbols[p.level][p.channel][rows, cols] = np.clip(symbols, -SYMBOL_CLIP, SYMBOL_CLIP)
+        place(self.symbols[p.level][p.channel], p.parity, np.clip(symbols, -SYMBOL_CLIP, SYMBOL_CLIP))
         if p.parity == 1:  # the subband is complete: it joins the cross sums of the subbands after it
             a, e = self._plane(p.level, p.channel)
             sums = self._cross_sums(p.level)
@@ -293,14 +317,12 @@ def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray,
 
 def put_values(bands: dict[int, np.ndarray], p: Pass, values: np.ndarray) -> None:
     """Write the pass's values (in its coding order) into band-layout arrays (the inverse of `pass_values`)."""
-    band = bands[p.level][p.channel]
-    band[parity_mask(band.shape, p.parity)] = values
+    place(bands[p.level][p.channel], p.parity, values)
 
 
 def pass_values(bands: dict[int, np.ndarray], p: Pass) -> np.ndarray:
     """The values of a band-layout array (`to_bands`) at the pass's positions, in its coding order."""
-    band = bands[p.level][p.channel]
-    return band[parity_mask(band.shape, p.parity)]
+    return take(bands[p.level][p.channel], p.parity)
 
 
 def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray

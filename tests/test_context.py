@@ -77,7 +77,7 @@ def random_context():
     return SubbandContext(magnitude, thresholds, remap, weights)
 
 
-def random_latent(rng, T, h=2, w=3):
+def random_latent(rng, T, h=4, w=4):  # y is (768, Hp/16, Wp/16): multiples of 4
     symbols = (rng.laplace(size=(768, h, w)) * rng.choice([0.2, 1, 5], size=(768, 1, 1))).round().astype(np.int32)
     symbols[rng.random(symbols.shape) < 0.002] = 300  # beyond the magnitude cap
     symbols[rng.random(symbols.shape) < 0.001] = -40000  # beyond the prediction's clip
@@ -118,6 +118,16 @@ def test_identity_context_codes_the_hyperprior_s_bits(random_context):
     coded, mean = context.coded_indices(identity, symbols, hyper)
     np.testing.assert_array_equal(coded, hyper)
     assert not mean.any()
+
+
+def test_a_parity_s_positions_are_taken_row_major():
+    plane = np.arange(6 * 8).reshape(6, 8)
+    i, j = np.indices(plane.shape)
+    for parity in (0, 1):
+        np.testing.assert_array_equal(context.take(plane, parity), plane[(i + j) % 2 == parity])
+        back = np.zeros_like(plane)
+        context.place(back, parity, context.take(plane, parity))
+        np.testing.assert_array_equal(back, np.where((i + j) % 2 == parity, plane, 0))
 
 
 def test_bands_round_trip():
