@@ -211,3 +211,12 @@ def test_a_recipe_the_runner_cannot_follow_is_refused(tmp_path, text, error):
     tomllib.loads(text)  # valid TOML: the runner refuses it
     with pytest.raises(recipe.RecipeError, match=error):
         recipe.load(path)
+
+
+def test_id_12_s_context_stage_has_the_settings_its_weights_recorded():
+    """The default model's last stage: its settings are those the shipped file's info recorded."""
+    stage = recipe.load(RECIPES / "lift-97-128-v6.toml").stages[-1]
+    recorded = torch.load(ROOT / "models" / "weights" / MODELS[12].filename, weights_only=True)["info"]["context"]
+    assert stage.kind == "context" and stage.input == "postfilter"
+    assert stage.settings == {"images": recorded["images"], "prior": recorded["prior"],
+                              "level-images": recorded["fitted_levels"]["images"]}
