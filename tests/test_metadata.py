@@ -142,6 +142,7 @@ def test_metadata_that_leaves_no_room_is_a_clear_rate_error(cli, tmp_path):
     assert not (tmp_path / "photo.lc").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's, writing the unreadable EXIF into TIFF
 @pytest.mark.parametrize("info, kept, fragment", [
     (dict(icc_profile=b"not an icc profile"), [], "ICC profile is malformed"),
     (dict(icc_profile=bytes(200)), [], "no 'acsp' signature"),
