@@ -130,6 +130,14 @@ def coarse_idwt(band: torch.Tensor, levels: int) -> torch.Tensor:
     return idwt97_2d(coarse_idwt(ll, levels - 1), torch.cat([hl, lh, hh], 1))
 
 
+def reduced_channels(stop: int) -> int:
+    """How many of y's first channels `LiftingTransform.inverse(y, stop)` reads: LL4 and the
+    details of levels 4 .. stop+1 (768 for stop 0; 3, 12, 48, 192 for stop 4, 3, 2, 1)."""
+    if not 0 <= stop <= WAVELET_LEVELS:
+        raise ValueError(f"stop must be a level from 0 to {WAVELET_LEVELS}, got {stop}")
+    return 3 + sum(9 * 4**(WAVELET_LEVELS - 1 - level) for level in range(stop, WAVELET_LEVELS))
+
+
 class LiftingStep(nn.Sequential):
     """A learned lifting operator: conv 3x3 -> ReLU -> conv 3x3, the last layer zero at start."""
 
@@ -170,9 +178,17 @@ class LiftingTransform(nn.Module):
             out.append(F.pixel_unshuffle(parts[level], 2**(WAVELET_LEVELS - 1 - level)))
         return torch.cat(out, 1)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, stop: int = 0) -> torch.Tensor:
+        """y -> x; with `stop` = k > 0, the picture at 1/2^k scale (B, 3, H/2^k, W/2^k) instead.
+
+        Undoing levels 4 .. k+1 leaves LL_k, the band that level k+1 of the analysis split: the
+        picture low-passed by k levels of the 9/7 (whose low band has a DC gain of 2 per 2-D level,
+        `LOW_SCALE`) and the learned update steps of levels 1..k, sample (i, j) centred on pixel
+        (2^k i, 2^k j). LL_k / 2^k through the inverse colour matrix is then the small picture.
+        Only y's first `reduced_channels(k)` channels are read: the details of levels k..1 are not
+        needed (and may be absent)."""
         band, rest = coarse_idwt(y[:, :3], self.coarse_levels), y[:, 3:]
-        for level in reversed(range(WAVELET_LEVELS)):
+        for level in reversed(range(stop, WAVELET_LEVELS)):
             r = 2**(WAVELET_LEVELS - 1 - level)
             n = 9 * r * r
             details, rest = F.pixel_shuffle(rest[:, :n], r), rest[:, n:]
@@ -180,6 +196,8 @@ class LiftingTransform(nn.Module):
             band = band - self.update[level](details / s) * s
             details = details - self.predict[level](band / s) * s
             band = idwt97_2d(band, details)
+        if stop:
+            band = band / 2.0**stop
         inverse_colour = torch.linalg.inv(self.colour.double()).to(y.dtype)
         return torch.einsum("ij,bjhw->bihw", inverse_colour, band) + 0.5
 
