@@ -12,6 +12,7 @@ file loaded with `Weights.load` -- e.g. weights under training, to benchmark.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 from collections.abc import Iterator
@@ -29,10 +30,13 @@ from .bitstream.container import RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
 from .models import context
-from .models.frozen import PAD, FrozenModel, hyper_tiles, latent_region, one_thread_per_operation, sha256_file
+from .models.frozen import (PAD, FrozenModel, box_reduce, hyper_tiles, latent_region, one_thread_per_operation,
+                            sha256_file)
+from .models.lifting import reduced_channels
 from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS
 
 OVERHEAD = container.OVERHEAD_BYTES
+REDUCTIONS = (1, 2, 4, 8, 16)  # the factors a picture can be decoded smaller by (SPEC "Reduced-size decoding")
 
 
 @dataclass(frozen=True)
@@ -244,10 +248,20 @@ def latent_items(model: FrozenModel, sym: np.ndarray, idx: np.ndarray, shape: tu
     return [(s, t, model.y_tables) for _, s, t in context.pass_items(model.context, sym.reshape(shape), idx.reshape(shape))]
 
 
-def _decode_passes(dec: range_coder.Decoder, model: FrozenModel, idx: np.ndarray) -> np.ndarray:
-    """The y symbols (M, h, w) of a context-coded stream, pass by pass (`idx`: hyper indices)."""
+def _decode_passes(dec: range_coder.Decoder, model: FrozenModel, idx: np.ndarray, stop: int = 0) -> np.ndarray:
+    """The y symbols (M, h, w) of a context-coded stream, pass by pass (`idx`: hyper indices).
+
+    With `stop` = k > 0, only the LL block and the passes of levels 4 .. k+1, which come first in
+    the stream, are decoded, and the rest of the stream is left unread: the symbols of y's first
+    `reduced_channels(k)` channels, and `idx` need only hold those channels' hyper indices."""
+    M, h, w = model.config.M, idx.shape[1], idx.shape[2]
+    C = reduced_channels(stop)
+    if idx.shape[0] != M:  # the passes' state is laid out for the whole latent: the rest is never read
+        whole = np.zeros((M, h, w), dtype=idx.dtype)
+        whole[:idx.shape[0]] = idx
+        idx = whole
     ll = slice(0, context.LL_CHANNELS)
-    sym = np.empty(idx.shape, dtype=np.int32)
+    sym = np.empty((C, h, w), dtype=np.int32)
     sym[ll] = dec.decode(idx[ll].ravel(), model.y_tables).reshape(sym[ll].shape)
     bands = context.empty_bands(idx.shape, np.int32)
 
@@ -256,9 +270,10 @@ def _decode_passes(dec: range_coder.Decoder, model: FrozenModel, idx: np.ndarray
         context.put_values(bands, p, s)
         return s
 
-    for _ in context.code_passes(model.context, idx, decoded):
+    wanted = sum(p.level > stop for p in context.PASSES)  # coarse to fine: the first ones
+    for _ in itertools.islice(context.code_passes(model.context, idx, decoded), wanted):
         pass
-    context.from_bands(bands, sym)
+    context.from_bands({level: band for level, band in bands.items() if level > stop}, sym)
     return sym
 
 
@@ -435,15 +450,40 @@ def coded_sizes(model: FrozenModel, pixels: np.ndarray, mode: str, rates: list[f
     return [OVERHEAD + len(enc.payload(round(q * RATE_SCALE))) for q in rates]
 
 
+def reduced_size(width: int, height: int, reduce: int) -> tuple[int, int]:
+    """The (width, height) of a picture decoded `reduce` times smaller: ceil(width / reduce) x
+    ceil(height / reduce), as Pillow's `Image.reduce` and JPEG's `draft` make them."""
+    return -(-width // reduce), -(-height // reduce)
+
+
+def _reduction_levels(reduce: int) -> int:
+    """k for a `reduce` of 2^k (one of `REDUCTIONS`)."""
+    if isinstance(reduce, bool) or reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {', '.join(map(str, REDUCTIONS))}, got {reduce!r}")
+    return int(reduce).bit_length() - 1
+
+
 def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS, weights: Weights | None = None,
-                 tile_latents: int | None = None) -> tuple[np.ndarray, str]:
+                 tile_latents: int | None = None, reduce: int = 1) -> tuple[np.ndarray, str]:
     """Decode .lc bytes to uint8 pixels and their mode ("RGB" or "L").
 
     The weights are the installed ones of the file's model id, or `weights`; either way their
     digest must be the file's. `tile_latents` sets g_s's tiles (None: the model's own).
+
+    `reduce` = 2^k (2, 4, 8 or 16) gives the picture `reduce` times smaller (`reduced_size`;
+    SPEC "Reduced-size decoding"): a lifting model's inverse transform stops at level k
+    (`FrozenModel.synthesize_reduced`), and with a subband context only the coarse levels' symbols
+    are decoded; other models decode the whole picture and average each reduce x reduce block.
     """
-    header, model, y_hat = decode_latent(data, max_pixels=max_pixels, weights=weights)
-    x = model.synthesize(y_hat, header.rate_q / RATE_SCALE, **_tiles(tile_latents))[0, :, :header.height, :header.width]
+    stop = _reduction_levels(reduce)
+    header, model, y_hat = decode_latent(data, max_pixels=max_pixels, weights=weights, reduce=reduce)
+    q = header.rate_q / RATE_SCALE
+    if stop and model.config.arch == "lifting":
+        width, height = reduced_size(header.width, header.height, reduce)
+        x = model.synthesize_reduced(y_hat, q, stop, **_tiles(tile_latents))[0, :, :height, :width]
+    else:
+        x = model.synthesize(y_hat, q, **_tiles(tile_latents))[:, :, :header.height, :header.width]
+        x = box_reduce(x, reduce)[0]
     # In place: at 8K each full-size float temporary would cost 400 MB of peak memory.
     pixels = x.nan_to_num_(nan=0.0).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
     if header.mode == "L":
@@ -451,10 +491,16 @@ def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS,
     return np.ascontiguousarray(pixels), "RGB"
 
 
-def decode_latent(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS, weights: Weights | None = None
-                  ) -> tuple[container.Header, FrozenModel, torch.Tensor]:
+def decode_latent(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS, weights: Weights | None = None,
+                  reduce: int = 1) -> tuple[container.Header, FrozenModel, torch.Tensor]:
     """The first half of `decode_array`: the file's header, its model and ŷ (1, M, h, w) in the
-    gained domain, entropy-decoded and checked, before `FrozenModel.synthesize`."""
+    gained domain, entropy-decoded and checked, before `FrozenModel.synthesize`.
+
+    With `reduce` = 2^k > 1 and a model with a subband context, ŷ has only y's first
+    `reduced_channels(k)` channels: h_s computes only their tables, the stream is read up to the
+    last pass of level k+1 and not checked for an end (the container's CRC still covers every
+    byte). Other models decode the whole ŷ whatever `reduce` is."""
+    stop = _reduction_levels(reduce)
     header, payload = container.unpack(data, max_pixels=max_pixels)
     if weights is None:
         entry = MODELS.get(header.model_id)
@@ -483,12 +529,15 @@ def decode_latent(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS
     dec = range_coder.Decoder(payload)
     z = dec.decode(np.repeat(np.arange(N), zh * zw), model.z_tables)
     z = torch.from_numpy(z.astype(np.int64)).view(1, N, zh, zw)
+    partial = stop > 0 and model.context is not None
+    channels = reduced_channels(stop) if partial else M
     # The means become ŷ once the symbols are added.
-    y_hat, idx = model.latent_entropy_parameters(z, _table_index_dtype(model))
-    sym = dec.decode(idx.ravel(), model.y_tables) if model.context is None else _decode_passes(dec, model, idx)
-    dec.finish()
+    y_hat, idx = model.latent_entropy_parameters(z, _table_index_dtype(model), channels if partial else None)
+    sym = dec.decode(idx.ravel(), model.y_tables) if model.context is None else _decode_passes(dec, model, idx, stop)
+    if not partial:
+        dec.finish()
     del idx
-    y_hat.add_(torch.from_numpy(sym).view(1, M, zh * 4, zw * 4))
+    y_hat.add_(torch.from_numpy(sym).view(1, channels, zh * 4, zw * 4))
     del sym
     return header, model, y_hat
 
