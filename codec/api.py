@@ -17,6 +17,9 @@ XMP, never the ICC profile). They count in the size: the colour gets what they l
 target. Decoding gives them back: the image's mode has an "A", its ``info`` holds
 ``icc_profile``, ``exif`` and ``xmp``, and `decode_file` writes them into formats that hold them.
 
+Decoding can give a smaller picture (``scale=1/2``, 1/4, 1/8 or 1/16) for a fraction of the time:
+the wavelet's coarse levels alone are that picture (bitstream/SPEC.md, "Reduced-size decoding").
+
 Files are written atomically -- through a temporary file in the destination's
 directory that is renamed into place -- so a failure or Ctrl-C never leaves a
 partial output, and an existing file is never replaced unless ``force=True``.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fractions
 import io
 import math
 import os
@@ -53,6 +57,9 @@ from .imageio import ImageSource, Picture, load_picture, picture_from_array, pic
 from .metadata import Metadata
 
 PathLike = str | os.PathLike
+
+# The scales a file can be decoded at: 1/2^k of its width and height, k = 0..4.
+SCALES = (fractions.Fraction(1), *(fractions.Fraction(1, 2**k) for k in range(1, 5)))
 
 # Encode effort: 0 is the one-pass encoder; 1-9 search longer for a better encode (`lcodec.refine`),
 # for a better picture at the same size. Images of more than 4 megapixels are coded at effort 0.
@@ -179,26 +186,45 @@ def _encode(picture: Picture, *, bpp: float | None, size: int | None, rate: floa
     return _Encoded(data, result.rate, result.target_bytes, result.warning, tuple(names), extra)
 
 
-def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, scale: float | str = 1) -> Image.Image:
     """Decode .lc bytes to a PIL image in the mode that was encoded ("RGB" or "L", "RGBA" or "LA"
     with alpha), with the file's ICC profile, EXIF and XMP in its ``info``.
+
+    `scale` 1/2, 1/4, 1/8 or 1/16 (a number or a string such as ``"1/8"``) gives the picture that
+    much smaller -- ceil(width * scale) x ceil(height * scale), as Pillow's `Image.reduce` -- decoding
+    only what it needs (`reduction`); the alpha plane is box-reduced to it.
 
     The header is checked (magic, version, model, dimensions against
     `max_pixels`) before anything is allocated.
     """
+    factor = reduction(scale)
     data = bytes(data)
     header = container.read_header(data, max_pixels)
-    pixels, mode = _engine().decode_array(data, max_pixels=max_pixels)
+    pixels, mode = _engine().decode_array(data, max_pixels=max_pixels, reduce=factor)
     image = Image.fromarray(pixels)
     assert image.mode == mode, (image.mode, mode)
-    return with_chunks(image, header)
+    return with_chunks(image, header, factor)
 
 
-def with_chunks(image: Image.Image, header: Header) -> Image.Image:
-    """`image`, the decoded colour of the file with `header`, with the file's alpha plane and metadata."""
+def reduction(scale: float | str | fractions.Fraction) -> int:
+    """The factor a picture is decoded smaller by at `scale` (1, 2, 4, 8 or 16 for 1 .. 1/16);
+    ValueError for any other scale. Strings are read as fractions ("1/8", "0.125")."""
+    try:
+        value = fractions.Fraction(scale.strip() if isinstance(scale, str) else scale)
+    except (TypeError, ValueError, ZeroDivisionError):
+        value = None
+    if isinstance(scale, bool) or value not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(map(str, SCALES))}, got {scale!r}")
+    return value.denominator
+
+
+def with_chunks(image: Image.Image, header: Header, reduce: int = 1) -> Image.Image:
+    """`image`, the decoded colour of the file with `header` (`reduce` times smaller than the file's
+    size), with the file's alpha plane (box-reduced as much: `Image.reduce`) and metadata."""
     plane = header.chunk(b"ALPH")
     if plane is not None:
-        image.putalpha(Image.fromarray(alpha.decode(plane, header.width, header.height)))
+        mask = Image.fromarray(alpha.decode(plane, header.width, header.height))
+        image.putalpha(mask.reduce(reduce) if reduce > 1 else mask)
     image.info.update(Metadata.from_header(header).info())
     return image
 
@@ -235,8 +261,10 @@ def encode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, bpp
 
 
 def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, force: bool = False,
-                max_pixels: int = DEFAULT_MAX_PIXELS, format: str | None = None) -> DecodedFile:
-    """Decode an .lc file to an image file: PNG by default, other formats by `dst`'s extension.
+                max_pixels: int = DEFAULT_MAX_PIXELS, format: str | None = None,
+                scale: float | str = 1) -> DecodedFile:
+    """Decode an .lc file to an image file: PNG by default, other formats by `dst`'s extension;
+    `scale` (1/2 .. 1/16) writes the smaller picture `decode` gives at that scale.
 
     `src` is a path or a binary file object; `dst` a path, a binary file
     object (PNG unless `format` names another Pillow format), or None for
@@ -252,6 +280,7 @@ def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, for
     into PNG, JPEG, WebP, TIFF and AVIF; what a format cannot hold is named in the
     `warning`. A picture with alpha cannot be written as JPEG (`UnsupportedImageError`).
     """
+    reduction(scale)  # a bad scale is an error before anything is read or written
     dst = _default_output(src, dst, ".png")
     if format is not None:
         fmt = format.upper()
@@ -265,7 +294,7 @@ def decode_file(src: ImageSource, dst: PathLike | BinaryIO | None = None, *, for
             if header.chunk(b"ALPH") is not None and fmt in _NO_ALPHA_FORMATS:
                 raise UnsupportedImageError(f"cannot write {_name(dst)} as {fmt}: the picture has an alpha "
                                             f"channel, which {fmt} cannot hold; name the output .png, .webp or .tif")
-            image = decode(data, max_pixels=max_pixels)
+            image = decode(data, max_pixels=max_pixels, scale=scale)
         dropped = _save(image, out, fmt, _name(dst), Metadata.from_header(header))
     warnings_ = []
     if image.mode not in _EXACT_FORMATS.get(fmt, ()):

@@ -133,7 +133,10 @@ def encode(inputs: tuple[str, ...], bpp: float | None, size: int | None, output:
               metavar="N", help="Refuse files whose header declares more pixels than this.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Decode several inputs in N worker processes.")
-def decode(inputs: tuple[str, ...], output: str | None, force: bool, max_pixels: int, jobs: int) -> None:
+@click.option("--scale", type=click.Choice(["1", "1/2", "1/4", "1/8", "1/16"]), default="1", show_default=True,
+              help="Decode a smaller picture, ceil(width x scale) x ceil(height x scale), in a fraction of the "
+                   "time: only the coarse wavelet levels are decoded.")
+def decode(inputs: tuple[str, ...], output: str | None, force: bool, max_pixels: int, jobs: int, scale: str) -> None:
     """Decode .lc files to PNG or other image files.
 
     The output's extension picks its format: .png (the default), .tif, .bmp
@@ -149,6 +152,7 @@ def decode(inputs: tuple[str, ...], output: str | None, force: bool, max_pixels:
     Examples:
       lcodec decode photo.lc                       # writes photo.png
       lcodec decode photo.lc -o photo.webp --force
+      lcodec decode photo.lc --scale 1/8 -o thumb.png   # 1/8 of the width and height, fast
       lcodec decode *.lc -o decoded/
       lcodec decode - -o - < photo.lc > photo.png
     """
@@ -157,7 +161,7 @@ def decode(inputs: tuple[str, ...], output: str | None, force: bool, max_pixels:
     def report(src: str, dst: str, r: api.DecodedFile) -> str:
         return f"{_shown(src, 'in')} -> {_shown(dst, 'out')}: {r.width}x{r.height} {r.mode}, {r.format}"
 
-    _run(plan, _decode_one, dict(force=force, max_pixels=max_pixels), report, jobs)
+    _run(plan, _decode_one, dict(force=force, max_pixels=max_pixels, scale=scale), report, jobs)
 
 
 @main.command()
