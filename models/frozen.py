@@ -220,20 +220,30 @@ class FrozenModel:
         mean = mean_int.double().div_(2**OUT_BITS).float()
         return mean, table_index(scale_int, self.scale_thresholds)
 
-    def latent_entropy_parameters(self, z_int: torch.Tensor, index_dtype: np.dtype, channels: int | None = None
-                                  ) -> tuple[torch.Tensor, np.ndarray]:
+    def latent_entropy_parameters(self, z_int: torch.Tensor, index_dtype: np.dtype, channels: int | None = None,
+                                  workers: int = 1) -> tuple[torch.Tensor, np.ndarray]:
         """`entropy_parameters` for the whole latent, computed tile by tile into two buffers: the
         means (1, M, H, W) float32 and the table indices (M, H, W) as `index_dtype` (with
         `channels`, only y's first `channels` channels: M becomes `channels`); nothing else
-        as big as the latent is alive meanwhile."""
+        as big as the latent is alive meanwhile but up to `workers` tiles, computed side by side
+        in threads (exact: the same integers in any order)."""
         M, zh, zw = channels or self.config.M, z_int.shape[2], z_int.shape[3]
         mean = torch.empty(1, M, zh * 4, zw * 4)
         idx = np.empty((M, zh * 4, zw * 4), dtype=index_dtype)
-        for tile in hyper_tiles(z_int):
-            rows, cols = latent_region(tile)
-            tile_mean, tile_idx = (self.entropy_parameters(z_int, tile) if channels is None
-                                   else self.entropy_parameters(z_int, tile, channels))
-            mean[:, :, rows, cols], idx[:, rows, cols] = tile_mean, tile_idx[0].numpy()
+
+        def one_tile(tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
+            return (self.entropy_parameters(z_int, tile) if channels is None
+                    else self.entropy_parameters(z_int, tile, channels))
+
+        grid = hyper_tiles(z_int)
+        step = max(workers, 1)
+        with ThreadPoolExecutor(max_workers=step) as pool:
+            for i in range(0, len(grid), step):
+                group = grid[i:i + step]
+                for tile, (tile_mean, tile_idx) in zip(group, pool.map(one_tile, group) if step > 1
+                                                       else map(one_tile, group)):
+                    rows, cols = latent_region(tile)
+                    mean[:, :, rows, cols], idx[:, rows, cols] = tile_mean, tile_idx[0].numpy()
         return mean, idx
 
     def _hyper_synthesis_for(self, channels: int | None) -> IntegerHyperSynthesis:
@@ -301,7 +311,7 @@ class FrozenModel:
         with one_thread_per_operation() as threads:
             x = run_tiled(lambda t: self.analysis.inverse(t, stop), y, scale, tile_latents, self.halo_latents,
                           inverse=True, workers=threads)
-        return half_block_shift(x, 2**stop).clamp_(0, 1)
+            return half_block_shift(x, 2**stop).clamp_(0, 1)
 
 
 # Keys' cubic convolution (a = -0.5) at offsets 1 + d, d, 1 - d, 2 - d: the weights of samples

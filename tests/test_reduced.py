@@ -167,3 +167,15 @@ def test_cli_decodes_at_a_scale(cli, tmp_path):
     assert "32x22 RGB" in result.output
     assert Image.open(tmp_path / "thumb.png").size == (32, 22)
     assert cli("decode", src, "--scale", "1/3", "-o", tmp_path / "x.png").exit_code == 2
+
+
+def test_coarse_tables_in_tiles_side_by_side_are_the_whole_h_s_ones():
+    """h_s restricted to y's first channels, its tiles computed in two threads, gives exactly the
+    means and table indices of the whole h_s on those channels (a latent of two h_s tiles)."""
+    model = engine.installed_weights().model
+    z = torch.from_numpy(np.random.default_rng(1).integers(-4, 5, (1, model.config.N, 2, 40)))
+    mean, idx = model.latent_entropy_parameters(z, np.dtype(np.uint8))
+    for channels in (3, 12, 48):
+        part_mean, part_idx = model.latent_entropy_parameters(z, np.dtype(np.uint8), channels, workers=2)
+        assert torch.equal(part_mean, mean[:, :channels])
+        assert np.array_equal(part_idx, idx[:channels])
