@@ -92,6 +92,21 @@ def from_bands(bands: dict[int, np.ndarray], out: np.ndarray) -> None:
             band.reshape(SUBBANDS, h, r, w, r).transpose(0, 2, 4, 1, 3).reshape(SUBBANDS * r * r, h, w))
 
 
+def plane(y: np.ndarray, level: int, k: int) -> np.ndarray:
+    """Channel k of a level's band on its own grid, (h·r, w·r), copied out of a latent-layout
+    array y (M, h, w): one plane of `to_bands(y)[level]` without the others."""
+    start, r = level_channels(level)
+    _, h, w = y.shape
+    return y[start + k * r * r:start + (k + 1) * r * r].reshape(r, r, h, w).transpose(2, 0, 3, 1).reshape(h * r, w * r)
+
+
+def set_plane(y: np.ndarray, level: int, k: int, values: np.ndarray) -> None:
+    """Write a band plane (h·r, w·r) back into the latent-layout array y (M, h, w) (the inverse of `plane`)."""
+    start, r = level_channels(level)
+    _, h, w = y.shape
+    y[start + k * r * r:start + (k + 1) * r * r] = values.reshape(h, r, w, r).transpose(1, 3, 0, 2).reshape(r * r, h, w)
+
+
 def empty_bands(shape: tuple[int, int, int], dtype) -> dict[int, np.ndarray]:
     """Uninitialised per-level band arrays for a latent of `shape` (M, h, w), as `to_bands` lays them out."""
     _, h, w = shape

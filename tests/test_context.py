@@ -202,3 +202,15 @@ def test_context_indices_ignore_threads_and_float_noise(context_weights, sample_
     torch.set_num_threads(2)
     assert torch.equal(decoded[0], decoded[1])
     np.testing.assert_allclose(perturbed.numpy(), decoded[0].numpy() + 1e-4, atol=1e-5)
+
+
+def test_a_plane_is_its_band_s_channel():
+    y = np.arange(768 * 4 * 4).reshape(768, 4, 4)
+    bands = context.to_bands(y)
+    out = np.zeros_like(y)
+    out[:3] = y[:3]
+    for level in range(1, 5):
+        for k in range(9):
+            np.testing.assert_array_equal(context.plane(y, level, k), bands[level][k])
+            context.set_plane(out, level, k, bands[level][k])
+    np.testing.assert_array_equal(out, y)
