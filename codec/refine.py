@@ -355,6 +355,19 @@ class HyperCost:
         self.lam = rounding.rdo_lambda(model) or HYPER_LAMBDA
         self.likelihood = LIKELIHOODS[model.config.likelihood]
         self.thresholds = model.scale_thresholds[:-1].contiguous()
+        self.y_scale = 1.0  # the surrogate's y bits times this: the context's share of the hyperprior's
+
+    def calibrate(self, z_int: torch.Tensor) -> None:
+        """With a subband context, set `y_scale` to the ratio of the y bits coded with the context
+        to those under the hyper tables alone, at ẑ = z_int: the surrogate prices y's bits with
+        the hyperprior's scales, which the context codes in fewer."""
+        model = self.model
+        if model.context is None:
+            return
+        mean, idx = model.latent_entropy_parameters(z_int, np.dtype(np.int64))
+        s = _coded(_round(model, self.u - mean, torch.from_numpy(idx)[None]))
+        hyper = model.y_tables.cost_bits(s, idx.ravel())
+        self.y_scale = _latent_bits(model, s, idx.ravel(), self.u.shape) / max(hyper, 1.0)
 
     def exact(self, z_int: torch.Tensor) -> float:
         model = self.model
@@ -379,7 +392,7 @@ class HyperCost:
             idx = torch.searchsorted(self.thresholds, (scale * 2**OUT_BITS).floor().long().contiguous(),
                                      out_int32=True)
             s = rounding.round_latents(self.u - mean, idx, model)
-        y_bits = -torch.log2(self.likelihood(s, torch.zeros_like(s), scale, model.config.scale_bound)).sum()
+        y_bits = -torch.log2(self.likelihood(s, torch.zeros_like(s), scale, model.config.scale_bound)).sum() * self.y_scale
         return (self.u - s - mean).square().sum() + self.lam * y_bits
 
     def move_gains(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,6 +424,7 @@ def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, 
     cost = HyperCost(model, u)
     z0 = model.hyper_analysis(u)
     best_z = torch.round(z0).to(torch.int64)
+    cost.calibrate(best_z)
     best_cost = cost.exact(best_z)
     z = z0.clone() if shift is None else z0 + shift
     if shift is not None:
