@@ -30,7 +30,7 @@ constriction >=0.5,<0.6 in pyproject.toml, with a golden-bytes test.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import NoReturn
 
 import constriction
@@ -90,8 +90,9 @@ def _grouping(table_idx: np.ndarray, num_tables: int) -> tuple[np.ndarray, list[
     return order, groups
 
 
-def encode(items: Sequence[tuple[np.ndarray, np.ndarray, CdfTables]]) -> bytes:
-    """Code every (symbols, table_idx, tables) item, in order, into one stream.
+def encode(items: Iterable[tuple[np.ndarray, np.ndarray, CdfTables]]) -> bytes:
+    """Code every (symbols, table_idx, tables) item, in order, into one stream. Items are taken
+    one at a time, so a generator keeps only the item being coded alive.
 
     symbols and table_idx are 1-D integer arrays of equal length; table_idx[i]
     selects the table of symbols[i]. Raises ValueError for malformed input or a

@@ -227,7 +227,8 @@ class Encoder:
         else:
             z, _, idx = self._symbols(rq, refined.z)
             sym = refined.symbols
-        return range_coder.encode([(z, self.z_index, self.model.z_tables)] + latent_items(self.model, sym, idx, tuple(self.y.shape[1:])))
+        items = latent_items(self.model, sym, idx, tuple(self.y.shape[1:]))
+        return range_coder.encode(itertools.chain([(z, self.z_index, self.model.z_tables)], items))
 
     def file(self, rq: int, model_id: int, digest4: bytes, refined: refine.Refined | None = None) -> bytes:
         """The whole .lc file at rq, naming model `model_id` and weights digest `digest4`."""
@@ -239,13 +240,15 @@ class Encoder:
 
 
 def latent_items(model: FrozenModel, sym: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int]
-                 ) -> list[tuple[np.ndarray, np.ndarray, object]]:
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, object]]:
     """The coder's items of y (flat symbols and hyper indices of a latent of `shape`): (symbols,
     table indices, tables) in coding order -- one item with the hyper indices, or with a
-    subband context the LL block and then one item per pass."""
+    subband context the LL block and then one item per pass, made as the coder takes them."""
     if model.context is None:
-        return [(sym, idx, model.y_tables)]
-    return [(s, t, model.y_tables) for _, s, t in context.pass_items(model.context, sym.reshape(shape), idx.reshape(shape))]
+        yield sym, idx, model.y_tables
+        return
+    for _, s, t in context.pass_items(model.context, sym.reshape(shape), idx.reshape(shape)):
+        yield s, t, model.y_tables
 
 
 def _decode_passes(dec: range_coder.Decoder, model: FrozenModel, idx: np.ndarray, stop: int = 0) -> np.ndarray:

@@ -326,7 +326,7 @@ def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray,
     for p in PASSES:
         t, mu = state.indices(p), state.mean(p)
         s = symbols_for(p, t, mu)
-        yield p, s - mu, t
+        yield p, (s - mu).astype(np.int32), t
         state.put(p, s)
 
 
