@@ -343,11 +343,10 @@ def pass_values(bands: dict[int, np.ndarray], p: Pass) -> np.ndarray:
 def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray
                ) -> Iterator[tuple[Pass | None, np.ndarray, np.ndarray]]:
     """The y items of a context-coded latent with known symbols, in coding order: (pass,
-    symbols, table indices), the LL block first (pass None, hyper indices). symbols and
-    hyper_idx are (M, h, w)."""
+    coded values, table indices), the LL block first (pass None, its symbols and hyper
+    indices). symbols and hyper_idx are (M, h, w); one band plane is copied out at a time."""
     yield None, symbols[:LL_CHANNELS].ravel(), hyper_idx[:LL_CHANNELS].ravel()
-    bands = to_bands(symbols)
-    yield from code_passes(ctx, hyper_idx, lambda p, t, mu: pass_values(bands, p))
+    yield from code_passes(ctx, hyper_idx, lambda p, t, mu: take(plane(symbols, p.level, p.channel), p.parity))
 
 
 def coded_indices(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
