@@ -1,6 +1,6 @@
 """The model card's Kodak table, in the thesis's format (Tables 6.2-6.4).
 
-    python -m kodak_eval.model_table --kodak ../shared/data/kodak --out models/weights/kodak.json
+    python -m kodak_eval.model_table --kodak ../shared/data/kodak --out models/history/kodak-12.json
     python -m kodak_eval.model_table --weights runs/x/frozen.pt --out runs/x/kodak.json
 
 For each trained level of one model: the achieved bpp of real files in one-pass
