@@ -266,17 +266,15 @@ def _decode_passes(dec: range_coder.Decoder, model: FrozenModel, idx: np.ndarray
     ll = slice(0, context.LL_CHANNELS)
     sym = np.empty((C, h, w), dtype=np.int32)
     sym[ll] = dec.decode(idx[ll].ravel(), model.y_tables).reshape(sym[ll].shape)
-    bands = context.empty_bands(idx.shape, np.int32)
 
     def decoded(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
         s = dec.decode(t, model.y_tables) + mu
-        context.put_values(bands, p, s)
+        context.put_pass(sym, p, s)
         return s
 
     wanted = sum(p.level > stop for p in context.PASSES)  # coarse to fine: the first ones
     for _ in itertools.islice(context.code_passes(model.context, idx, decoded), wanted):
         pass
-    context.from_bands({level: band for level, band in bands.items() if level > stop}, sym)
     return sym
 
 

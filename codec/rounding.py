@@ -76,18 +76,11 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
     sym = np.empty(v.shape, dtype=np.int32)
     sym[ll] = rounded(v[ll], idx[ll]).reshape(sym[ll].shape)
     bits = tables.cost_bits(sym[ll].ravel(), idx[ll].ravel())
-    # One band plane of v and of the symbols at a time: nothing else as big as the latent.
-    current: dict[str, np.ndarray] = {}
 
     def choose(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
-        if p.parity == 0:
-            current["v"] = context.plane(v, p.level, p.channel)
-            current["sym"] = np.empty(current["v"].shape, dtype=np.int32)
         # Rounded about the prediction μ (an integer): the RDO's neighbour is towards μ.
-        s = rounded(context.take(current["v"], p.parity) - mu.astype(np.float32), t) + mu
-        context.place(current["sym"], p.parity, s)
-        if p.parity == 1:
-            context.set_plane(sym, p.level, p.channel, current["sym"])
+        s = rounded(context.pass_values(v, p) - mu.astype(np.float32), t) + mu
+        context.put_pass(sym, p, s)
         return s
 
     for _, coded, t in context.code_passes(model.context, idx, choose):

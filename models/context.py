@@ -83,15 +83,6 @@ def to_bands(y: np.ndarray) -> dict[int, np.ndarray]:
     return bands
 
 
-def from_bands(bands: dict[int, np.ndarray], out: np.ndarray) -> None:
-    """Write per-level bands back into y's layout `out` (768, h, w) (the inverse of `to_bands`)."""
-    _, h, w = out.shape
-    for level, band in bands.items():
-        start, r = level_channels(level)
-        out[start:start + SUBBANDS * r * r] = (
-            band.reshape(SUBBANDS, h, r, w, r).transpose(0, 2, 4, 1, 3).reshape(SUBBANDS * r * r, h, w))
-
-
 def plane(y: np.ndarray, level: int, k: int) -> np.ndarray:
     """Channel k of a level's band on its own grid, (h·r, w·r), copied out of a latent-layout
     array y (M, h, w): one plane of `to_bands(y)[level]` without the others."""
@@ -105,13 +96,6 @@ def set_plane(y: np.ndarray, level: int, k: int, values: np.ndarray) -> None:
     start, r = level_channels(level)
     _, h, w = y.shape
     y[start + k * r * r:start + (k + 1) * r * r] = values.reshape(h, r, w, r).transpose(1, 3, 0, 2).reshape(r * r, h, w)
-
-
-def empty_bands(shape: tuple[int, int, int], dtype) -> dict[int, np.ndarray]:
-    """Uninitialised per-level band arrays for a latent of `shape` (M, h, w), as `to_bands` lays them out."""
-    _, h, w = shape
-    return {level: np.empty((SUBBANDS, h * level_channels(level)[1], w * level_channels(level)[1]), dtype=dtype)
-            for level in range(LEVELS, 0, -1)}
 
 
 def take(plane: np.ndarray, parity: int) -> np.ndarray:
@@ -330,14 +314,17 @@ def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray,
         state.put(p, s)
 
 
-def put_values(bands: dict[int, np.ndarray], p: Pass, values: np.ndarray) -> None:
-    """Write the pass's values (in its coding order) into band-layout arrays (the inverse of `pass_values`)."""
-    place(bands[p.level][p.channel], p.parity, values)
+def pass_values(y: np.ndarray, p: Pass) -> np.ndarray:
+    """The values of a latent-layout array y (M, h, w) at the pass's positions, in its coding order."""
+    return take(plane(y, p.level, p.channel), p.parity)
 
 
-def pass_values(bands: dict[int, np.ndarray], p: Pass) -> np.ndarray:
-    """The values of a band-layout array (`to_bands`) at the pass's positions, in its coding order."""
-    return take(bands[p.level][p.channel], p.parity)
+def put_pass(y: np.ndarray, p: Pass, values: np.ndarray) -> None:
+    """Write the pass's values (in its coding order) into the latent-layout array y (the inverse of
+    `pass_values`); y need only have the channels up to the pass's level."""
+    band = plane(y, p.level, p.channel)
+    place(band, p.parity, values)
+    set_plane(y, p.level, p.channel, band)
 
 
 def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray
@@ -346,24 +333,17 @@ def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray
     coded values, table indices), the LL block first (pass None, its symbols and hyper
     indices). symbols and hyper_idx are (M, h, w); one band plane is copied out at a time."""
     yield None, symbols[:LL_CHANNELS].ravel(), hyper_idx[:LL_CHANNELS].ravel()
-    yield from code_passes(ctx, hyper_idx, lambda p, t, mu: take(plane(symbols, p.level, p.channel), p.parity))
+    yield from code_passes(ctx, hyper_idx, lambda p, t, mu: pass_values(symbols, p))
 
 
 def coded_indices(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The table index every symbol of a latent (M, h, w) is coded with, and its prediction μ
     (the value coded is the symbol less μ), both (M, h, w): the hyper index and 0 in the LL
     block, the context's elsewhere."""
-    out = np.empty(hyper_idx.shape, dtype=hyper_idx.dtype)
-    out[:LL_CHANNELS] = hyper_idx[:LL_CHANNELS]
+    out = hyper_idx.copy()
     mean = np.zeros(hyper_idx.shape, dtype=np.int64)
-    bands = empty_bands(hyper_idx.shape, hyper_idx.dtype)
-    mean_bands = empty_bands(hyper_idx.shape, np.int64)
-    sym_bands = to_bands(symbols)
     for p, coded, t in pass_items(ctx, symbols, hyper_idx):
         if p is not None:
-            put_values(bands, p, t)
-            put_values(mean_bands, p, pass_values(sym_bands, p) - coded)
-    from_bands(bands, out)
-    from_bands(mean_bands, mean)
-    mean[:LL_CHANNELS] = 0
+            put_pass(out, p, t)
+            put_pass(mean, p, pass_values(symbols, p) - coded)
     return out, mean

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ...bitstream.container import RATE_SCALE
 from ...bitstream.tables import CdfTables
 from ...engine import Encoder
-from ..context import LEVELS, MAGNITUDE_ONE, MEAN_ONE, PASSES, RATIO_ONE, Passes, SubbandContext, pass_values, to_bands
+from ..context import LEVELS, MAGNITUDE_ONE, MEAN_ONE, PASSES, RATIO_ONE, Passes, SubbandContext, pass_values
 from ..frozen import FrozenModel, sha256_file
 from ..networks import interpolate_levels
 from .fit_levels import GRID_STEP, fitted_positions, measured_rates, training_images
@@ -97,9 +97,8 @@ def fit_weights(ctx: SubbandContext, data: list[tuple[np.ndarray, np.ndarray]]) 
     xty = np.zeros((LEVELS, 9, 4))
     for sym, idx in tqdm(data, desc="prediction"):
         state = Passes(ctx, idx)
-        bands = to_bands(sym)
         for p in PASSES:
-            s = pass_values(bands, p).astype(np.int64)
+            s = pass_values(sym, p).astype(np.int64)
             if p.parity == 1:
                 x = state.neighbours(p).astype(np.float64)
                 xtx[p.level - 1, p.channel] += x.T @ x
@@ -128,9 +127,8 @@ def count(ctx: SubbandContext, data: list[tuple[np.ndarray, np.ndarray]], num_ta
 
     for n, (sym, idx) in enumerate(tqdm(data, desc="counting")):
         state = Passes(ctx, idx)
-        bands = to_bands(sym)
         for p in PASSES:
-            s = pass_values(bands, p).astype(np.int64)
+            s = pass_values(sym, p).astype(np.int64)
             t, same, parent, cross = (a.astype(np.int64) for a in state.labels(p))
             coded = s - state.mean(p)
             group = ((p.level - 1) * 3 + p.colour) * 2 + p.parity
