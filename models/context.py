@@ -158,11 +158,7 @@ class SubbandContext:
     magnitude: np.ndarray  # (T,) int64 >= 1: E|s| under each y table, in 1/256
     thresholds: np.ndarray  # (B - 2,) int64, increasing: label boundaries of A / E, in 1/256
     remap: np.ndarray  # (4, 3, 2, T, B, B, B) uint8: the coded table index
-    weights: np.ndarray | None = None  # (4, 9, 4) int64: the prediction's weights, in 1/256 (None: zeros)
-
-    def __post_init__(self) -> None:
-        if self.weights is None:
-            object.__setattr__(self, "weights", np.zeros((LEVELS, SUBBANDS, 4), dtype=np.int64))
+    weights: np.ndarray  # (4, 9, 4) int64: the prediction's weights, in 1/256
 
     @property
     def labels(self) -> int:
@@ -173,7 +169,8 @@ class SubbandContext:
         T, B = len(magnitude), len(thresholds) + 2
         remap = np.broadcast_to(np.arange(T, dtype=np.uint8).reshape(1, 1, 1, T, 1, 1, 1),
                                 (LEVELS, 3, 2, T, B, B, B)).copy()
-        return cls(np.asarray(magnitude, np.int64), np.asarray(thresholds, np.int64), remap)
+        return cls(np.asarray(magnitude, np.int64), np.asarray(thresholds, np.int64), remap,
+                   np.zeros((LEVELS, SUBBANDS, 4), dtype=np.int64))
 
     def state(self) -> dict:
         import torch
@@ -184,9 +181,8 @@ class SubbandContext:
 
     @classmethod
     def from_state(cls, state: dict) -> "SubbandContext":
-        weights = state["weights"].numpy().astype(np.int64) if "weights" in state else None
         ctx = cls(state["magnitude"].numpy().astype(np.int64), state["thresholds"].numpy().astype(np.int64),
-                  state["remap"].numpy().astype(np.uint8), weights)
+                  state["remap"].numpy().astype(np.uint8), state["weights"].numpy().astype(np.int64))
         ctx.check()
         return ctx
 
@@ -231,6 +227,9 @@ class Passes:
         # The sums over the subbands of the level done so far (`cross`), kept as they are coded.
         self._cross_level = None
         self._cross: list[np.ndarray] = []
+        # The parent's 3x3 sums of the channel being coded: the same for both of its passes.
+        self._parent_key: tuple[int, int] | None = None
+        self._parent: tuple[np.ndarray, np.ndarray] = ()
 
     def _plane(self, level: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Capped magnitudes and expected magnitudes of one channel's band plane (int64)."""
@@ -248,8 +247,10 @@ class Passes:
         else:
             same = none
         if level < LEVELS:
-            a, e = self._plane(level + 1, k)
-            parent = ctx.label(take(_up2(_box3(a)), parity), take(_up2(_box3(e)), parity))
+            if self._parent_key != (level, k):
+                a, e = self._plane(level + 1, k)
+                self._parent_key, self._parent = (level, k), (_box3(a), _box3(e))
+            parent = ctx.label(*(take(_up2(box), parity) for box in self._parent))
         else:
             parent = none
         if ORDER.index(k):

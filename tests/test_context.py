@@ -101,7 +101,8 @@ def test_labels_follow_the_spec_position_by_position(random_context):
 def test_pass_items_cover_every_symbol_once_in_order(random_context):
     rng = np.random.default_rng(6)
     symbols, hyper = random_latent(rng, len(random_context.magnitude))
-    no_prediction = SubbandContext(random_context.magnitude, random_context.thresholds, random_context.remap)
+    no_prediction = SubbandContext(random_context.magnitude, random_context.thresholds, random_context.remap,
+                                   np.zeros_like(random_context.weights))
     items = list(context.pass_items(no_prediction, symbols, hyper))
     assert len(items) == 1 + len(PASSES) == 1 + 4 * 9 * 2
     assert sum(s.size for _, s, _ in items) == symbols.size
