@@ -30,10 +30,9 @@ from .bitstream.container import RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
 from .models import context
-from .models.frozen import (PAD, FrozenModel, box_reduce, hyper_tiles, latent_region, one_thread_per_operation,
-                            sha256_file)
+from .models.frozen import PAD, FrozenModel, box_reduce, hyper_tiles, latent_region, one_thread_per_operation
 from .models.lifting import reduced_channels
-from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS
+from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS, sha256_file
 
 OVERHEAD = container.OVERHEAD_BYTES
 REDUCTIONS = (1, 2, 4, 8, 16)  # the factors a picture can be decoded smaller by (SPEC "Reduced-size decoding")

@@ -22,7 +22,6 @@ and at decode time ŷ = (s + mean) × inv_gain(q) ─► g_s ─► post-filter(
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +39,7 @@ from .integer_hyper import OUT_BITS, ApproximateHyperSynthesis, IntegerHyperSynt
 from .lifting import InverseLifting, LiftingTransform, reduced_channels
 from .networks import AnalysisTransform, HyperAnalysisTransform, ModelConfig, SynthesisTransform, interpolate_levels
 from .postfilter import PostFilter
+from .registry import sha256_file
 
 FROZEN_FORMAT = "lcodec-frozen-1"
 PAD = 64  # g_a downsamples by 16 and h_a by 4 more
@@ -134,14 +134,6 @@ def one_thread_per_operation():
         yield before
     finally:
         torch.set_num_threads(before)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tables_from_state(d: dict) -> CdfTables:

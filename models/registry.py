@@ -16,6 +16,7 @@ decode wherever someone has their weights.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,15 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ..errors import ModelMismatchError
+
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file (a weights file's digest, as the model table holds it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_PATH_VARIABLE = "LCODEC_WEIGHTS_PATH"

@@ -26,8 +26,9 @@ from ...bitstream.container import RATE_SCALE
 from ...bitstream.tables import CdfTables
 from ...engine import Encoder
 from ..context import LEVELS, MAGNITUDE_ONE, MEAN_ONE, PASSES, RATIO_ONE, Passes, SubbandContext, pass_values
-from ..frozen import FrozenModel, sha256_file
+from ..frozen import FrozenModel
 from ..networks import interpolate_levels
+from ..registry import sha256_file
 from .fit_levels import GRID_STEP, fitted_positions, measured_rates, training_images
 from .train import load_images
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ...bitstream.tables import gaussian_tables, laplace_tables, pmf_tables
-from ..frozen import FROZEN_FORMAT, sha256_file
+from ..frozen import FROZEN_FORMAT
+from ..registry import sha256_file
 from ..integer_hyper import quantize_hyper_synthesis, scale_thresholds
 from ..networks import MeanScaleHyperprior, ModelConfig, build_model
 

@@ -41,7 +41,6 @@ file it leaves in its folder, the command line for a stage, and what `--quick` c
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import json
 import math
@@ -52,6 +51,8 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..registry import sha256_file
 
 RECORD = "stage.json"
 QUICK_STEPS = 1 / 1000  # --quick trains this fraction of each stage's steps (at least one)
@@ -243,14 +244,6 @@ def load(path: Path) -> Recipe:
     return Recipe(doc["model"], Path(doc.get("data", "../shared/data/train")), tuple(stages), doc.get("model_id"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Run:
     """A recipe followed in the folder `out`."""
@@ -293,7 +286,7 @@ class Run:
         stage = self.stage(stage)
         source = self.source(stage)
         return {"kind": stage.kind, "settings": dict(stage.settings), "resume": stage.resume,
-                "input": str(source) if source else None, "input_sha256": _sha256(source) if source else None}
+                "input": str(source) if source else None, "input_sha256": sha256_file(source) if source else None}
 
     def run(self, dry_run: bool = False) -> Path:
         """Every stage not done yet, in order; the path of the model (the last stage's output)."""
@@ -317,14 +310,14 @@ class Run:
             folder.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=1) + "\n")
             self._run_stage(stage, folder)
-            path.write_text(json.dumps(record | {"output": kind.output, "sha256": _sha256(self.outputs[stage.name]),
+            path.write_text(json.dumps(record | {"output": kind.output, "sha256": sha256_file(self.outputs[stage.name]),
                                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1) + "\n")
         last = self.outputs[self.recipe.stages[-1].name]
         if dry_run:
             return last
         model = self.out / f"{self.recipe.model}.pt"
         shutil.copyfile(last, model)
-        self.log(f"{model}: sha256 {_sha256(model)}")
+        self.log(f"{model}: sha256 {sha256_file(model)}")
         return model
 
     def _run_stage(self, stage: Stage, folder: Path) -> None:
