@@ -83,19 +83,13 @@ def to_bands(y: np.ndarray) -> dict[int, np.ndarray]:
     return bands
 
 
-def plane(y: np.ndarray, level: int, k: int) -> np.ndarray:
-    """Channel k of a level's band on its own grid, (h·r, w·r), copied out of a latent-layout
-    array y (M, h, w): one plane of `to_bands(y)[level]` without the others."""
-    start, r = level_channels(level)
-    _, h, w = y.shape
-    return y[start + k * r * r:start + (k + 1) * r * r].reshape(r, r, h, w).transpose(2, 0, 3, 1).reshape(h * r, w * r)
-
-
-def set_plane(y: np.ndarray, level: int, k: int, values: np.ndarray) -> None:
-    """Write a band plane (h·r, w·r) back into the latent-layout array y (M, h, w) (the inverse of `plane`)."""
-    start, r = level_channels(level)
-    _, h, w = y.shape
-    y[start + k * r * r:start + (k + 1) * r * r] = values.reshape(h, r, w, r).transpose(1, 3, 0, 2).reshape(r * r, h, w)
+def _pass_channels(p: Pass) -> np.ndarray:
+    """For a pass of levels 3..1 (r >= 2), the y channels holding it, (r, r/2): row b, column d' is
+    the channel of the band's positions (a·r + b, c·r + 2d' + (b + parity) % 2). r is even, so
+    (i + j) % 2 of a position is (b + d) % 2: a parity is half of the level's channels."""
+    start, r = level_channels(p.level)
+    b, d = np.meshgrid(np.arange(r), np.arange(r // 2), indexing="ij")
+    return start + p.channel * r * r + b * r + 2 * d + (b + p.parity) % 2
 
 
 def take(plane: np.ndarray, parity: int) -> np.ndarray:
@@ -119,36 +113,36 @@ def place(plane: np.ndarray, parity: int, values: np.ndarray) -> None:
     pairs[1::2, :, 1 - parity] = values[1::2]
 
 
-def _padded(a: np.ndarray) -> np.ndarray:
-    """a (H, W) as int64 inside a border of zeros (H + 2, W + 2)."""
-    out = np.zeros((a.shape[0] + 2, a.shape[1] + 2), dtype=np.int64)
-    out[1:-1, 1:-1] = a
-    return out
-
-
 def _box3(a: np.ndarray) -> np.ndarray:
-    """Sum over each 3x3 neighbourhood, zeros outside (int64)."""
-    p = _padded(a)
+    """Sum over each 3x3 neighbourhood of a band plane (int64), zeros outside."""
+    p = np.zeros((a.shape[0] + 2, a.shape[1] + 2), dtype=np.int64)
+    p[1:-1, 1:-1] = a
     rows = p[:-2] + p[1:-1] + p[2:]
     return rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
 
 
-def _neighbours(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The up, down, left and right neighbour of every position (int64), zeros outside."""
-    p = _padded(a)
-    return p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]
+def _neighbours(half: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """From a band's parity-0 values in coding layout (H, W/2) (`take(plane, 0)` as rows), the
+    up, down, left and right neighbour of each parity-1 position (all four are of parity 0), in
+    parity 1's layout (H, W/2), zeros outside the band. On even rows a parity-1 position m is at
+    column 2m + 1, between parity-0 columns 2m and 2m + 2; on odd rows at 2m, between 2m - 1 and
+    2m + 1: its left and right are m and m + 1, or m - 1 and m."""
+    up, down = np.zeros_like(half), np.zeros_like(half)
+    up[1:], down[:-1] = half[:-1], half[1:]
+    left, right = half.copy(), half.copy()
+    right[0::2, :-1], right[0::2, -1] = half[0::2, 1:], 0
+    left[1::2, 1:], left[1::2, 0] = half[1::2, :-1], 0
+    return up, down, left, right
 
 
-def _cross4(a: np.ndarray) -> np.ndarray:
-    """Sum of the four neighbours (up, down, left, right), zeros outside (int64)."""
-    up, down, left, right = _neighbours(a)
-    return up + down + left + right
-
-
-def _up2(a: np.ndarray) -> np.ndarray:
-    """Each position of a (h, w) repeated over its 2x2 children (2h, 2w)."""
-    h, w = a.shape
-    return np.broadcast_to(a[:, None, :, None], (h, 2, w, 2)).reshape(2 * h, 2 * w)
+def _cross4(half: np.ndarray) -> np.ndarray:
+    """The sum of the four `_neighbours` of each parity-1 position."""
+    out = half.copy()  # on even rows the left neighbour, on odd rows the right one
+    out[1:] += half[:-1]
+    out[:-1] += half[1:]
+    out[0::2, :-1] += half[0::2, 1:]
+    out[1::2, 1:] += half[1::2, :-1]
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,82 +185,105 @@ class SubbandContext:
         B = self.labels
         if self.remap.shape != (LEVELS, 3, 2, T, B, B, B):
             raise ValueError(f"remap has shape {self.remap.shape}, expected {(LEVELS, 3, 2, T, B, B, B)}")
-        if int(self.remap.max()) >= T or int(self.magnitude.min()) < 1 or np.any(np.diff(self.thresholds) <= 0):
+        # `label`'s float64 comparison is exact for these bounds, and a label fits a byte.
+        if (int(self.remap.max()) >= T or int(self.magnitude.min()) < 1 or int(self.magnitude.max()) >= 1 << 24
+                or np.any(np.diff(self.thresholds) <= 0) or int(self.thresholds.min(initial=1)) < 1
+                or int(self.thresholds.max(initial=1)) >= 1 << 16 or B > 255):
             raise ValueError("invalid subband context tables")
         if self.weights.shape != (LEVELS, SUBBANDS, 4) or int(np.abs(self.weights).max(initial=0)) >= 1 << 16:
             raise ValueError(f"invalid subband context weights (shape {self.weights.shape})")
 
     def label(self, actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
-        """Labels (int64) of summed capped magnitudes `actual` against summed expected ones:
-        0 where nothing was expected (an empty set), else 1 + #{θ : 65536·A >= θ·E}, which for
-        integers is 1 + #{θ <= floor(65536·A / E)}."""
-        ratio = (actual * (MAGNITUDE_ONE * RATIO_ONE)) // np.maximum(expected, 1)
-        out = np.searchsorted(self.thresholds, ratio, side="right") + 1
+        """Labels (uint8) of summed capped magnitudes `actual` against summed expected ones
+        (integers): 0 where nothing was expected (an empty set), else 1 + #{θ : 65536·A >= θ·E}.
+
+        Computed as the float64 quotient q = 65536·A / E compared with each θ, which is exact:
+        q >= θ when 65536·A >= θ·E (rounding is monotonic and θ is representable), and otherwise
+        65536·A / E <= θ - 1/E, further from θ than the quotient's rounding error as long as
+        θ·E < 2^53 (here E < 2^24·9, θ < 2^16)."""
+        q = (actual * float(MAGNITUDE_ONE * RATIO_ONE)) / np.maximum(expected, 1)
+        out = np.ones(q.shape, dtype=np.uint8)
+        for theta in self.thresholds.astype(np.float64):
+            out += q >= theta
         out[expected <= 0] = 0
         return out
 
     def pass_indices(self, p: Pass, hyper_idx: np.ndarray, labels: tuple[np.ndarray, ...]) -> np.ndarray:
         """The coded table index of each position from its hyper index and three labels."""
-        same, parent, cross = labels
+        same, parent, cross = (a.astype(np.int32) for a in labels)
         B = self.labels
         table = self.remap[p.level - 1, p.colour, p.parity].reshape(-1)
-        return table[((hyper_idx.astype(np.int64) * B + same) * B + parent) * B + cross]
+        return table[((hyper_idx.astype(np.int32) * B + same) * B + parent) * B + cross]
 
 
 class Passes:
-    """One image's latent seen band by band: the state both coder and decoder keep while they
-    go through the passes. Built from the hyper indices (M, h, w); symbols are added pass by
-    pass (`put`), and `indices(p)` gives a pass's coded table indices from what was put before.
-    It holds the hyper indices (one byte each) and the details' symbols clipped to 16 bits;
-    labels are computed one band plane at a time."""
+    """One image's latent seen pass by pass: the state both coder and decoder keep while they go
+    through the passes. Built from the hyper indices (M, h, w); symbols are added pass by pass
+    (`put`), and `indices(p)` gives a pass's coded table indices from what was put before.
+    Everything is kept in the passes' own layout (`take` of the band plane, as rows (H, W/2)):
+    the hyper indices (one byte each) and the symbols put so far, clipped to 16 bits."""
 
     def __init__(self, ctx: SubbandContext, hyper_idx: np.ndarray):
         self.ctx = ctx
-        self.hyper = to_bands(hyper_idx)
-        self.symbols = {level: np.zeros(band.shape, dtype=np.int16) for level, band in self.hyper.items()}
-        # The sums over the subbands of the level done so far (`cross`), kept as they are coded.
-        self._cross_level = None
-        self._cross: list[np.ndarray] = []
-        # The parent's 3x3 sums of the channel being coded: the same for both of its passes.
+        _, h, w = hyper_idx.shape
+        self.shape = {level: (h * 2**(LEVELS - level), w * 2**(LEVELS - level) // 2) for level in range(1, LEVELS + 1)}
+        self.hyper = {(p.level, p.channel, p.parity): pass_values(hyper_idx, p).reshape(self.shape[p.level])
+                      for p in PASSES}
+        self.symbols: dict[tuple[int, int, int], np.ndarray] = {}
+        # Per level, the summed capped and expected magnitudes of its subbands completed so far
+        # (`cross`), per parity.
+        self._cross: dict[int, list[np.ndarray]] = {}
+        # The `parent` label of the channel being coded: the same array for both of its passes.
         self._parent_key: tuple[int, int] | None = None
-        self._parent: tuple[np.ndarray, np.ndarray] = ()
+        self._parent: np.ndarray | None = None
 
-    def _plane(self, level: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Capped magnitudes and expected magnitudes of one channel's band plane (int64)."""
-        mags = np.minimum(np.abs(self.symbols[level][k].astype(np.int64)), MAGNITUDE_CAP)
-        return mags, self.ctx.magnitude[self.hyper[level][k]]
+    def _half(self, level: int, k: int, parity: int) -> tuple[np.ndarray, np.ndarray]:
+        """Capped magnitudes and expected magnitudes (int64) of one pass's symbols, put before."""
+        mags = np.minimum(np.abs(self.symbols[level, k, parity].astype(np.int64)), MAGNITUDE_CAP)
+        return mags, self.ctx.magnitude[self.hyper[level, k, parity]]
 
     def _labels(self, p: Pass) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The three labels at the pass's positions, in its coding order."""
+        """The three labels (uint8) at the pass's positions, in its coding order."""
         ctx, level, k, parity = self.ctx, p.level, p.channel, p.parity
-        n = self.hyper[level][k].size // 2
-        none = np.zeros(n, dtype=np.int64)
+        n = self.hyper[level, k, parity].size
+        none = np.zeros(n, dtype=np.uint8)
         if parity:
-            a, e = self._plane(level, k)
-            same = ctx.label(take(_cross4(a), parity), take(_cross4(e), parity))
+            a, e = (_cross4(x) for x in self._half(level, k, 0))
+            same = ctx.label(a, e).reshape(-1)
         else:
             same = none
         if level < LEVELS:
             if self._parent_key != (level, k):
-                a, e = self._plane(level + 1, k)
-                self._parent_key, self._parent = (level, k), (_box3(a), _box3(e))
-            parent = ctx.label(*(take(_up2(box), parity) for box in self._parent))
+                self._parent_key, self._parent = (level, k), self._parent_label(level + 1, k)
+            parent = self._parent
         else:
             parent = none
         if ORDER.index(k):
-            sums = self._cross_sums(level)
-            cross = ctx.label(take(sums[0], parity), take(sums[1], parity))
+            sums = self._cross[level]
+            cross = ctx.label(sums[2 * parity], sums[2 * parity + 1]).reshape(-1)
         else:
             cross = none
         return same, parent, cross
 
+    def _parent_label(self, level: int, k: int) -> np.ndarray:
+        """The `parent` label of the children of channel k of `level` (complete), in the layout of
+        either parity of the child band: a child (i, j)'s parent is (i // 2, j // 2), and position m
+        of row i of a parity is at column 2m or 2m + 1, so its parent is (i // 2, m)."""
+        H, W = self.shape[level][0], 2 * self.shape[level][1]
+        planes = [np.zeros((H, W), dtype=np.int64) for _ in range(2)]
+        for parity in (0, 1):
+            for plane_, values in zip(planes, self._half(level, k, parity)):
+                place(plane_, parity, values)
+        a, e = (np.repeat(_box3(x), 2, axis=0) for x in planes)
+        return self.ctx.label(a, e).reshape(-1)
+
     def labels(self, p: Pass) -> tuple[np.ndarray, ...]:
         """The pass's hyper indices and three labels, in its coding order (for fitting)."""
-        return (take(self.hyper[p.level][p.channel], p.parity),) + self._labels(p)
+        return (self.hyper[p.level, p.channel, p.parity].reshape(-1),) + self._labels(p)
 
     def indices(self, p: Pass) -> np.ndarray:
         """The pass's coded table indices, in its coding order (row-major over its positions)."""
-        return self.ctx.pass_indices(p, take(self.hyper[p.level][p.channel], p.parity), self._labels(p))
+        return self.ctx.pass_indices(p, self.hyper[p.level, p.channel, p.parity].reshape(-1), self._labels(p))
 
     def mean(self, p: Pass) -> np.ndarray:
         """The pass's predicted symbols (int64, in its coding order): for parity 1, the weighted
@@ -274,30 +291,28 @@ class Passes:
         the band), rounded: floor((Σ w·s + 128) / 256); zeros for parity 0."""
         w = self.ctx.weights[p.level - 1, p.channel]
         if p.parity == 0 or not w.any():
-            return np.zeros(self.hyper[p.level][p.channel].size // 2, dtype=np.int64)
-        up, down, left, right = (take(a, 1) for a in _neighbours(self.symbols[p.level][p.channel]))
+            return np.zeros(self.hyper[p.level, p.channel, p.parity].size, dtype=np.int64)
+        up, down, left, right = _neighbours(self.symbols[p.level, p.channel, 0].astype(np.int64))
         acc = int(w[0]) * up + int(w[1]) * down + int(w[2]) * left + int(w[3]) * right
-        return (acc + MEAN_ONE // 2) >> 8
+        return ((acc + MEAN_ONE // 2) >> 8).reshape(-1)
 
     def neighbours(self, p: Pass) -> np.ndarray:
-        """(n, 4) the clipped decoded neighbours (up, down, left, right) of the pass's positions (for fitting)."""
-        return np.stack([take(a, p.parity) for a in _neighbours(self.symbols[p.level][p.channel])], axis=1)
+        """(n, 4) the clipped decoded neighbours (up, down, left, right) of a parity-1 pass's
+        positions (for fitting)."""
+        return np.stack([a.reshape(-1) for a in _neighbours(self.symbols[p.level, p.channel, 0])], axis=1)
 
     def put(self, p: Pass, symbols: np.ndarray) -> None:
         """Record the pass's symbols (in its coding order)."""
-        place(self.symbols[p.level][p.channel], p.parity, np.clip(symbols, -SYMBOL_CLIP, SYMBOL_CLIP))
+        key = (p.level, p.channel, p.parity)
+        self.symbols[key] = np.clip(symbols, -SYMBOL_CLIP, SYMBOL_CLIP).astype(np.int16).reshape(self.shape[p.level])
         if p.parity == 1:  # the subband is complete: it joins the cross sums of the subbands after it
-            a, e = self._plane(p.level, p.channel)
-            sums = self._cross_sums(p.level)
-            sums[0] += a
-            sums[1] += e
-
-    def _cross_sums(self, level: int) -> list[np.ndarray]:
-        """Summed capped and expected magnitudes of the level's subbands completed so far."""
-        if self._cross_level != level:
-            self._cross_level = level
-            self._cross = [np.zeros(self.hyper[level].shape[1:], dtype=np.int64) for _ in range(2)]
-        return self._cross
+            if p.level not in self._cross:
+                self._cross = {p.level: [np.zeros(self.shape[p.level], dtype=np.int64) for _ in range(4)]}
+            sums = self._cross[p.level]
+            for parity in (0, 1):
+                a, e = self._half(p.level, p.channel, parity)
+                sums[2 * parity] += a
+                sums[2 * parity + 1] += e
 
 
 def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray,
@@ -316,16 +331,24 @@ def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray,
 
 
 def pass_values(y: np.ndarray, p: Pass) -> np.ndarray:
-    """The values of a latent-layout array y (M, h, w) at the pass's positions, in its coding order."""
-    return take(plane(y, p.level, p.channel), p.parity)
+    """The values of a latent-layout array y (M, h, w) at the pass's positions, in its coding
+    order (a copy): `take` of the band plane `to_bands(y)[level][channel]`, gathered from the
+    pass's own channels."""
+    start, r = level_channels(p.level)
+    if r == 1:
+        return take(y[start + p.channel], p.parity)
+    return y[_pass_channels(p)].transpose(2, 0, 3, 1).reshape(-1)
 
 
 def put_pass(y: np.ndarray, p: Pass, values: np.ndarray) -> None:
     """Write the pass's values (in its coding order) into the latent-layout array y (the inverse of
     `pass_values`); y need only have the channels up to the pass's level."""
-    band = plane(y, p.level, p.channel)
-    place(band, p.parity, values)
-    set_plane(y, p.level, p.channel, band)
+    start, r = level_channels(p.level)
+    if r == 1:
+        place(y[start + p.channel], p.parity, values)
+        return
+    _, h, w = y.shape
+    y[_pass_channels(p)] = values.reshape(h, r, w, r // 2).transpose(1, 3, 0, 2)
 
 
 def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray
