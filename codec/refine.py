@@ -64,7 +64,7 @@ from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .models import context
 from .models.entropy_models import LIKELIHOODS
-from .models.frozen import FrozenModel
+from .models.frozen import HYPER_HALO, PAD, TILE_LATENTS, FrozenModel, Tile, tiles
 from .models.integer_hyper import OUT_BITS
 
 # Per effort level (0: the one-pass encoder; `lcodec.api.MAX_EFFORT` is the last): the steps of
@@ -84,17 +84,37 @@ SYMBOL_START, SYMBOL_MIN, SYMBOL_MAX = 64, 8, 4096  # symbols moved at once by `
 SYMBOL_OVER = 1.5  # μ grows this much when a move that lowers the cost would overflow the budget
 IMPULSE_LATENTS = 48  # the synthesis's energy per symbol is estimated on a canvas of this many latents a side
 FILL_RANGE, FILL_STEPS = 4.0, 8  # the rounding's λ may change this much to fill the budget; bisection steps
-# Refinement holds the synthesis's activations for the backward pass: larger images are coded at effort 0.
-MAX_PIXELS = 4_194_304  # 2048 x 2048
+# Refinement keeps the whole latent's symbols, means and gradient (about 40 bytes per pixel with the
+# lifting models); the synthesis and h_s run tile by tile (`Refiner.tiles`, `GRADIENT_TILE`,
+# `SURROGATE_TILE`). Larger images than this are coded at effort 0.
+MAX_PIXELS = 67_108_864  # 8192 x 8192, the decoder's default limit
+# The gradient of the distortion is taken on tiles of this many latents a side, each read with this
+# many latents of context: the synthesis's activations under autograd take ~600 bytes per pixel, so a
+# tile with the synthesis's whole reach (`FrozenModel.halo_latents`, 24 for the lifting models) would
+# need gigabytes. The gradient only ranks the moves; the distortion that decides them is exact.
+GRADIENT_TILE, GRADIENT_HALO = 32, 8
+SURROGATE_TILE = 16  # hyper-latents a side of the tiles ẑ's surrogate cost is differentiated on
 WITHIN_DB = 1.0  # the encoder refines only models whose one-pass file is this close (PSNR) to the best
 RATE_SLACK = 0.03  # a refined file may be this much under the budget (as rate control's tolerance)
 AIM = 0.01  # the rate search and μ steer the size towards this much under the budget
 STEER = 3.0  # μ is multiplied by exp(STEER * relative excess) after every iteration
 
 
-def iterations(effort: int, model: FrozenModel) -> int:
-    """The steps of one refinement of `model`'s encode at `effort` (the progress bar's length)."""
-    return 2 * sum(_search_steps(effort, t) for t in range(HYPER_TRIES)) + latent_iterations(effort, model)
+def iterations(effort: int, model: FrozenModel, height: int | None = None, width: int | None = None) -> int:
+    """The progress bar's length for one refinement of `model`'s encode at `effort`: its steps
+    times the synthesis tiles of a `height` x `width` image (`tile_count`; one without a size)."""
+    steps = 2 * sum(_search_steps(effort, t) for t in range(HYPER_TRIES)) + latent_iterations(effort, model)
+    return steps * (1 if height is None or width is None else tile_count(height, width, model))
+
+
+def tile_count(height: int, width: int, model: FrozenModel) -> int:
+    """The tiles the synthesis runs on for the distortion of a `height` x `width` image (`Refiner.tiles`)."""
+    return len(_synthesis_tiles(model, -(-height // PAD) * PAD // 16, -(-width // PAD) * PAD // 16))
+
+
+def _synthesis_tiles(model: FrozenModel, h: int, w: int) -> list[Tile]:
+    """The tiles of an h x w latent the exact distortion is computed on: the decoder's (`FrozenModel.synthesize`)."""
+    return tiles(h, w, TILE_LATENTS, model.halo_latents)
 
 
 def _search_steps(effort: int, t: int) -> int:
@@ -150,37 +170,76 @@ def _interpolated_bits(v: torch.Tensor, idx: torch.Tensor, bits: torch.Tensor, o
 
 class Refiner:
     """One image at one rate parameter rq with ẑ fixed (by default h_a's): its means, table
-    indices and the distortion and exact code length of any symbols."""
+    indices and the distortion and exact code length of any symbols.
+
+    Only the latent-sized arrays that every step needs are kept (the means, float32, and the
+    table indices, as small an integer type as holds them for a model with a subband context);
+    the synthesis runs tile by tile (`tiles`), so its memory does not grow with the image."""
 
     def __init__(self, model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,
                  z: torch.Tensor | None = None):
         self.model, self.x, self.y, self.height, self.width = model, x, y, height, width
-        self.target = x[:, :, :height, :width] * 255
+        self.shape = tuple(y.shape)
         self.rq, self.q = rq, rq / RATE_SCALE
-        gain, self.inv_gain = model.gains(self.q)
-        self.u0 = y * gain
+        self.gain, self.inv_gain = model.gains(self.q)
         self.z = model.hyper_latent(self.u0) if z is None else z
-        self.mean, idx = model.latent_entropy_parameters(self.z, np.dtype(np.int64))
+        self.mean, idx = model.latent_entropy_parameters(self.z, _index_dtype(model))
         self.idx = torch.from_numpy(idx)[None]
         self.idx_np = idx.ravel()
         self.z_bits = _hyper_bits(model, self.z)
+        self.tiles = _synthesis_tiles(model, self.shape[2], self.shape[3])
+
+    @property
+    def u0(self) -> torch.Tensor:
+        """The gained latent y · gain(q) (computed when asked for: it is as large as y)."""
+        return self.y * self.gain
 
     def distortion(self, symbols: torch.Tensor) -> torch.Tensor:
         """Σ squared error (8-bit scale) of the reconstruction from `symbols` (float, may carry a
-        straight-through gradient) over the image's own pixels."""
+        straight-through gradient) over the image's own pixels, the whole image at once."""
         x_hat = self.model.draw((symbols + self.mean) * self.inv_gain, self.q).clamp(0, 1)
-        return (x_hat[:, :, :self.height, :self.width] * 255 - self.target).square().sum()
+        return (x_hat[:, :, :self.height, :self.width] * 255 - self.x[:, :, :self.height, :self.width] * 255
+                ).square().sum()
 
-    def distortion_and_gradient(self, symbols: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """`distortion` of `symbols` (float) and its gradient with respect to them."""
+    def distortion_and_gradient(self, symbols: torch.Tensor, known: float | None = None) -> tuple[float, torch.Tensor]:
+        """`distortion` of `symbols` (float) and its gradient with respect to them. On more than one
+        tile the gradient is taken tile by tile with a context of `GRADIENT_HALO` latents (close
+        to the whole image's, in bounded memory) and the distortion is `distortion_of`'s (or
+        `known`, if the caller has it)."""
+        if len(self.tiles) > 1:
+            d = known if known is not None else self.distortion_of(_coded(symbols))
+            return d, self._tiled_gradient(symbols)
         s = symbols.detach().clone().requires_grad_(True)
         d = self.distortion(s)
         d.backward()
         return float(d.detach()), s.grad
 
+    def _tiled_gradient(self, symbols: torch.Tensor) -> torch.Tensor:
+        """The gradient of the distortion with respect to `symbols` (float), summed over tiles of
+        `GRADIENT_TILE` latents, each tile's error over its own pixels drawn from its latents and
+        `GRADIENT_HALO` around them."""
+        grad = torch.zeros(self.shape)
+        for t in tiles(self.shape[2], self.shape[3], GRADIENT_TILE, GRADIENT_HALO):
+            read = (slice(None), slice(None), t.read_rows, t.read_cols)
+            s = symbols[read].detach().clone().requires_grad_(True)
+            self._tile_error((s + self.mean[read]) * self.inv_gain, t).backward()
+            grad[read] += s.grad
+        return grad
+
+    def _tile_error(self, y_read: torch.Tensor, t: Tile) -> torch.Tensor:
+        """Σ squared error (8-bit scale) over the image pixels of tile t's own latents, drawn from
+        ŷ (after the inverse gain) on its read region."""
+        top, bottom = 16 * t.rows.start, min(16 * t.rows.stop, self.height)
+        left, right = 16 * t.cols.start, min(16 * t.cols.stop, self.width)
+        if bottom <= top or right <= left:  # only padding
+            return y_read.sum() * 0
+        r0, c0 = 16 * t.read_rows.start, 16 * t.read_cols.start
+        x_hat = self.model.draw(y_read, self.q)[:, :, top - r0:bottom - r0, left - c0:right - c0].clamp(0, 1)
+        return (x_hat * 255 - self.x[:, :, top:bottom, left:right] * 255).square().sum()
+
     def file_bytes(self, symbols: np.ndarray) -> float:
         """The ideal size of the whole file with these y symbols (flat int32)."""
-        return OVERHEAD_BYTES + (self.z_bits + _latent_bits(self.model, symbols, self.idx_np, self.u0.shape)) / 8
+        return OVERHEAD_BYTES + (self.z_bits + _latent_bits(self.model, symbols, self.idx_np, self.shape)) / 8
 
     def round(self, v: torch.Tensor, lam: float | None = None) -> torch.Tensor:
         """The symbols of the latents less their means `v` (float), rounded as the encoder does
@@ -190,15 +249,23 @@ class Refiner:
     def coded_indices(self, symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The table index each of `symbols` (float, shaped as u0) is coded with and its
         prediction (the value coded is the symbol less it): ẑ's and 0, and with a subband context
-        what the symbols around it make of them."""
+        what the symbols around it make of them (the prediction as int32)."""
         if self.model.context is None:
-            return self.idx, torch.zeros(())
-        sym = _coded(symbols).reshape(self.u0.shape[1:])
+            return self.idx, torch.zeros((), dtype=torch.int32)
+        sym = _coded(symbols).reshape(self.shape[1:])
         idx, mean = context.coded_indices(self.model.context, sym, self.idx_np.reshape(sym.shape))
-        return torch.from_numpy(idx)[None], torch.from_numpy(mean)[None].float()
+        return torch.from_numpy(idx)[None], torch.from_numpy(mean.astype(np.int32))[None]
 
     def symbols(self, u: torch.Tensor) -> np.ndarray:
-        return _coded(self.round(u - self.mean))
+        return self._rounded(u - self.mean)
+
+    def _rounded(self, v: torch.Tensor, lam: float | None = None) -> np.ndarray:
+        """`round` of v as the coder takes it (`_coded`); with a subband context straight from the
+        rounding's int32, without the latent-sized float copies."""
+        if self.model.context is None:
+            return _coded(self.round(v, lam))
+        sym, _ = rounding.round_in_passes(self.model, v[0].numpy(), self.idx_np.reshape(self.shape[1:]), lam)
+        return np.clip(sym, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=sym).ravel()
 
     def fill(self, ceiling: float) -> tuple[np.ndarray, float] | None:
         """The symbols of u0 rounded with the largest file not above `ceiling` bytes that the
@@ -207,12 +274,12 @@ class Refiner:
         lam = rounding.rdo_lambda(self.model)
         if lam is None:
             return None
-        v = self.u0 - self.mean
+        v = self.u0.sub_(self.mean)
         found = None
         lo, hi = math.log(lam / FILL_RANGE), math.log(lam * FILL_RANGE)  # small λ: larger files
         for _ in range(FILL_STEPS):
             mid = (lo + hi) / 2
-            s = _coded(self.round(v, math.exp(mid)))
+            s = self._rounded(v, math.exp(mid))
             size = self.file_bytes(s)
             if size <= ceiling:
                 found, hi = (s, size), mid
@@ -222,13 +289,27 @@ class Refiner:
 
     @torch.no_grad()
     def distortion_of(self, symbols: np.ndarray) -> float:
-        """`distortion` of symbols (flat int32)."""
-        return float(self.distortion(torch.from_numpy(symbols).view(self.u0.shape).float()))
+        """`distortion` of symbols (flat int32), on more than one tile summed over the decoder's
+        tiles (each exact: read with the synthesis's whole reach)."""
+        s = torch.from_numpy(symbols).view(self.shape)
+        if len(self.tiles) == 1:
+            return float(self.distortion(s.float()))
+        total = 0.0
+        for t in self.tiles:
+            read = (slice(None), slice(None), t.read_rows, t.read_cols)
+            total += float(self._tile_error((s[read].float() + self.mean[read]) * self.inv_gain, t))
+        return total
 
     def one_pass(self) -> tuple[np.ndarray, float, float]:
         """The rounded symbols of u0 under ẑ, their file's ideal size and their distortion."""
         s = self.symbols(self.u0)
         return s, self.file_bytes(s), self.distortion_of(s)
+
+
+def _index_dtype(model: FrozenModel) -> np.dtype:
+    """The dtype refinement keeps y's hyper table indices in: with a subband context (whose rounding
+    reads them in numpy) the smallest that holds them, else int64 (torch indexes tables with them)."""
+    return np.dtype(np.int64) if model.context is None else np.min_scalar_type(model.y_tables.num_tables - 1)
 
 
 def _coded(s: torch.Tensor) -> np.ndarray:
@@ -282,15 +363,20 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
 
     `x` is the padded image (1, 3, Hp, Wp) in [0, 1], `y` g_a's latent before the gain, `rq` the
     one-pass file's rate parameter, which `fixed_rate` keeps. `progress` is called
-    `iterations(effort, model)` times in all.
+    `iterations(effort, model, height, width)` times in all: each step once per synthesis tile.
     """
-    tick = progress if progress is not None else (lambda: None)
+    ref = Refiner(model, x, height, width, y, rq)
+    units = len(ref.tiles)
+
+    def tick() -> None:
+        if progress is not None:
+            for _ in range(units):
+                progress()
+
     # The range coder ends within a few bytes of the ideal length (0.01% measured): keep a guard.
     ceiling = budget - 4 - 1e-3 * budget
-    start = Refiner(model, x, height, width, y, rq)
-    _, size0, d0 = start.one_pass()
+    _, size0, d0 = ref.one_pass()
     best, best_d = None, d0
-    ref = start
     if HYPER_ITERATIONS[effort]:
         tried: dict[int, float] = {}
         shift = None
@@ -309,6 +395,7 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
                 s, size = filled
             if floor <= size <= ceiling and (d := candidate.distortion_of(s)) < best_d:
                 best, best_d, ref = Refined(at, z, s), d, candidate
+            del candidate, s, filled  # at most two refiners' means and indices alive: ref's and the next's
             at = _next_rate(model, tried, (1 - AIM) * budget, ceiling)
     steps = latent_iterations(effort, model)
     if steps:
@@ -364,14 +451,14 @@ class HyperCost:
         model = self.model
         if model.context is None:
             return
-        mean, idx = model.latent_entropy_parameters(z_int, np.dtype(np.int64))
+        mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
         s = _coded(_round(model, self.u - mean, torch.from_numpy(idx)[None]))
         hyper = model.y_tables.cost_bits(s, idx.ravel())
         self.y_scale = _latent_bits(model, s, idx.ravel(), self.u.shape) / max(hyper, 1.0)
 
     def exact(self, z_int: torch.Tensor) -> float:
         model = self.model
-        mean, idx = model.latent_entropy_parameters(z_int, np.dtype(np.int64))
+        mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
         s = _round(model, self.u - mean, torch.from_numpy(idx)[None])
         bits = _hyper_bits(model, z_int) + _latent_bits(model, _coded(s), idx.ravel(), self.u.shape)
         return float((self.u - s - mean).square().sum()) + self.lam * bits
@@ -380,32 +467,68 @@ class HyperCost:
         """`latent_surrogate` of z rounded (straight through) plus λ times ẑ's code length
         interpolated in its tables at z itself: taken at the rounded z, that interpolation's
         slope would be the one towards z + 1 whichever way z moves."""
-        rounded = z + (torch.round(z) - z).detach()
-        return self.latent_surrogate(rounded) + self.lam * _proxy_hyper_bits(z, self.model)
+        return self.latent_surrogate(_straight_through(z)) + self.lam * _proxy_hyper_bits(z, self.model)
 
-    def latent_surrogate(self, z: torch.Tensor) -> torch.Tensor:
+    def surrogate_backward(self, z: torch.Tensor) -> None:
+        """Add the gradient of `surrogate` at z (a leaf) to z.grad; on a large ẑ, tile by tile
+        (`SURROGATE_TILE`), so that only one tile's graph is alive at a time."""
+        grid = self._tiles(z)
+        if len(grid) == 1:
+            self.surrogate(z).backward()
+            return
+        for t in grid:
+            self.latent_surrogate(_straight_through(z[:, :, t.read_rows, t.read_cols]), t).backward()
+        (self.lam * _proxy_hyper_bits(z, self.model)).backward()
+
+    def latent_surrogate_backward(self, z: torch.Tensor) -> None:
+        """Add the gradient of `latent_surrogate` at z (a leaf) to z.grad, tile by tile on a large ẑ."""
+        grid = self._tiles(z)
+        if len(grid) == 1:
+            self.latent_surrogate(z).backward()
+            return
+        for t in grid:
+            self.latent_surrogate(z[:, :, t.read_rows, t.read_cols], t).backward()
+
+    @staticmethod
+    def _tiles(z: torch.Tensor) -> list[Tile]:
+        return tiles(z.shape[2], z.shape[3], SURROGATE_TILE, HYPER_HALO)
+
+    def latent_surrogate(self, z: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
         """The cost's y terms through the float hyper-synthesis, the rate from the model's continuous
-        conditional at the predicted scale (s held at its rounding)."""
+        conditional at the predicted scale (s held at its rounding); with `tile`, z is the tile's
+        read region of ẑ and the terms are those of the tile's own latents."""
         model = self.model
-        mean, scale = (model.approximate_hyper_synthesis(z) / 2**OUT_BITS).chunk(2, dim=1)
+        out = model.approximate_hyper_synthesis(z)
+        u = self.u
+        if tile is not None:
+            top, left = 4 * (tile.rows.start - tile.read_rows.start), 4 * (tile.cols.start - tile.read_cols.start)
+            h, w = 4 * (tile.rows.stop - tile.rows.start), 4 * (tile.cols.stop - tile.cols.start)
+            out = out[:, :, top:top + h, left:left + w]
+            u = u[:, :, 4 * tile.rows.start:4 * tile.rows.stop, 4 * tile.cols.start:4 * tile.cols.stop]
+        mean, scale = (out / 2**OUT_BITS).chunk(2, dim=1)
         with torch.no_grad():
             idx = torch.searchsorted(self.thresholds, (scale * 2**OUT_BITS).floor().long().contiguous(),
                                      out_int32=True)
-            s = rounding.round_latents(self.u - mean, idx, model)
+            s = rounding.round_latents(u - mean, idx, model)
         y_bits = -torch.log2(self.likelihood(s, torch.zeros_like(s), scale, model.config.scale_bound)).sum() * self.y_scale
-        return (self.u - s - mean).square().sum() + self.lam * y_bits
+        return (u - s - mean).square().sum() + self.lam * y_bits
 
     def move_gains(self, z_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each element of ẑ (flat): the cost it is expected to save by moving one step, and
         that step (+1 or -1). The y terms to first order (`latent_surrogate`'s gradient), ẑ's own
         code length exactly (it is a sum over the elements)."""
         z = z_int.float().requires_grad_(True)
-        self.latent_surrogate(z).backward()
+        self.latent_surrogate_backward(z)
         grad = z.grad.flatten()
         now = _hyper_bits_each(self.model, z_int)
         up = grad + self.lam * (_hyper_bits_each(self.model, z_int + 1) - now)
         down = -grad + self.lam * (_hyper_bits_each(self.model, z_int - 1) - now)
         return -torch.minimum(up, down), torch.where(up < down, 1, -1)
+
+
+def _straight_through(z: torch.Tensor) -> torch.Tensor:
+    """z rounded, with the gradient passed straight through to z."""
+    return z + (torch.round(z) - z).detach()
 
 
 def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, tick: Callable[[], None],
@@ -435,9 +558,8 @@ def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, 
     z.requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=HYPER_LR)
     for i in range(iterations):
-        loss = cost.surrogate(z)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        cost.surrogate_backward(z)
         optimizer.step()
         tick()
         if (i + 1) % HYPER_CHECK == 0 or i + 1 == iterations:
@@ -488,28 +610,22 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
     aim = (1 - AIM) * budget
     energy = (_symbol_energy(model) * ref.inv_gain.flatten() ** 2).view(1, -1, 1, 1)
     mu = float(energy.median()) * rounding.rdo_lambda(model)
-    s = torch.from_numpy(symbols).view(ref.u0.shape).float()
+    s = torch.from_numpy(symbols).view(ref.shape).float()
     size = ref.file_bytes(symbols)
     k, refused = SYMBOL_START, torch.zeros(s.shape, dtype=torch.bool)
     best, best_d = None, to_beat
-    grad = None
+    d = grad = None
     for _ in range(iterations):
         tick()
         if grad is None:  # after a refused move s, and so every estimate, is what it was
-            d, grad = ref.distortion_and_gradient(s)
-            # With a subband context, each symbol's table as the symbols around it now make it.
-            coded_idx, mean = ref.coded_indices(s)
-            code_length = rounding.code_lengths(coded_idx, rounding.bits_table(model))
-            now = code_length(s - mean)
-            up_bits, down_bits = code_length(s - mean + 1) - now, code_length(s - mean - 1) - now
-        up = grad + energy + mu * up_bits
-        down = -grad + energy + mu * down_bits
-        saving = (-torch.minimum(up, down)).masked_fill_(refused, 0)
-        moved = _spread(saving, k)
+            d, grad = ref.distortion_and_gradient(s, d)
+            up_bits, down_bits = _bit_changes(ref, s)
+        per_position, channel, step = _best_moves(grad, energy, mu, up_bits, down_bits, refused)
+        moved = _spread_positions(per_position, channel, k)
         if not len(moved):
             continue  # nothing left to propose: the remaining steps only tick
         candidate = s.flatten().clone()
-        candidate[moved] += torch.where(up < down, 1.0, -1.0).flatten()[moved]
+        candidate[moved] += step.flatten()[moved]
         coded = _coded(candidate)
         d_c, size_c = ref.distortion_of(coded), ref.file_bytes(coded)
         if d_c + 8 * mu * size_c < d + 8 * mu * size:
@@ -527,10 +643,57 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
     return best
 
 
+SAVING_CHANNELS = 64  # the savings of this many channels at a time: latent-sized temporaries stay small
+
+
+def _bit_changes(ref: Refiner, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact change of the code length of each of the symbols `s` (float, shaped as y) moved by
+    +1 and by -1, each under its table as the symbols around it now make it (with a subband
+    context). Computed a few channels at a time: the tables' lookups take int64 per element."""
+    coded_idx, mean = ref.coded_indices(s)
+    up, down = torch.empty(s.shape), torch.empty(s.shape)
+    tables = rounding.bits_table(ref.model)
+    for c in range(0, s.shape[1], SAVING_CHANNELS):
+        part = slice(c, c + SAVING_CHANNELS)
+        idx = coded_idx.expand_as(s)[:, part]
+        v = s[:, part] - (mean.expand_as(s)[:, part] if mean.dim() else mean)
+        code_length = rounding.code_lengths(idx, tables)
+        now = code_length(v)
+        up[:, part], down[:, part] = code_length(v + 1) - now, code_length(v - 1) - now
+    return up, down
+
+
+def _best_moves(grad: torch.Tensor, energy: torch.Tensor, mu: float, up_bits: torch.Tensor,
+                down_bits: torch.Tensor, refused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per latent position (1, 1, h, w): the largest saving of moving one of its symbols by one (not
+    a refused one), that symbol's channel, and per symbol (1, M, h, w) the step (+1 or -1) that
+    saves more. A few channels at a time; ties go to the first channel, as `Tensor.max` gives them."""
+    best = channel = None
+    step = torch.empty(grad.shape, dtype=torch.int8)
+    for c in range(0, grad.shape[1], SAVING_CHANNELS):
+        part = slice(c, c + SAVING_CHANNELS)
+        g, e = grad[:, part], energy[:, part]
+        up = g + e + mu * up_bits[:, part]
+        down = -g + e + mu * down_bits[:, part]
+        step[:, part] = torch.where(up < down, 1, -1)
+        saving = (-torch.minimum(up, down)).masked_fill_(refused[:, part], 0)
+        value, where = saving.max(dim=1, keepdim=True)
+        if best is None:
+            best, channel = value, where + c
+        else:
+            better = value > best
+            best, channel = torch.where(better, value, best), torch.where(better, where + c, channel)
+    return best, channel, step
+
+
 def _spread(saving: torch.Tensor, k: int) -> torch.Tensor:
     """The flat indices of the (at most k) largest positive savings (1, M, h, w), at most one
     per latent position (its channel's largest) and none in the 8 positions around a chosen one."""
-    per_position, channel = saving.max(dim=1, keepdim=True)
+    return _spread_positions(*saving.max(dim=1, keepdim=True), k)
+
+
+def _spread_positions(per_position: torch.Tensor, channel: torch.Tensor, k: int) -> torch.Tensor:
+    """`_spread` of the largest saving at each position (1, 1, h, w) and its channel."""
     peak = torch.nn.functional.max_pool2d(per_position, 3, stride=1, padding=1)
     candidates = torch.where((per_position == peak) & (per_position > 0), per_position, 0).flatten()
     chosen = torch.topk(candidates, min(k, int((candidates > 0).sum()))).indices

@@ -149,6 +149,36 @@ def test_moving_symbols_lowers_the_distortion_within_the_budget(kodak_crop):
     assert ref.distortion_of(moved) < d  # measured: 1.4% less squared error (+0.06 dB)
 
 
+def test_on_several_tiles_the_distortion_is_exact_and_the_gradient_close():
+    """An image wider than one synthesis tile with its halo: the distortion, summed over the
+    decoder's tiles, is the whole image's; the gradient, taken on smaller tiles with less context,
+    is close to the whole image's (it only ranks the moves)."""
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
+    pixels = smooth_rgb(250, 1900)
+    enc = engine.Encoder(model, pixels, "RGB")
+    ref = refine.Refiner(model, engine._to_tensor(pixels, "RGB"), 250, 1900, enc.y, 3 * container.RATE_SCALE)
+    assert len(ref.tiles) == 2
+    symbols = ref.symbols(ref.u0)
+    s = torch.from_numpy(symbols).view(ref.shape).float()
+    with torch.no_grad():
+        whole = float(ref.distortion(s))
+    assert ref.distortion_of(symbols) == pytest.approx(whole, rel=1e-5)
+    tiled = ref._tiled_gradient(s)
+    exact = s.clone().requires_grad_(True)
+    ref.distortion(exact).backward()
+    cosine = float((tiled * exact.grad).sum() / (tiled.norm() * exact.grad.norm()))
+    assert cosine > 0.999  # measured: 0.99995
+
+
+def test_the_progress_bar_counts_synthesis_tiles_times_steps():
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
+    steps = refine.iterations(1, model)
+    assert refine.iterations(1, model, 256, 256) == steps
+    # 4032 x 3024: 252 x 192 latents on tiles of 64: 4 x 3.
+    assert refine.tile_count(3024, 4032, model) == 12
+    assert refine.iterations(1, model, 3024, 4032) == 12 * steps
+
+
 def test_moved_symbols_are_one_per_position_and_never_neighbours():
     saving = torch.randn(1, 6, 12, 10, generator=torch.Generator().manual_seed(1))
     chosen = refine._spread(saving, 40)
