@@ -18,6 +18,10 @@ and at decode time ŷ = (s + mean) × inv_gain(q) ─► g_s ─► post-filter(
 (`synthesize_reduced`, lifting models) needs only y's coarse channels and skips the post-filter::
 
     ŷ[:C] × inv_gain(q)[:C] ─► g_s down to level k ─► shift by (2^k − 1) / 2^(k+1) ─crop─► x̂ at 1/2^k
+
+g_a and g_s run in tiles (`run_tiled`), a lifting model's larger than one tile level by level, each
+level in tiles with the halo of its own reach (`_analyze_by_levels`, `_inverse_levels`); h_s runs in
+tiles too (`hyper_tiles`). Tiles are computed side by side with one thread per operation.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from ..bitstream.tables import CdfTables
 from ..errors import ModelMismatchError, ModelNotFrozenError
 from .context import SubbandContext
 from .integer_hyper import OUT_BITS, ApproximateHyperSynthesis, IntegerHyperSynthesis, table_index
-from .lifting import InverseLifting, LiftingTransform, reduced_channels
+from .lifting import (LATENT_CHANNELS, LEVEL_REACH, WAVELET_LEVELS, InverseLifting, LiftingTransform, coarse_dwt,
+                      reduced_channels)
 from .networks import AnalysisTransform, HyperAnalysisTransform, ModelConfig, SynthesisTransform, interpolate_levels
 from .postfilter import PostFilter
 from .registry import sha256_file
@@ -45,8 +50,11 @@ FROZEN_FORMAT = "lcodec-frozen-1"
 PAD = 64  # g_a downsamples by 16 and h_a by 4 more
 TILE_LATENTS = 64  # g_a and g_s run on tiles of 64x64 latents (1024x1024 pixels) ...
 HALO_LATENTS = 4  # ... each read with 4 extra latents (64 pixels) of context on every side
+LEVEL_TILE_LATENTS = 32  # a lifting g_a or g_s computed level by level runs on tiles of at most 32x32 latents
 LIFTING_HALO_LATENTS = 12  # the lifting transform reaches further (see test_lifting_tiles_are_exact) ...
 COARSE_HALO_LATENTS = (0, 4, 12)  # ... and its coarse levels further still: 9 taps of LL4, then of LL5
+FINEST_HALO = 2  # latents of context of g_s's finest level with the post-filter (`_synthesize_by_levels`) ...
+POSTFILTER_CONTEXT = 16  # ... of which the post-filter reads this many pixels (its reach is 8)
 HYPER_TILE = 32  # h_s runs on tiles of 32x32 hyper-latents (2048x2048 pixels) ...
 HYPER_HALO = 3  # ... with 3 of context: a hyper-latent reaches 2 of them (measured), so tiling is exact
 
@@ -86,8 +94,7 @@ def run_tiled(fn, x: torch.Tensor, scale: int, tile: int, halo: int, inverse: bo
     plus `halo` input cells of context (wider than the receptive field), and
     only the tile's own region of the output is kept, so there are no seams.
     `tile` and `halo` are in input cells and must keep the latent grid aligned.
-    Up to `workers` tiles are computed at once (in threads; torch releases the
-    GIL), so at most that many tiles' activations are alive together.
+    Up to `workers` tiles are computed at once (`map_tiles`).
     """
     _, _, H, W = x.shape
     grid = tiles(H, W, tile, halo)
@@ -101,6 +108,21 @@ def run_tiled(fn, x: torch.Tensor, scale: int, tile: int, halo: int, inverse: bo
         return y[:, :, f(t.rows.start - top):f(t.rows.stop - top), f(t.cols.start - left):f(t.cols.stop - left)]
 
     out = None
+
+    def place(t: Tile, crop: torch.Tensor) -> None:
+        nonlocal out
+        if out is None:
+            out = torch.empty(1, crop.shape[1], f(H), f(W), dtype=crop.dtype)
+        out[:, :, f(t.rows.start):f(t.rows.stop), f(t.cols.start):f(t.cols.stop)] = crop
+
+    map_tiles(one_tile, place, grid, workers)
+    return out
+
+
+def map_tiles(compute, place, grid: list[Tile], workers: int) -> None:
+    """place(tile, compute(tile)) for every tile of `grid`, in order, computing up to `workers`
+    tiles at once in threads (torch releases the GIL), so that at most that many tiles'
+    activations are alive together."""
     step = max(workers, 1)
     with ThreadPoolExecutor(max_workers=max(step - 1, 1)) as pool:
         for i in range(0, len(grid), step):
@@ -109,13 +131,10 @@ def run_tiled(fn, x: torch.Tensor, scale: int, tile: int, halo: int, inverse: bo
             # malloc arena, where only that thread finds it again: g_a in a worker thread left 450 MB
             # there (8K, lifting model), and g_s in workers only did not reuse what this thread had
             # freed (8K decode, model 6: 2.0-2.1 GB peak RSS instead of 1.7-1.8 GB).
-            others = [pool.submit(one_tile, t) for t in group[1:]]
-            crops = [one_tile(group[0])] + [other.result() for other in others]
-            for t, crop in zip(group, crops):
-                if out is None:
-                    out = torch.empty(1, crop.shape[1], f(H), f(W), dtype=crop.dtype)
-                out[:, :, f(t.rows.start):f(t.rows.stop), f(t.cols.start):f(t.cols.stop)] = crop
-    return out
+            others = [pool.submit(compute, t) for t in group[1:]]
+            results = [compute(group[0])] + [other.result() for other in others]
+            for t, result in zip(group, results):
+                place(t, result)
 
 
 @contextmanager
@@ -194,7 +213,43 @@ class FrozenModel:
     def analyze(self, x: torch.Tensor, *, tile_latents: int = TILE_LATENTS) -> torch.Tensor:
         """x (1, 3, H, W) in [0, 1], H and W multiples of 64 -> y before the gain, on tiles of
         `tile_latents` latents."""
+        _, _, H, W = x.shape
+        if self.config.arch == "lifting" and len(tiles(H // 16, W // 16, tile_latents, self.halo_latents)) > 1:
+            with one_thread_per_operation() as threads:
+                return self._analyze_by_levels(x, tile_latents, threads)
         return run_tiled(self.analysis, x, 16, tile_latents * 16, self.halo_latents * 16, inverse=False)
+
+    def _analyze_by_levels(self, x: torch.Tensor, tile_latents: int, workers: int) -> torch.Tensor:
+        """g_a of a lifting model one level at a time, as `_inverse_levels` runs g_s: each level in
+        tiles of at most `LEVEL_TILE_LATENTS` latents with the halo of its own reach, computed side
+        by side in `workers` threads with one thread per operation (the same values whatever the
+        thread count); the whole transform at once would need a halo of all the reaches together.
+        Equal to the whole-image transform within float rounding."""
+        transform = self.analysis
+        _, _, H, W = x.shape
+        h, w = H // 16, W // 16
+        y = torch.empty(1, LATENT_CHANNELS, h, w)
+        band = x
+        for level in range(WAVELET_LEVELS):
+            r = 2**(WAVELET_LEVELS - 1 - level)  # samples of the level's output bands per latent
+            out = torch.empty(1, 3, r * h, r * w)
+            start = reduced_channels(level + 1)
+
+            def compute(t: Tile, band=band, level=level, r=r) -> tuple[torch.Tensor, torch.Tensor]:
+                rows, cols = _scaled(t.read_rows, 2 * r), _scaled(t.read_cols, 2 * r)
+                part = band[:, :, rows, cols]
+                coarser, details = transform.forward_level(transform.from_rgb(part) if level == 0 else part, level,
+                                                           channels_last=True)
+                return _crop(coarser, t, r), F.pixel_unshuffle(_crop(details, t, r), r)
+
+            def place(t: Tile, parts: tuple[torch.Tensor, torch.Tensor], out=out, r=r, start=start) -> None:
+                out[:, :, _scaled(t.rows, r), _scaled(t.cols, r)] = parts[0]
+                y[:, start:start + parts[1].shape[1], t.rows, t.cols] = parts[1]
+
+            map_tiles(compute, place, tiles(h, w, min(tile_latents, LEVEL_TILE_LATENTS), -(-LEVEL_REACH // r)), workers)
+            band = out
+        y[:, :3] = coarse_dwt(band, self.config.coarse_levels)
+        return y
 
     @torch.no_grad()
     def hyper_latent(self, y_gained: torch.Tensor) -> torch.Tensor:
@@ -207,18 +262,24 @@ class FrozenModel:
         mean (float32) and y table index (int32), each (1, M, rows, columns), or with `channels`
         only those of y's first `channels` channels. Exact: both sides compute the same values
         bit for bit, and a channel's values do not depend on which others are computed."""
-        out = _hyper_tile(self._hyper_synthesis_for(channels), z_int, tile)
-        mean_int, scale_int = out.chunk(2, dim=1)
-        mean = mean_int.double().div_(2**OUT_BITS).float()
-        return mean, table_index(scale_int, self.scale_thresholds)
+        top, left = tile.rows.start - tile.read_rows.start, tile.cols.start - tile.read_cols.start
+        return self._hyper_synthesis_for(channels).entropy_parameters(
+            z_int[:, :, tile.read_rows, tile.read_cols], self.scale_thresholds,
+            slice(4 * top, 4 * (top + tile.rows.stop - tile.rows.start)),
+            slice(4 * left, 4 * (left + tile.cols.stop - tile.cols.start)))
 
     def latent_entropy_parameters(self, z_int: torch.Tensor, index_dtype: np.dtype, channels: int | None = None,
-                                  workers: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+                                  workers: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """`entropy_parameters` for the whole latent, computed tile by tile into two buffers: the
         means (1, M, H, W) float32 and the table indices (M, H, W) as `index_dtype` (with
         `channels`, only y's first `channels` channels: M becomes `channels`); nothing else
         as big as the latent is alive meanwhile but up to `workers` tiles, computed side by side
-        in threads (exact: the same integers in any order)."""
+        in threads (exact: the same integers in any order). With `workers` None, as many tiles
+        as torch has threads, one thread per operation (on 2 shared cores that is 1.5-2x faster
+        than 2-thread operations, which lose most when another process takes a core)."""
+        if workers is None:
+            with one_thread_per_operation() as threads:
+                return self.latent_entropy_parameters(z_int, index_dtype, channels, threads)
         M, zh, zw = channels or self.config.M, z_int.shape[2], z_int.shape[3]
         mean = torch.empty(1, M, zh * 4, zw * 4)
         idx = np.empty((M, zh * 4, zw * 4), dtype=index_dtype)
@@ -227,15 +288,11 @@ class FrozenModel:
             return (self.entropy_parameters(z_int, tile) if channels is None
                     else self.entropy_parameters(z_int, tile, channels))
 
-        grid = hyper_tiles(z_int)
-        step = max(workers, 1)
-        with ThreadPoolExecutor(max_workers=step) as pool:
-            for i in range(0, len(grid), step):
-                group = grid[i:i + step]
-                for tile, (tile_mean, tile_idx) in zip(group, pool.map(one_tile, group) if step > 1
-                                                       else map(one_tile, group)):
-                    rows, cols = latent_region(tile)
-                    mean[:, :, rows, cols], idx[:, rows, cols] = tile_mean, tile_idx[0].numpy()
+        def place(tile: Tile, parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
+            rows, cols = latent_region(tile)
+            mean[:, :, rows, cols], idx[:, rows, cols] = parameters[0], parameters[1][0].numpy()
+
+        map_tiles(one_tile, place, hyper_tiles(z_int), workers)
         return mean, idx
 
     def _hyper_synthesis_for(self, channels: int | None) -> IntegerHyperSynthesis:
@@ -279,8 +336,83 @@ class FrozenModel:
         _, inv_gain = self.gains(q)
         y = y_hat_gained.mul_(inv_gain)
         with one_thread_per_operation() as threads:
-            x = run_tiled(lambda t: self.draw(t, q), y, 16, tile_latents, self.halo_latents, inverse=True, workers=threads)
+            if self._by_levels(y, tile_latents):
+                x = self._synthesize_by_levels(y, q, tile_latents, threads)
+            else:
+                x = run_tiled(lambda t: self.draw(t, q), y, 16, tile_latents, self.halo_latents, inverse=True,
+                              workers=threads)
         return x.clamp_(0, 1)
+
+    def _by_levels(self, y: torch.Tensor, tile_latents: int) -> bool:
+        """Whether g_s of a latent y runs level by level (`_inverse_levels`): a lifting model's latent
+        larger than one tile. One tile is the whole transform at once, as it has always run: the
+        pictures that fit one decode to the same pixels as before."""
+        return self.config.arch == "lifting" and len(tiles(y.shape[2], y.shape[3], tile_latents, self.halo_latents)) > 1
+
+    def _inverse_levels(self, y: torch.Tensor, stop: int, tile_latents: int, workers: int) -> torch.Tensor:
+        """LL_stop (1, 3, H/2^stop, W/2^stop) of a lifting model's y (after the inverse gain), one
+        level at a time, each in tiles of `tile_latents` latents with the halo its own reach needs
+        (`LEVEL_REACH` samples: 1 to 7 latents from the finest level to the coarsest). The whole
+        transform at once in tiles needs a halo of all the levels' reaches together (24 latents:
+        1.9 times the work on tiles of 64); a level's own halo costs 1.1 to 2 times its work
+        (most for the coarsest level, which is 1/64 of the finest's). Tiles of 32 latents keep the
+        activations of a tile within the CPU's caches and out of fresh pages: measured faster
+        than tiles of 16, 24 or 48 (12 MP)."""
+        transform = self.analysis
+        band = transform.coarsest_band(y)
+        _, _, h, w = y.shape
+        for level in reversed(range(stop, WAVELET_LEVELS)):
+            r = 2**(WAVELET_LEVELS - 1 - level)  # samples of the level's bands per latent
+            out = torch.empty(1, 3, 2 * r * h, 2 * r * w)
+
+            def compute(t: Tile, band=band, level=level, r=r) -> torch.Tensor:
+                rows, cols = t.read_rows, t.read_cols
+                finer = transform.inverse_level(band[:, :, r * rows.start:r * rows.stop, r * cols.start:r * cols.stop],
+                                                transform.level_details(y[:, :, rows, cols], level), level,
+                                                channels_last=True)
+                return _crop(finer, t, 2 * r)
+
+            def place(t: Tile, crop: torch.Tensor, out=out, r=r) -> None:
+                out[:, :, _scaled(t.rows, 2 * r), _scaled(t.cols, 2 * r)] = crop
+
+            map_tiles(compute, place, tiles(h, w, min(tile_latents, LEVEL_TILE_LATENTS), -(-LEVEL_REACH // r)), workers)
+            band = out
+        return band
+
+    def _synthesize_by_levels(self, y: torch.Tensor, q: float, tile_latents: int, workers: int) -> torch.Tensor:
+        """`draw` of a lifting model's y (after the inverse gain), unclamped, as `_inverse_levels`:
+        levels 4..2 one at a time, then the finest level, the colour transform and the post-filter
+        together in tiles with `FINEST_HALO` latents of context: the finest level reaches 14
+        pixels, and the post-filter reads `POSTFILTER_CONTEXT` rows and columns of what it
+        leaves valid (its reach is 8)."""
+        transform, pf = self.analysis, self.postfilter
+        band = self._inverse_levels(y, 1, tile_latents, workers)
+        _, _, h, w = y.shape
+        x = torch.empty(1, 3, 16 * h, 16 * w)
+
+        def compute(t: Tile) -> torch.Tensor:
+            rows, cols = t.read_rows, t.read_cols
+            pixels = transform.to_rgb(transform.inverse_level(
+                band[:, :, 8 * rows.start:8 * rows.stop, 8 * cols.start:8 * cols.stop],
+                transform.level_details(y[:, :, rows, cols], 0), 0, channels_last=True))
+            if pf is None:
+                return _crop(pixels, t, 16)
+            # The post-filter's input: the tile and its context, within the picture.
+            top = max(16 * t.rows.start - POSTFILTER_CONTEXT, 0)
+            left = max(16 * t.cols.start - POSTFILTER_CONTEXT, 0)
+            bottom = min(16 * t.rows.stop + POSTFILTER_CONTEXT, 16 * h)
+            right = min(16 * t.cols.stop + POSTFILTER_CONTEXT, 16 * w)
+            pixels = pixels[:, :, top - 16 * rows.start:bottom - 16 * rows.start,
+                            left - 16 * cols.start:right - 16 * cols.start]
+            filtered = pf.filter_whole(pixels.clamp(0, 1), q, channels_last=True)
+            return filtered[:, :, 16 * t.rows.start - top:16 * t.rows.stop - top,
+                            16 * t.cols.start - left:16 * t.cols.stop - left]
+
+        def place(t: Tile, crop: torch.Tensor) -> None:
+            x[:, :, _scaled(t.rows, 16), _scaled(t.cols, 16)] = crop
+
+        map_tiles(compute, place, tiles(h, w, min(tile_latents, LEVEL_TILE_LATENTS), FINEST_HALO), workers)
+        return x
 
     @torch.no_grad()
     def synthesize_reduced(self, y_hat_gained: torch.Tensor, q: float, stop: int, *,
@@ -301,9 +433,23 @@ class FrozenModel:
         y = y_hat_gained[:, :C].mul_(inv_gain[:, :C])
         scale = 16 // 2**stop
         with one_thread_per_operation() as threads:
-            x = run_tiled(lambda t: self.analysis.inverse(t, stop), y, scale, tile_latents, self.halo_latents,
-                          inverse=True, workers=threads)
+            if self._by_levels(y, tile_latents):
+                x = self.analysis.to_rgb(self._inverse_levels(y, stop, tile_latents, threads).div_(2.0**stop))
+            else:
+                x = run_tiled(lambda t: self.analysis.inverse(t, stop), y, scale, tile_latents, self.halo_latents,
+                              inverse=True, workers=threads)
             return half_block_shift(x, 2**stop).clamp_(0, 1)
+
+
+def _scaled(cells: slice, scale: int) -> slice:
+    return slice(scale * cells.start, scale * cells.stop)
+
+
+def _crop(out: torch.Tensor, t: Tile, scale: int) -> torch.Tensor:
+    """The tile's own region of `out`, computed from its read region on a grid `scale` times finer."""
+    top, left = t.rows.start - t.read_rows.start, t.cols.start - t.read_cols.start
+    return out[:, :, scale * top:scale * (top + t.rows.stop - t.rows.start),
+               scale * left:scale * (left + t.cols.stop - t.cols.start)]
 
 
 # Keys' cubic convolution (a = -0.5) at offsets 1 + d, d, 1 - d, 2 - d: the weights of samples

@@ -56,6 +56,7 @@ WAVELET_LEVELS = 4
 DOWNSAMPLING = 2**WAVELET_LEVELS
 LATENT_CHANNELS = 3 + sum(9 * 4**k for k in range(WAVELET_LEVELS))  # 768
 MEAN_CHANNELS = 3  # LL4: the only channels whose mean the hyperprior predicts
+LEVEL_REACH = 7  # samples of a level's coarse grid that one level of g_a or g_s reaches (`inverse_level`)
 
 # RGB -> YCbCr (ITU-R BT.601), the colour transform's starting point; x is centred at 0.5 first.
 YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
@@ -138,6 +139,15 @@ def reduced_channels(stop: int) -> int:
     return 3 + sum(9 * 4**(WAVELET_LEVELS - 1 - level) for level in range(stop, WAVELET_LEVELS))
 
 
+def _step(step: nn.Sequential, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A learned lifting step of x, or, with `channels_last`, the same computed for inference in that
+    layout with the ReLU in place (a ReLU that allocates its output costs as much as a convolution)."""
+    if not channels_last:
+        return step(x)
+    hidden = step[0](x.contiguous(memory_format=torch.channels_last)).relu_()
+    return step[2](hidden).contiguous()
+
+
 class LiftingStep(nn.Sequential):
     """A learned lifting operator: conv 3x3 -> ReLU -> conv 3x3, the last layer zero at start."""
 
@@ -165,18 +175,30 @@ class LiftingTransform(nn.Module):
         self.update = nn.ModuleList(LiftingStep(9, 3, hidden) for _ in range(WAVELET_LEVELS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        band = torch.einsum("ij,bjhw->bihw", self.colour, x - 0.5)
+        band = self.from_rgb(x)
         parts = []
         for level in range(WAVELET_LEVELS):
-            band, details = dwt97_2d(band)
-            s = 2.0**(level + 1)
-            details = details + self.predict[level](band / s) * s
-            band = band + self.update[level](details / s) * s
+            band, details = self.forward_level(band, level)
             parts.append(details)
         out = [coarse_dwt(band, self.coarse_levels)]
         for level in reversed(range(WAVELET_LEVELS)):
             out.append(F.pixel_unshuffle(parts[level], 2**(WAVELET_LEVELS - 1 - level)))
         return torch.cat(out, 1)
+
+    def from_rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """The colour transform of RGB pictures in [0, 1]: the band that level 1 splits."""
+        return torch.einsum("ij,bjhw->bihw", self.colour, x - 0.5)
+
+    def forward_level(self, band: torch.Tensor, level: int, channels_last: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One level of `forward` (0: the finest): a band -> its LL band and details, half as large.
+        An output sample reaches `LEVEL_REACH` samples of the output grid (as `inverse_level`);
+        `channels_last` as there."""
+        band, details = dwt97_2d(band)
+        s = 2.0**(level + 1)
+        details = details + _step(self.predict[level], band / s, channels_last) * s
+        band = band + _step(self.update[level], details / s, channels_last) * s
+        return band, details
 
     def inverse(self, y: torch.Tensor, stop: int = 0) -> torch.Tensor:
         """y -> x; with `stop` = k > 0, the picture at 1/2^k scale (B, 3, H/2^k, W/2^k) instead.
@@ -187,18 +209,39 @@ class LiftingTransform(nn.Module):
         (2^k i, 2^k j). LL_k / 2^k through the inverse colour matrix is then the small picture.
         Only y's first `reduced_channels(k)` channels are read: the details of levels k..1 are not
         needed (and may be absent)."""
-        band, rest = coarse_idwt(y[:, :3], self.coarse_levels), y[:, 3:]
+        band = self.coarsest_band(y)
         for level in reversed(range(stop, WAVELET_LEVELS)):
-            r = 2**(WAVELET_LEVELS - 1 - level)
-            n = 9 * r * r
-            details, rest = F.pixel_shuffle(rest[:, :n], r), rest[:, n:]
-            s = 2.0**(level + 1)
-            band = band - self.update[level](details / s) * s
-            details = details - self.predict[level](band / s) * s
-            band = idwt97_2d(band, details)
+            band = self.inverse_level(band, self.level_details(y, level), level)
         if stop:
             band = band / 2.0**stop
-        inverse_colour = torch.linalg.inv(self.colour.double()).to(y.dtype)
+        return self.to_rgb(band)
+
+    def coarsest_band(self, y: torch.Tensor) -> torch.Tensor:
+        """LL4 (B, 3, H/16, W/16) from y: its first 3 channels, the coarse levels undone."""
+        return coarse_idwt(y[:, :3], self.coarse_levels)
+
+    @staticmethod
+    def level_details(y: torch.Tensor, level: int) -> torch.Tensor:
+        """The detail bands of `level` (0: the finest) from y: (B, 9, H/2^(level+1), W/2^(level+1))."""
+        r = 2**(WAVELET_LEVELS - 1 - level)
+        start = reduced_channels(level + 1)
+        return F.pixel_shuffle(y[:, start:start + 9 * r * r], r)
+
+    def inverse_level(self, band: torch.Tensor, details: torch.Tensor, level: int,
+                      channels_last: bool = False) -> torch.Tensor:
+        """One level of `inverse`: its LL band and details -> the band twice as large that the
+        analysis split. Output sample 2n depends on inputs n - LEVEL_REACH .. n + LEVEL_REACH at
+        most (the two learned steps reach 2 each, the 9/7 2 more; measured: 6.5), so a level can
+        be computed in tiles. `channels_last` (for inference) runs the learned steps in that
+        layout: faster convolutions on the CPU, the same values within float rounding."""
+        s = 2.0**(level + 1)
+        band = band - _step(self.update[level], details / s, channels_last) * s
+        details = details - _step(self.predict[level], band / s, channels_last) * s
+        return idwt97_2d(band, details)
+
+    def to_rgb(self, band: torch.Tensor) -> torch.Tensor:
+        """The inverse colour transform: a band on the pixel grid -> RGB pictures around 0.5."""
+        inverse_colour = torch.linalg.inv(self.colour.double()).to(band.dtype)
         return torch.einsum("ij,bjhw->bihw", inverse_colour, band) + 0.5
 
     @torch.no_grad()

@@ -56,11 +56,11 @@ class PostFilter(nn.Module):
     def forward(self, x: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
         H = x.shape[2]
         if H <= STRIP + 2 * STRIP_CONTEXT:
-            return self._filter(x, q)
+            return self.filter_whole(x, q)
         strips = []
         for top in range(0, H, STRIP):
             lo, hi = max(top - STRIP_CONTEXT, 0), min(top + STRIP + STRIP_CONTEXT, H)
-            strips.append(self._filter(x[:, :, lo:hi], q)[:, :, top - lo:min(top + STRIP, H) - lo])
+            strips.append(self.filter_whole(x[:, :, lo:hi], q)[:, :, top - lo:min(top + STRIP, H) - lo])
         return torch.cat(strips, 2)
 
     def strength_at(self, q: torch.Tensor) -> torch.Tensor:
@@ -71,12 +71,22 @@ class PostFilter(nn.Module):
         t = q - i.to(q.dtype)
         return (1 - t) * self.strength[i] + t * self.strength[(i + 1).clamp(max=last)]
 
-    def _filter(self, x: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
+    def filter_whole(self, x: torch.Tensor, q: float | torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """As `forward`, without strips: for inputs whose activations fit in memory (a tile). With
+        `channels_last` (for inference only: not differentiable) the convolutions run in that layout
+        and the ReLUs in place: the same values within float rounding, 2-3x faster on the CPU
+        (oneDNN's convolutions; a ReLU that allocates its output costs as much as a convolution)."""
         q = torch.as_tensor(q, dtype=x.dtype).reshape(-1).expand(x.shape[0])
-        return x + self.strength_at(q).view(-1, 1, 1, 1) * self.residual(x, q)
+        return x + self.strength_at(q).view(-1, 1, 1, 1) * self.residual(x, q, channels_last)
 
-    def residual(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def residual(self, x: torch.Tensor, q: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """F(x̃, q) at strength 1, for q (B,)."""
         blocks = F.pixel_unshuffle(x - 0.5, 2)
         rate = (q / Q_SCALE).view(-1, 1, 1, 1).expand(blocks.shape[0], 1, blocks.shape[2], blocks.shape[3])
-        return F.pixel_shuffle(self.layers(torch.cat([blocks, rate], 1)), 2)
+        blocks = torch.cat([blocks, rate], 1)
+        if not channels_last:
+            return F.pixel_shuffle(self.layers(blocks), 2)
+        a = blocks.contiguous(memory_format=torch.channels_last)
+        for layer in self.layers:  # for inference only: ReLUs in place
+            a = a.relu_() if isinstance(layer, nn.ReLU) else layer(a)
+        return F.pixel_shuffle(a.contiguous(), 2)

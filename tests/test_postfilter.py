@@ -111,7 +111,7 @@ def test_the_training_stage_writes_a_frozen_model_with_the_filter_and_resumes(im
 def test_tall_inputs_are_filtered_in_strips_with_the_same_result(tmp_path):
     net = with_filter(tmp_path).model.postfilter
     x = torch.rand(1, 3, postfilter.STRIP * 2 + 2 * postfilter.STRIP_CONTEXT + 34, 40)
-    whole = net._filter(x, 3.0)
+    whole = net.filter_whole(x, 3.0)
     assert torch.allclose(net(x, 3.0), whole, atol=1e-6)
 
 
