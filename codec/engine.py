@@ -46,7 +46,7 @@ class EncodeResult:
     target_bytes: int | None
     warning: str | None = None  # e.g. the model's top rate was reached below the target
     probes: int = 0  # size estimates the rate control made (none for an explicit rate)
-    encodes: int = 1  # real encodes made
+    encodes: int = 1  # real encodes made (their symbols at one rate each; the chosen one range-coded)
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,10 +141,42 @@ def _table_index_dtype(model: FrozenModel) -> np.dtype:
     return np.min_scalar_type(model.y_tables.num_tables - 1)
 
 
+# A large image's estimates look at a fixed sample of its latents: their size is then off by a
+# factor (a few tens of per cent on a 12 MP graphic), but one that changes little with rq (~1% over
+# a quarter level), which rate control measures; on a whole latent they cost ~30x more at 12 MP.
+SAMPLE_POSITIONS = 6144  # latent positions (16x16 pixels each) in a sample: 4 Kodak images' worth
+SAMPLE_BLOCK = 16  # latents: the side of a sample block (256 pixels; a multiple of h_a's stride 4)
+SAMPLE_ROW = 4  # blocks side by side in the sample latent
+
+
+def sample_latent(y: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """A fixed sample of the latent y (1, M, h, w) and how many times more positions y has, or None
+    for a latent of at most 2 x `SAMPLE_POSITIONS` positions (estimates see all of it), or one
+    narrower than a block.
+
+    The sample is SAMPLE_POSITIONS / SAMPLE_BLOCK² blocks of the grid of SAMPLE_BLOCK-latent
+    blocks, at block row (i + 1/2) · rows / k and column frac(i · golden ratio) · columns for
+    i < k (a rank-1 lattice: spread over both axes), laid side by side SAMPLE_ROW to a row."""
+    _, _, h, w = y.shape
+    rows, cols = h // SAMPLE_BLOCK, w // SAMPLE_BLOCK
+    k = SAMPLE_POSITIONS // SAMPLE_BLOCK**2
+    if h * w <= 2 * SAMPLE_POSITIONS or rows == 0 or cols == 0:
+        return None
+    golden = (math.sqrt(5) - 1) / 2
+    blocks = []
+    for i in range(k):
+        r, c = int((i + 0.5) * rows / k), int((i * golden) % 1 * cols)
+        blocks.append(y[:, :, r * SAMPLE_BLOCK:(r + 1) * SAMPLE_BLOCK, c * SAMPLE_BLOCK:(c + 1) * SAMPLE_BLOCK])
+    sample = torch.cat([torch.cat(blocks[i:i + SAMPLE_ROW], dim=3) for i in range(0, k, SAMPLE_ROW)], dim=2)
+    return sample, h * w / (k * SAMPLE_BLOCK**2)
+
+
 class Encoder:
     """One image's encoder state with one model: g_a runs once, when it is made; each rate rq
-    then costs only what depends on it -- `estimate_bytes` for a rate-control probe, `payload`
-    for a real encode. `tile_latents` sets g_a's tiles (None: the model's own).
+    then costs only what depends on it -- `estimate_bytes` for a rate-control probe (on a large
+    image, on a fixed sample of the latent), `measure_bytes` for a real encode's symbols and their
+    exact size, `payload` for a real encode (it reuses the symbols of a measure at the same rq).
+    `tile_latents` sets g_a's tiles (None: the model's own).
 
     Everything after h_a runs tile by tile (`frozen.hyper_tiles`): a probe never holds more
     than one tile's means, indices and symbols, and a real encode keeps only the symbols
@@ -153,9 +185,24 @@ class Encoder:
     def __init__(self, model: FrozenModel, pixels: np.ndarray, mode: str, *, tile_latents: int | None = None):
         self.model, self.mode = model, mode
         self.height, self.width = pixels.shape[:2]
-        self.y = model.analyze(_to_tensor(pixels, mode), **_tiles(tile_latents))
-        zh, zw = self.y.shape[2] // 4, self.y.shape[3] // 4
-        self.z_index = np.repeat(np.arange(model.config.N), zh * zw)
+        self._set_latent(model.analyze(_to_tensor(pixels, mode), **_tiles(tile_latents)))
+        # A large image's estimates are made on a sample of its latents (see `sample_latent`).
+        sample = sample_latent(self.y)
+        self._sample = None if sample is None else (self._of_latent(sample[0]), sample[1])
+        self._kept: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None  # `measure_bytes`'s symbols
+
+    def _set_latent(self, y: torch.Tensor) -> None:
+        self.y = y
+        zh, zw = y.shape[2] // 4, y.shape[3] // 4
+        self.z_index = np.repeat(np.arange(self.model.config.N), zh * zw)
+
+    def _of_latent(self, y: torch.Tensor) -> Encoder:
+        """An encoder of the latent y (a sample of this one's), for estimates only."""
+        enc = Encoder.__new__(Encoder)
+        enc.model, enc.mode, enc.height, enc.width = self.model, self.mode, 16 * y.shape[2], 16 * y.shape[3]
+        enc._set_latent(y)
+        enc._sample, enc._kept = None, None
+        return enc
 
     def _hyper_latent(self, rq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The gain (1, M, 1, 1) and ẑ (1, N, zh, zw) at rate rq."""
@@ -179,19 +226,28 @@ class Encoder:
     def _symbols(self, rq: int, z: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ẑ (by default h_a's), the y symbols and their hyper table indices at rate rq, flat in C
         order (for a context model, rounded pass by pass: `rounding.round_in_passes`)."""
+        return self._coded(rq, z, count=False)[:3]
+
+    def _coded(self, rq: int, z: torch.Tensor | None = None, count: bool = True
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """`_symbols`, and the ideal code length in bits of the y symbols as they are coded (with
+        `count`; a context model's rounding counts them anyway)."""
         if z is None:
             gain, z = self._hyper_latent(rq)
         else:
             gain, _ = self.model.gains(rq / RATE_SCALE)
         if self.model.context is not None:
             v, idx = self._residuals(gain, z, exact=True)
-            sym, _ = rounding.round_in_passes(self.model, v, idx)
-            return z.numpy().ravel(), sym.ravel(), idx.ravel()
+            sym, bits = rounding.round_in_passes(self.model, v, idx)
+            return z.numpy().ravel(), sym.ravel(), idx.ravel(), bits
         shape = self.y.shape[1:]
         sym, idx = np.empty(shape, dtype=np.int32), np.empty(shape, dtype=_table_index_dtype(self.model))
+        bits = 0.0
         for (rows, cols), tile_sym, tile_idx in self._symbol_tiles(gain, z):
             sym[:, rows, cols], idx[:, rows, cols] = tile_sym[0].numpy(), tile_idx[0].numpy()
-        return z.numpy().ravel(), sym.ravel(), idx.ravel()
+            if count:
+                bits += self.model.y_tables.cost_bits(tile_sym.numpy().ravel(), tile_idx.numpy().ravel())
+        return z.numpy().ravel(), sym.ravel(), idx.ravel(), bits
 
     def _residuals(self, gain: torch.Tensor, z: torch.Tensor, exact: bool) -> tuple[np.ndarray, np.ndarray]:
         """The gained latents less their means (M, h, w) float32 and their hyper table indices, h_s
@@ -208,7 +264,15 @@ class Encoder:
 
     def estimate_bytes(self, rq: int) -> float:
         """Predicted file size at rq: the ideal code length under the frozen tables (the real
-        coder is within ~0.01% of it), with the fast float32 hyper-synthesis."""
+        coder is within a few bytes of it), with the fast float32 hyper-synthesis (within ~0.1% of
+        the file) -- for a large image on its sample, scaled by area (off by a factor that
+        changes little with rq: rate control corrects it by measures)."""
+        if self._sample is None:
+            return self._estimate(rq)
+        sample, scale = self._sample
+        return OVERHEAD + (sample._estimate(rq) - OVERHEAD) * scale
+
+    def _estimate(self, rq: int) -> float:
         gain, z = self._hyper_latent(rq)
         bits = self.model.z_tables.cost_bits(z.numpy().ravel(), self.z_index)
         if self.model.context is not None:
@@ -218,11 +282,21 @@ class Encoder:
             bits += self.model.y_tables.cost_bits(sym.numpy().ravel(), idx.numpy().ravel())
         return OVERHEAD + bits / 8
 
+    def measure_bytes(self, rq: int) -> float:
+        """The file size at rq by the ideal code length of the very symbols a real encode codes
+        (the coder adds a few bytes): a real encode but for the range coder. The symbols are kept
+        for a `payload(rq)` that follows, until the next measure."""
+        self._kept = None  # one latent's symbols at a time
+        z, sym, idx, y_bits = self._coded(rq)
+        self._kept = rq, (z, sym, idx)
+        return OVERHEAD + (self.model.z_tables.cost_bits(z, self.z_index) + y_bits) / 8
+
     def payload(self, rq: int, refined: refine.Refined | None = None) -> bytes:
         """The range-coded stream at rq (everything of the file but the header and CRC); with
         `refined` (at rq), its ẑ and y symbols instead of h_a's and g_a's."""
         if refined is None:
-            z, sym, idx = self._symbols(rq)
+            kept, self._kept = self._kept, None
+            z, sym, idx = kept[1] if kept is not None and kept[0] == rq else self._symbols(rq)
         else:
             z, _, idx = self._symbols(rq, refined.z)
             sym = refined.symbols
@@ -330,10 +404,10 @@ class _Job:
         else:
             goal = ratecontrol.target(width, height, bpp=self.bpp, size=self.size)
             enc = Encoder(model, self.pixels, self.mode, tile_latents=self.tile_latents)  # g_a: after the cheap checks
-            fit = ratecontrol.fit(goal, enc.estimate_bytes, lambda rq: enc.file(rq, self.model_id, self.weights.digest4),
-                                  lo, hi, model.levels)
+            fit = ratecontrol.fit(goal, enc.estimate_bytes, enc.measure_bytes,
+                                  lambda rq: enc.file(rq, self.model_id, self.weights.digest4), lo, hi, model.levels)
             result = EncodeResult(fit.data, fit.rq / RATE_SCALE, 8 * len(fit.data) / (width * height), goal.bytes,
-                                  fit.warning, fit.probes, fit.encodes)
+                                  fit.warning, fit.probes, fit.measures)
         return result, enc
 
     def refined(self, enc: Encoder, result: EncodeResult, effort: int, tick) -> EncodeResult | None:

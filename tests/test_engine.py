@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import pkgutil
 import subprocess
 import sys
@@ -329,15 +330,19 @@ def test_rate_search_starts_where_the_size_stops_falling():
 
 
 @pytest.mark.parametrize("real_over_estimate", [1.02, 3.0])
-def test_rate_control_makes_each_estimate_and_each_encode_once(real_over_estimate):
-    """The start's walk, the search, the second search from the smallest file and the error
-    message share one memo: no rq is estimated or encoded twice, and the counts say so.
-    With real files 3x the estimates, nothing reaches the target and every step runs."""
-    estimated, encoded = [], []
+def test_rate_control_makes_each_estimate_measure_and_encode_once(real_over_estimate):
+    """The start's walk, every round of the search, the second search from the smallest file and
+    the error message share one memo: no rq is estimated, measured or encoded twice, and the
+    counts say so. With real files 3x the estimates, nothing reaches the target and every step runs."""
+    estimated, measured, encoded = [], [], []
 
     def estimate(rq):
         estimated.append(rq)
         return 5000 + rq
+
+    def measure(rq):
+        measured.append(rq)
+        return real_over_estimate * (5000 + rq)
 
     def encode(rq):
         encoded.append(rq)
@@ -347,61 +352,80 @@ def test_rate_control_makes_each_estimate_and_each_encode_once(real_over_estimat
     levels = (0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
     if real_over_estimate > 2:
         with pytest.raises(RateError, match="smallest file lcodec can make for it is 8856 bytes"):
-            ratecontrol.fit(goal, estimate, encode, -2048, 4096, levels)
-        assert min(encoded) == -2048  # the bottom of the range was tried
+            ratecontrol.fit(goal, estimate, measure, encode, -2048, 4096, levels)
+        assert min(measured) == -2048  # the bottom of the range was tried
     else:
-        fit = ratecontrol.fit(goal, estimate, encode, -2048, 4096, levels)
+        fit = ratecontrol.fit(goal, estimate, measure, encode, -2048, 4096, levels)
         assert (1 - ratecontrol.TOLERANCE) * 4000 <= len(fit.data) <= 4000 and fit.warning is None
-        assert (fit.probes, fit.encodes) == (len(estimated), len(encoded))
-    assert len(set(estimated)) == len(estimated) and len(set(encoded)) == len(encoded)
+        assert (fit.probes, fit.measures, fit.encodes) == (len(estimated), len(measured), len(encoded))
+        assert encoded == [fit.rq]  # only the chosen file is range-coded
+    for calls in (estimated, measured, encoded):
+        assert len(set(calls)) == len(calls)
 
 
-def test_a_guess_does_not_change_the_answer_and_few_probes_find_it():
-    """largest_below gives the same rq with a guess as without, in a few probes over many
-    budgets, on sizes shaped like a model's: log-linear between levels whose rates double at
-    the bottom and grow by a third at the top, shifted per image. (On these sizes the Illinois
-    false position needs no guess; on 6 Kodak images with ids 6 and 8 at 0.12-1 bpp the guess
-    saved one probe a search, 6.2 against 7.2.)"""
-    from lcodec.ratecontrol import largest_below
-
-    levels = np.log([0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
-    pixels = 768 * 512
-    plain, guided = [], []
-    for shift in (-0.2, 0.0, 0.15):  # the image codes 18% smaller ... 16% bigger than the levels
-        def size(rq, calls):
-            calls.append(rq)
-            return 100 + pixels / 8 * np.exp(np.interp(rq / 1024, np.arange(8), levels) + shift)
-
-        for bpp in np.geomspace(0.05, 2.5, 15):
-            budget = bpp * pixels / 8
-            want = largest_below(lambda rq: size(rq, plain), budget, 0, 8192)
-            guess = round(1024 * np.interp(np.log(bpp), levels, np.arange(8)))
-            assert largest_below(lambda rq: size(rq, guided), budget, 0, 8192, guess=guess) == want
-            for far in (0, 8192, 9000):  # guesses at or outside the ends change nothing either
-                assert largest_below(lambda rq: size(rq, []), budget, 0, 8192, guess=far) == want
-    searches = 3 * 15
-    assert len(plain) < 7 * searches and len(guided) < 7 * searches
+LEVELS = (0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-def test_a_guess_far_under_the_answer_is_extrapolated_not_bracketed_by_the_top():
-    """When the image codes much smaller than the levels, the probes above the guess walk up
-    by extrapolation instead of probing the top of the range (a probe there codes the image
-    at its largest, the slowest probe of all); the answer is the same."""
-    from lcodec.ratecontrol import largest_below
+def _model_sizes(shift: float, tilt: float = 0.0, pixels: int = 768 * 512):
+    """Sizes shaped like a model's: the cubic through the levels' log rates (which double at the
+    bottom and grow by a third at the top; it rises on the whole range), shifted per image and
+    tilted by `tilt` per level about level 4 (an image whose size rises faster or slower than the levels')."""
+    shape = np.polyfit(np.arange(len(LEVELS)), np.log(LEVELS), 3)
 
-    levels = np.log([0.06, 0.12, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
-
-    def size(rq, calls):
+    def size(rq: int, calls: list) -> float:
         calls.append(rq)
-        return 49152 * np.exp(np.interp(rq / 1024, np.arange(8), levels, right=None) - 0.8)  # 55% smaller
+        x = rq / 1024
+        return 100 + pixels / 8 * np.exp(np.polyval(shape, x) + shift + tilt * (x - 4))
 
-    for bpp, slack in ((0.25, 0.0), (0.5, 0.004)):
-        budget = bpp * 49152
-        guess = round(1024 * np.interp(np.log(bpp), levels, np.arange(8)))
-        calls = []
-        found = largest_below(lambda rq: size(rq, calls), budget, 0, 8191, guess=guess, slack=slack)
-        assert 8191 not in calls and len(calls) <= 8
-        if slack == 0:
-            assert size(found, []) <= budget < size(found + 1, [])
-        else:
-            assert (1 - slack) * budget <= size(found, []) <= budget
+    return size
+
+
+def test_solve_lands_in_the_window_in_a_few_probes():
+    """Over many budgets and images that code from 55% smaller to 30% bigger than the levels, and
+    whose size rises 15% faster or slower a level, `solve` returns an rq whose cost is within
+    `SLACK` under the aim (probed) or, predicted within 1%, within 2% of it, from the levels'
+    guess in 2-3 probes on average, never probing the top of the range."""
+    curve = ratecontrol.LevelCurve(LEVELS)
+    probes = []
+    for shift in (-0.8, -0.2, 0.0, 0.25):
+        for tilt in (-0.15, 0.0, 0.15):
+            size = _model_sizes(shift, tilt)
+            for bpp in np.geomspace(0.1, 2.5, 12):
+                aim = bpp * 768 * 512 / 8
+                calls = []
+                found = ratecontrol.solve(lambda r: size(r, calls), aim, 0, 12288, {}, round(curve.rq(math.log(bpp))),
+                                          curve)
+                if size(0, []) > aim:
+                    assert found is None
+                    continue
+                rq, predicted = found
+                real = size(rq, [])
+                if size(12288, []) <= aim:  # the top of the range is under the aim
+                    assert rq == 12288
+                    continue
+                assert 0.98 * aim <= real <= 1.002 * aim and abs(predicted / real - 1) < 0.01, (shift, tilt, bpp)
+                assert len(set(calls)) == len(calls) and 12288 not in calls
+                probes.append(len(calls))
+    assert len(probes) > 100 and max(probes) <= 5 and sum(probes) / len(probes) <= 3
+
+
+def test_rate_control_gives_the_largest_file_under_the_target_where_steps_are_coarse():
+    """Where one rq step moves the size past the whole window (10% steps), the largest file under
+    the target, with a warning that says why; `solve` gives None when even lo is over the aim and
+    hi when even hi is under it."""
+    sizes = lambda rq: 1000 * 1.1 ** (rq // 100)  # noqa: E731
+    goal = ratecontrol.target(100, 100, size=5000)
+    fit = ratecontrol.fit(goal, sizes, sizes, lambda rq: bytes(int(sizes(rq))), -2048, 4096, LEVELS)
+    assert len(fit.data) == int(1000 * 1.1**16) and sizes(fit.rq + 1) > 5000
+    assert "coarser" in fit.warning and fit.measures <= ratecontrol.MAX_MEASURES
+    curve = ratecontrol.LevelCurve(LEVELS)
+    assert ratecontrol.solve(sizes, 900, 0, 4096, {}, 3000, curve) is None
+    assert ratecontrol.solve(sizes, 1e9, 0, 4096, {}, 3000, curve)[0] == 4096
+
+
+def test_solve_gives_up_on_a_cost_that_does_not_rise():
+    """A flat cost (the model's sizes stop rising) costs at most MAX_PROBES probes."""
+    curve = ratecontrol.LevelCurve(LEVELS)
+    calls = []
+    ratecontrol.solve(lambda rq: calls.append(rq) or 1000.0, 5000, 0, 1 << 30, {}, 3000, curve)
+    assert len(calls) <= ratecontrol.MAX_PROBES + 1
