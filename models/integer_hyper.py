@@ -171,32 +171,31 @@ class IntegerHyperSynthesis:
         return a.to(torch.int64)
 
     def entropy_parameters(self, z_int: torch.Tensor, thresholds: torch.Tensor, rows: slice, cols: slice,
-                           chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                           chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         """`self(z_int)` at output `rows` and `cols` only, as the codec uses it: the means
-        mean_int / 2^OUT_BITS as float32 and the table indices `table_index(scale_int, thresholds)`,
-        each (B, M, rows, cols). The same integers as `self(z_int)`, in less time and memory: a
-        pointwise last layer runs on the cropped rows and columns only, `chunk` rows at a time
-        (exact in any order: every sum is of integers below 2^53)."""
+        mean_int / 2^OUT_BITS as float32 and the table indices `table_index(scale_int, thresholds)`
+        as int32, each (B, M, rows, cols). The same integers as `self(z_int)`, in less time and
+        memory: a pointwise last layer runs on the cropped rows and columns only, `chunk` rows at a
+        time (exact in any order: every sum is of integers below 2^53)."""
         a = self._input(z_int)
         for layer in self.layers[:-1 if self._pointwise else None]:
             a = self._layer(layer, a)
         a = a[:, :, rows, cols]
+        B, _, h, w = a.shape
         M = self.outputs // 2
         if not self._pointwise:
             mean_int, scale_int = a.to(torch.int64).chunk(2, dim=1)
             return mean_int.double().div_(2**OUT_BITS).float(), table_index(scale_int, thresholds)
-        B, C, h, w = a.shape
+        mean, index = torch.empty(B, M, h, w), torch.empty(B, M, h, w, dtype=torch.int32)
         a = a.contiguous()
-        mean = torch.empty(B, M, h, w)
-        index = torch.empty(B, M, h, w, dtype=torch.int32)
-        out = self._constant[:, None].expand(-1, chunk * w).clone()  # (2M, positions) of one chunk
+        values = self._constant[:, None].expand(-1, chunk * w).clone()  # (2M, positions) of one chunk
         for b in range(B):
             for top in range(0, h, chunk):
                 n = min(chunk, h - top) * w
-                acc = torch.addmm(self._bias, self._weight, a[b, :, top:top + chunk].reshape(C, n))
-                out[self._computed, :n] = acc.mul_(self._scale).floor_()
-                mean[b, :, top:top + chunk] = out[:M, :n].div(2**OUT_BITS).float().view(M, -1, w)
-                index[b, :, top:top + chunk] = table_index(out[M:, :n].to(torch.int64), thresholds).view(M, -1, w)
+                acc = torch.addmm(self._bias, self._weight, a[b, :, top:top + chunk].flatten(1))
+                values[self._computed, :n] = acc.mul_(self._scale).floor_()
+                mean[b, :, top:top + chunk] = values[:M, :n].div(2**OUT_BITS).view(M, -1, w)
+                index[b, :, top:top + chunk] = table_index(values[M:, :n].to(torch.int64), thresholds).view(M, -1, w)
         return mean, index
 
 
