@@ -484,10 +484,14 @@ def _best_of(pixels: np.ndarray, jobs: list[_Job], effort: int, progress) -> Enc
             best = min(errors)
             chosen = [r for r, e in zip(ready, errors) if e <= best * 10 ** (refine.WITHIN_DB / 10)]
             if progress is not None:
-                progress.reset(total=sum(refine.iterations(effort, r[0].weights.model) for r in chosen))
+                progress.reset(total=sum(refine.iterations(effort, r[0].weights.model, *pixels.shape[:2])
+                                         for r in chosen))
             refined = _all(pool, lambda r: r[0].refined(r[2], r[1], effort, tick), chosen, stop) if effort \
                 else [None] * len(chosen)
             others = [(result, job.weights) for (job, _, _), result in zip(chosen, refined) if result is not None]
+            # The encoders (g_a's latent, the size of the picture) are not needed to compare the files.
+            ready = [(job, result) for job, result, _ in ready]
+            del fitted, chosen, refined
             other_errors = _all(pool, lambda c: _squared_error(pixels, *c), others, stop)
     candidates = [(r[1], e) for r, e in zip(ready, errors)] + [(c[0], e) for c, e in zip(others, other_errors)]
     return min(candidates, key=lambda c: c[1])[0]  # min keeps the earliest of equal values

@@ -16,7 +16,8 @@ edited); nested stages are inside their parents:
 
     encode   g_a            FrozenModel.analyze
              probes         Encoder.estimate_bytes (rate search; count in brackets)
-             real encodes   Encoder.payload (symbols for one rate, then the range coder)
+             measures       Encoder.measure_bytes (a real encode's symbols and exact size)
+             real encodes   Encoder.payload (the range coder, and the symbols unless measured)
              range encode   range_coder.encode (inside real encodes)
     decode   h_s            FrozenModel.latent_entropy_parameters (the integer hyper-synthesis)
              passes         engine._decode_passes (the subband context and the range decoder)
@@ -43,7 +44,6 @@ from .report import git_state
 from .speed import ROOT, Shim
 
 IMAGE = ROOT / ".." / "shared" / "data" / "large" / "photo-12mp.jpg"
-STAGES = {"encode": ("g_a", "probes", "real_encodes", "range_encode"), "decode": ("h_s", "passes", "g_s")}
 
 
 def make_image(path: Path, megapixels: float):
@@ -78,6 +78,7 @@ def child(job: dict) -> dict:
         if job["phase"] == "encode":
             shim.wrap(FrozenModel, "analyze", "g_a")
             shim.wrap(engine.Encoder, "estimate_bytes", "probes")
+            shim.wrap(engine.Encoder, "measure_bytes", "measures")
             shim.wrap(engine.Encoder, "payload", "real_encodes")
             shim.wrap(engine.range_coder, "encode", "range_encode")
         else:
@@ -118,14 +119,15 @@ def markdown(s: dict) -> str:
              f"`{s['command']}` on {s['machine']} (load average at the start: {s['load_average']}), code "
              f"{s['git']['commit'][:10]}{' (dirty)' if s['git'].get('dirty') else ''}. Medians of {s['runs']} runs per phase; seconds, peak RSS in MB of the phase's own process.",
              "",
-             "| picture | MP | encode s | g_a | probes (n) | real encodes | of which range coder | RSS MB "
+             "| picture | MP | encode s | g_a | probes (n) | measures (n) | real encodes | of which range coder | RSS MB "
              "| decode s | h_s | passes | g_s | RSS MB | bpp | PSNR dB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in s["rows"]:
         e, d = r["encode"], r["decode"]
         lines.append(
             f"| {e['width']}x{e['height']} | {e['width'] * e['height'] / 1e6:.1f} | {e['total']:.2f} | {e['g_a']:.2f} "
-            f"| {e['probes']:.2f} ({e.get('probes_calls', 0):g}) | {e['real_encodes']:.2f} | {e['range_encode']:.2f} "
+            f"| {e.get('probes', 0):.2f} ({e.get('probes_calls', 0):g}) "
+            f"| {e.get('measures', 0):.2f} ({e.get('measures_calls', 0):g}) | {e['real_encodes']:.2f} | {e['range_encode']:.2f} "
             f"| {e['peak_rss_mb']:.0f} | {d['total']:.2f} | {d['h_s']:.2f} | {d['passes']:.2f} | {d['g_s']:.2f} "
             f"| {d['peak_rss_mb']:.0f} | {e['bpp']:.4f} | {d['psnr']:.2f} |")
     lines.append("")

@@ -18,7 +18,8 @@ wraps public functions of lcodec with a timing shim (nothing in lcodec is edited
 
     g_a             FrozenModel.analyze      (the analysis transform, tiled)
     probes          Encoder.estimate_bytes   (one rate-search probe: gain, h_a, integer h_s, table costs)
-    real encodes    Encoder.payload          (symbols for one rate, then the range coder)
+    measures        Encoder.measure_bytes    (a real encode's symbols and exact size, before coding)
+    real encodes    Encoder.payload          (the range coder, and the symbols unless measured)
     range encode    range_coder.encode       (inside real encodes)
     range decode    range_coder.Decoder      (__init__, decode, finish)
     h_s             FrozenModel.entropy_parameters on decode (the integer hyper-synthesis)
@@ -135,6 +136,7 @@ def child(phase: str, args: argparse.Namespace, files: Path) -> dict:
         shim.wrap(FrozenModel, "analyze", "g_a")
         shim.wrap(FrozenModel, "synthesize", "g_s")
         shim.wrap(engine.Encoder, "estimate_bytes", "probes")
+        shim.wrap(engine.Encoder, "measure_bytes", "measures")
         shim.wrap(engine.Encoder, "payload", "real_encodes")
         shim.wrap(range_coder, "encode", "range_encode")
         for name in ("__init__", "decode", "finish"):
@@ -275,7 +277,7 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
         return {k: round(v, 4) for k, v in out.items()}
 
     def enc_parts(phase_rows: list[dict]) -> list[dict]:
-        return [{**r, "real_encodes_excl_coder": r.get("real_encodes", 0) - r.get("range_encode", 0)}
+        return [{**r, "real_encodes_excl_coder": r.get("real_encodes", 0) + r.get("measures", 0) - r.get("range_encode", 0)}
                 for r in phase_rows]
 
     def by_effort(effort: int) -> dict:
@@ -302,9 +304,10 @@ def summarize(enc: dict, dec: dict, args: argparse.Namespace, search_counts: dic
             "median_s_reached": med([r["bpp"]["total"] for r in bpp_ok]),
             "median_probes": med([r["bpp"]["calls"].get("probes", 0) for r in rows]),
             "median_real_encodes": med([r["bpp"]["calls"].get("real_encodes", 0) for r in rows]),
+            "median_measures": med([r["bpp"]["calls"].get("measures", 0) for r in rows]),
             "inside_probes_and_encodes_s": {k: med([r["bpp"].get(k, 0.0) for r in rows])
                                             for k in ("h_a", "h_s", "table_costs")},
-            "shares": shares(enc_parts([r["bpp"] for r in rows]), 
+            "shares": shares(enc_parts([r["bpp"] for r in rows]),
                              ["g_a", "probes", "range_encode", "real_encodes_excl_coder"]),
         },
         "encode_by_effort": [by_effort(e) for e in args.efforts],
@@ -376,8 +379,8 @@ def markdown(s: dict) -> str:
         "",
         f"Peak RSS: encode {rss['encode']:.0f} MB, decode {rss['decode']:.0f} MB (target {TARGETS['peak_rss_mb']} MB; "
         f"after importing torch and loading the model: {rss['after_model_load']['encode']:.0f} MB).",
-        f"Rate search at {s['bpp_target']:g} bpp: median {e['median_probes']:g} probes and {e['median_real_encodes']:g} "
-        f"real encodes per image; one probe takes {s['median_probe_s']:.4f} s. Inside probes and real encodes "
+        f"Rate search at {s['bpp_target']:g} bpp: median {e['median_probes']:g} probes, {e.get('median_measures', 0):g} "
+        f"measures and {e['median_real_encodes']:g} real encodes per image; one probe takes {s['median_probe_s']:.4f} s. Inside probes and real encodes "
         "(median s per image): " + ", ".join(f"{k} {v:.3f}" for k, v in e["inside_probes_and_encodes_s"].items()) + ".",
     ]
     base = e["median_s"]
