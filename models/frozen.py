@@ -212,7 +212,8 @@ class FrozenModel:
     @torch.no_grad()
     def analyze(self, x: torch.Tensor, *, tile_latents: int = TILE_LATENTS) -> torch.Tensor:
         """x (1, 3, H, W) in [0, 1], H and W multiples of 64 -> y before the gain, on tiles of
-        `tile_latents` latents."""
+        `tile_latents` latents (a lifting model's picture larger than one tile: level by level,
+        `_analyze_by_levels`)."""
         _, _, H, W = x.shape
         if self.config.arch == "lifting" and len(tiles(H // 16, W // 16, tile_latents, self.halo_latents)) > 1:
             with one_thread_per_operation() as threads:
@@ -330,7 +331,8 @@ class FrozenModel:
 
     @torch.no_grad()
     def synthesize(self, y_hat_gained: torch.Tensor, q: float, *, tile_latents: int = TILE_LATENTS) -> torch.Tensor:
-        """ŷ in the gained domain -> x̂ (1, 3, Hp, Wp), clamped to [0, 1], on tiles of `tile_latents` latents.
+        """ŷ in the gained domain -> x̂ (1, 3, Hp, Wp), clamped to [0, 1], on tiles of `tile_latents` latents
+        (a lifting model's latent larger than one tile: level by level, `_synthesize_by_levels`).
         Takes over `y_hat_gained`: it is multiplied by the inverse gain in place (a copy would cost
         4 bytes per latent, 400 MB for an 8K image with 768 latent channels)."""
         _, inv_gain = self.gains(q)
