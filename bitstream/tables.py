@@ -118,10 +118,19 @@ class CdfTables:
         return self._columns(*self.check_symbols(symbols, table_idx))
 
     def _columns(self, symbols: np.ndarray, table_idx: np.ndarray) -> np.ndarray:
-        offsets = self.offsets.astype(np.int64)[table_idx]
-        lengths = self.lengths.astype(np.int64)[table_idx]
-        col = symbols - offsets
-        return np.where((col >= 0) & (col < lengths), col, lengths)
+        return self._placed(symbols, table_idx)[0]
+
+    def _placed(self, symbols: np.ndarray, table_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(column of every symbol, whether it is inside its table rather than escaped)."""
+        offsets, lengths = self._offsets_lengths
+        length = lengths[table_idx]
+        col = symbols - offsets[table_idx]
+        inside = (col >= 0) & (col < length)
+        return np.where(inside, col, length), inside
+
+    @cached_property
+    def _offsets_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.offsets.astype(np.int64), self.lengths.astype(np.int64)
 
     def cost_bits(self, symbols: np.ndarray, table_idx: np.ndarray) -> float:
         """Ideal code length in bits of `symbols` coded with their tables, escapes included.
@@ -132,11 +141,10 @@ class CdfTables:
         Raises ValueError for a value with |value| >= 2**24, like `encode`.
         """
         symbols, table_idx = self.check_symbols(symbols, table_idx)
-        col = self._columns(symbols, table_idx)
+        col, inside = self._placed(symbols, table_idx)
         total = float(self._bits[table_idx, col].sum())
-        escaped = col == self.lengths.astype(np.int64)[table_idx]
-        if escaped.any():
-            total += float(escape_payload_bits(symbols[escaped]).sum())
+        if not inside.all():
+            total += float(escape_payload_bits(symbols[~inside]).sum())
         return total
 
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -190,7 +190,7 @@ class SubbandContext:
                 or np.any(np.diff(self.thresholds) <= 0) or int(self.thresholds.min(initial=1)) < 1
                 or int(self.thresholds.max(initial=1)) >= 1 << 16 or B > 255):
             raise ValueError("invalid subband context tables")
-        if self.weights.shape != (LEVELS, SUBBANDS, 4) or int(np.abs(self.weights).max(initial=0)) >= 1 << 16:
+        if self.weights.shape != (LEVELS, SUBBANDS, 4) or int(np.abs(self.weights).sum(-1).max(initial=0)) >= 1 << 16:
             raise ValueError(f"invalid subband context weights (shape {self.weights.shape})")
 
     def label(self, actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
@@ -286,15 +286,25 @@ class Passes:
         return self.ctx.pass_indices(p, self.hyper[p.level, p.channel, p.parity].reshape(-1), self._labels(p))
 
     def mean(self, p: Pass) -> np.ndarray:
-        """The pass's predicted symbols (int64, in its coding order): for parity 1, the weighted
+        """The pass's predicted symbols (int32, in its coding order): for parity 1, the weighted
         sum of the four decoded neighbours in the band (each clipped to ±SYMBOL_CLIP, zero outside
-        the band), rounded: floor((Σ w·s + 128) / 256); zeros for parity 0."""
-        w = self.ctx.weights[p.level - 1, p.channel]
-        if p.parity == 0 or not w.any():
-            return np.zeros(self.hyper[p.level, p.channel, p.parity].size, dtype=np.int64)
-        up, down, left, right = _neighbours(self.symbols[p.level, p.channel, 0].astype(np.int64))
-        acc = int(w[0]) * up + int(w[1]) * down + int(w[2]) * left + int(w[3]) * right
-        return ((acc + MEAN_ONE // 2) >> 8).reshape(-1)
+        the band), rounded: floor((Σ w·s + 128) / 256); zeros for parity 0. `check` bounds Σ|w|
+        so that the sum fits 32 bits."""
+        n = self.hyper[p.level, p.channel, p.parity].size
+        w = [int(x) for x in self.ctx.weights[p.level - 1, p.channel]]
+        if p.parity == 0 or not any(w):
+            return np.zeros(n, dtype=np.int32)
+        half = self.symbols[p.level, p.channel, 0].astype(np.int32)  # `_neighbours`, summed in place
+        acc = np.empty_like(half)
+        acc[0::2] = half[0::2] * w[2]  # the left neighbour on even rows, the right one on odd rows
+        acc[1::2] = half[1::2] * w[3]
+        acc[1:] += half[:-1] * w[0]
+        acc[:-1] += half[1:] * w[1]
+        acc[0::2, :-1] += half[0::2, 1:] * w[3]
+        acc[1::2, 1:] += half[1::2, :-1] * w[2]
+        acc += MEAN_ONE // 2
+        acc >>= 8
+        return acc.reshape(-1)
 
     def neighbours(self, p: Pass) -> np.ndarray:
         """(n, 4) the clipped decoded neighbours (up, down, left, right) of a parity-1 pass's
