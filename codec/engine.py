@@ -324,31 +324,32 @@ def latent_items(model: FrozenModel, sym: np.ndarray, idx: np.ndarray, shape: tu
         yield s, t, model.y_tables
 
 
-def _decode_passes(dec: range_coder.Decoder, model: FrozenModel, idx: np.ndarray, stop: int = 0) -> np.ndarray:
-    """The y symbols (M, h, w) of a context-coded stream, pass by pass (`idx`: hyper indices).
+def _decode_passes(dec: range_coder.Decoder, model: FrozenModel, idx: np.ndarray, y: np.ndarray, stop: int = 0
+                   ) -> None:
+    """Decode the y symbols of a context-coded stream pass by pass (`idx`: hyper indices) and add
+    each pass's to the means `y` (C, h, w) float32, in place: y becomes ŷ without a symbol array
+    as big as the latent.
 
     With `stop` = k > 0, only the LL block and the passes of levels 4 .. k+1, which come first in
-    the stream, are decoded, and the rest of the stream is left unread: the symbols of y's first
-    `reduced_channels(k)` channels, and `idx` need only hold those channels' hyper indices."""
+    the stream, are decoded, and the rest of the stream is left unread: y and `idx` need only hold
+    y's first `reduced_channels(k)` channels."""
     M, h, w = model.config.M, idx.shape[1], idx.shape[2]
-    C = reduced_channels(stop)
     if idx.shape[0] != M:  # the passes' state is laid out for the whole latent: the rest is never read
         whole = np.zeros((M, h, w), dtype=idx.dtype)
         whole[:idx.shape[0]] = idx
         idx = whole
     ll = slice(0, context.LL_CHANNELS)
-    sym = np.empty((C, h, w), dtype=np.int32)
-    sym[ll] = dec.decode(idx[ll].ravel(), model.y_tables).reshape(sym[ll].shape)
+    # float32 + float32 (a symbol, |s| < 2^24, is exact in float32): the one rounding of torch's add.
+    y[ll] += dec.decode(idx[ll].ravel(), model.y_tables).reshape(y[ll].shape).astype(np.float32)
 
     def decoded(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
         s = dec.decode(t, model.y_tables) + mu
-        context.put_pass(sym, p, s)
+        context.put_pass(y, p, context.pass_values(y, p) + s.astype(np.float32))
         return s
 
     wanted = sum(p.level > stop for p in context.PASSES)  # coarse to fine: the first ones
     for _ in itertools.islice(context.code_passes(model.context, idx, decoded), wanted):
         pass
-    return sym
 
 
 def encode_array(pixels: np.ndarray, mode: str, *, bpp: float | None = None, size: int | None = None,
@@ -618,12 +619,16 @@ def decode_latent(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS
             y_hat, idx = model.latent_entropy_parameters(z, _table_index_dtype(model), channels, threads)
     else:
         y_hat, idx = model.latent_entropy_parameters(z, _table_index_dtype(model))
-    sym = dec.decode(idx.ravel(), model.y_tables) if model.context is None else _decode_passes(dec, model, idx, stop)
+    if model.context is None:
+        sym = dec.decode(idx.ravel(), model.y_tables)
+        del idx
+        y_hat.add_(torch.from_numpy(sym).view(1, channels, zh * 4, zw * 4))
+        del sym
+    else:
+        _decode_passes(dec, model, idx, y_hat[0].numpy(), stop)
+        del idx
     if not partial:
         dec.finish()
-    del idx
-    y_hat.add_(torch.from_numpy(sym).view(1, channels, zh * 4, zw * 4))
-    del sym
     return header, model, y_hat
 
 
