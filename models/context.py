@@ -83,13 +83,14 @@ def to_bands(y: np.ndarray) -> dict[int, np.ndarray]:
     return bands
 
 
-def _pass_channels(p: Pass) -> np.ndarray:
-    """For a pass of levels 3..1 (r >= 2), the y channels holding it, (r, r/2): row b, column d' is
-    the channel of the band's positions (a·r + b, c·r + 2d' + (b + parity) % 2). r is even, so
+def _pass_rows(y: np.ndarray, p: Pass) -> list[np.ndarray]:
+    """For a pass of levels 3..1 (r >= 2), the views of y (M, h, w) that hold it: for each row b
+    of the level's r x r space-to-depth block, its channels (r/2, h, w) of columns d = 2d' + (b +
+    parity) % 2, d' = 0 .. r/2 - 1 -- the band's positions (a·r + b, c·r + d). r is even, so
     (i + j) % 2 of a position is (b + d) % 2: a parity is half of the level's channels."""
     start, r = level_channels(p.level)
-    b, d = np.meshgrid(np.arange(r), np.arange(r // 2), indexing="ij")
-    return start + p.channel * r * r + b * r + 2 * d + (b + p.parity) % 2
+    first = start + p.channel * r * r
+    return [y[first + b * r + (b + p.parity) % 2:first + (b + 1) * r:2] for b in range(r)]
 
 
 def take(plane: np.ndarray, parity: int) -> np.ndarray:
@@ -347,7 +348,11 @@ def pass_values(y: np.ndarray, p: Pass) -> np.ndarray:
     start, r = level_channels(p.level)
     if r == 1:
         return take(y[start + p.channel], p.parity)
-    return y[_pass_channels(p)].transpose(2, 0, 3, 1).reshape(-1)
+    _, h, w = y.shape
+    out = np.empty((h, r, w, r // 2), dtype=y.dtype)
+    for b, rows in enumerate(_pass_rows(y, p)):
+        out[:, b] = rows.transpose(1, 2, 0)
+    return out.reshape(-1)
 
 
 def put_pass(y: np.ndarray, p: Pass, values: np.ndarray) -> None:
@@ -358,7 +363,9 @@ def put_pass(y: np.ndarray, p: Pass, values: np.ndarray) -> None:
         place(y[start + p.channel], p.parity, values)
         return
     _, h, w = y.shape
-    y[_pass_channels(p)] = values.reshape(h, r, w, r // 2).transpose(1, 3, 0, 2)
+    values = values.reshape(h, r, w, r // 2)
+    for b, rows in enumerate(_pass_rows(y, p)):
+        rows[...] = values[:, b].transpose(2, 0, 1)
 
 
 def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray
