@@ -237,8 +237,7 @@ class Encoder:
         else:
             gain, _ = self.model.gains(rq / RATE_SCALE)
         if self.model.context is not None:
-            v, idx = self._residuals(gain, z, exact=True)
-            sym, bits = rounding.round_in_passes(self.model, v, idx)
+            sym, bits, idx = self._rounded_in_passes(gain, z, exact=True)
             return z.numpy().ravel(), sym.ravel(), idx.ravel(), bits
         shape = self.y.shape[1:]
         sym, idx = np.empty(shape, dtype=np.int32), np.empty(shape, dtype=_table_index_dtype(self.model))
@@ -249,18 +248,26 @@ class Encoder:
                 bits += self.model.y_tables.cost_bits(tile_sym.numpy().ravel(), tile_idx.numpy().ravel())
         return z.numpy().ravel(), sym.ravel(), idx.ravel(), bits
 
-    def _residuals(self, gain: torch.Tensor, z: torch.Tensor, exact: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The gained latents less their means (M, h, w) float32 and their hyper table indices, h_s
-        run tile by tile (`exact=False`: in float32, for estimates)."""
+    def _rounded_in_passes(self, gain: torch.Tensor, z: torch.Tensor, exact: bool
+                           ) -> tuple[np.ndarray, float, np.ndarray]:
+        """A context model's symbols (M, h, w) at the gain and ẑ (`rounding.round_in_passes`),
+        their code length in bits and their hyper table indices, h_s run tile by tile
+        (`exact=False`: in float32, for estimates). Only the LL block's residuals are made here: a
+        lifting model's details have mean 0 (checked), and the rounding takes them as y · gain."""
         params = self.model.entropy_parameters if exact else self.model.approximate_entropy_parameters
-        shape = self.y.shape[1:]
-        v, idx = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=_table_index_dtype(self.model))
+        block = context.LL_CHANNELS
+        _, _, h, w = self.y.shape
+        ll = np.empty((block, h, w), dtype=np.float32)
+        idx = np.empty(self.y.shape[1:], dtype=_table_index_dtype(self.model))
         for tile in hyper_tiles(z):
             rows, cols = latent_region(tile)
             mean, tile_idx = params(z, tile)
-            v[:, rows, cols] = (self.y[:, :, rows, cols] * gain - mean)[0].numpy()
+            if torch.count_nonzero(mean[:, block:]):
+                raise RuntimeError("a subband context needs the details' means to be 0")
+            ll[:, rows, cols] = (self.y[:, :block, rows, cols] * gain[:, :block] - mean[:, :block])[0].numpy()
             idx[:, rows, cols] = tile_idx[0].numpy()
-        return v, idx
+        sym, bits = rounding.round_in_passes(self.model, self.y[0].numpy(), idx, gain=gain.numpy().ravel(), ll=ll)
+        return sym, bits, idx
 
     def estimate_bytes(self, rq: int) -> float:
         """Predicted file size at rq: the ideal code length under the frozen tables (the real
@@ -276,7 +283,7 @@ class Encoder:
         gain, z = self._hyper_latent(rq)
         bits = self.model.z_tables.cost_bits(z.numpy().ravel(), self.z_index)
         if self.model.context is not None:
-            _, y_bits = rounding.round_in_passes(self.model, *self._residuals(gain, z, exact=False))
+            _, y_bits, _ = self._rounded_in_passes(gain, z, exact=False)
             return OVERHEAD + (bits + y_bits) / 8
         for _, sym, idx in self._symbol_tiles(gain, z, exact=False):
             bits += self.model.y_tables.cost_bits(sym.numpy().ravel(), idx.numpy().ravel())

@@ -49,13 +49,18 @@ def round_latents(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> tor
     return torch.round(v) if lam is None else rdo_round(v, idx, model, lam)
 
 
-def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: float | None = None
-                    ) -> tuple[np.ndarray, float]:
+def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: float | None = None, *,
+                    gain: np.ndarray | None = None, ll: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """The symbols (M, h, w) int32 of the residuals v (M, h, w) float32 of a model with a subband
     context, whose hyper table indices are idx, rounded as `round_latents` does (with `lam`
     instead of the model's λ if given) pass by pass in coding order, each pass under the tables
     its context gives it from the passes before; and their ideal code length in bits. The
-    rounding sees the real cost of each symbol, given the symbols coded before it."""
+    rounding sees the real cost of each symbol, given the symbols coded before it.
+
+    With `gain` (M,) float32, v is the latent before the gain and `ll` the residuals of the LL
+    block (3, h, w): a detail's mean is 0, so its residual is v · gain, computed one pass at a
+    time (the float32 product the whole-latent `y * gain` makes), without a residual array as
+    big as the latent."""
     tables = model.y_tables
     lam = rdo_lambda(model) if lam is None else lam
     bits_np = _bits_numpy(model)
@@ -72,14 +77,14 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
             k[nonzero] = np.where(j1 < j0, k1, k0)
         return k.astype(np.int32)
 
-    ll = slice(0, context.LL_CHANNELS)
+    block = slice(0, context.LL_CHANNELS)
     sym = np.empty(v.shape, dtype=np.int32)
-    sym[ll] = rounded(v[ll], idx[ll]).reshape(sym[ll].shape)
-    bits = tables.cost_bits(sym[ll].ravel(), idx[ll].ravel())
+    sym[block] = rounded(v[block] if gain is None else ll, idx[block]).reshape(sym[block].shape)
+    bits = tables.cost_bits(sym[block].ravel(), idx[block].ravel())
 
     def choose(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
         # Rounded about the prediction μ (an integer): the RDO's neighbour is towards μ.
-        s = rounded(context.pass_values(v, p) - mu.astype(np.float32), t) + mu
+        s = rounded(context.pass_values(v, p, gain) - mu.astype(np.float32), t) + mu
         context.put_pass(sym, p, s)
         return s
 

@@ -83,14 +83,19 @@ def to_bands(y: np.ndarray) -> dict[int, np.ndarray]:
     return bands
 
 
-def _pass_rows(y: np.ndarray, p: Pass) -> list[np.ndarray]:
+def _pass_rows(y: np.ndarray, p: Pass) -> list[tuple[int, np.ndarray]]:
     """For a pass of levels 3..1 (r >= 2), the views of y (M, h, w) that hold it: for each row b
-    of the level's r x r space-to-depth block, its channels (r/2, h, w) of columns d = 2d' + (b +
-    parity) % 2, d' = 0 .. r/2 - 1 -- the band's positions (a·r + b, c·r + d). r is even, so
-    (i + j) % 2 of a position is (b + d) % 2: a parity is half of the level's channels."""
+    of the level's r x r space-to-depth block, its first channel and its channels (r/2, h, w) of
+    columns d = 2d' + (b + parity) % 2, d' = 0 .. r/2 - 1 -- the band's positions (a·r + b,
+    c·r + d). r is even, so (i + j) % 2 of a position is (b + d) % 2: a parity is half of the
+    level's channels."""
     start, r = level_channels(p.level)
     first = start + p.channel * r * r
-    return [y[first + b * r + (b + p.parity) % 2:first + (b + 1) * r:2] for b in range(r)]
+    views = []
+    for b in range(r):
+        c = first + b * r + (b + p.parity) % 2
+        views.append((c, y[c:first + (b + 1) * r:2]))
+    return views
 
 
 def take(plane: np.ndarray, parity: int) -> np.ndarray:
@@ -341,17 +346,20 @@ def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray,
         state.put(p, s)
 
 
-def pass_values(y: np.ndarray, p: Pass) -> np.ndarray:
+def pass_values(y: np.ndarray, p: Pass, scale: np.ndarray | None = None) -> np.ndarray:
     """The values of a latent-layout array y (M, h, w) at the pass's positions, in its coding
     order (a copy): `take` of the band plane `to_bands(y)[level][channel]`, gathered from the
-    pass's own channels."""
+    pass's own channels; with `scale` (M,), each times its channel's factor (in y's dtype)."""
     start, r = level_channels(p.level)
     if r == 1:
-        return take(y[start + p.channel], p.parity)
+        out = take(y[start + p.channel], p.parity)
+        return out if scale is None else out * scale[start + p.channel]
     _, h, w = y.shape
     out = np.empty((h, r, w, r // 2), dtype=y.dtype)
-    for b, rows in enumerate(_pass_rows(y, p)):
+    for b, (first, rows) in enumerate(_pass_rows(y, p)):
         out[:, b] = rows.transpose(1, 2, 0)
+        if scale is not None:
+            out[:, b] *= scale[first:first + r - 1:2]
     return out.reshape(-1)
 
 
@@ -364,7 +372,7 @@ def put_pass(y: np.ndarray, p: Pass, values: np.ndarray) -> None:
         return
     _, h, w = y.shape
     values = values.reshape(h, r, w, r // 2)
-    for b, rows in enumerate(_pass_rows(y, p)):
+    for b, (_, rows) in enumerate(_pass_rows(y, p)):
         rows[...] = values[:, b].transpose(2, 0, 1)
 
 
