@@ -226,16 +226,18 @@ class Passes:
     """One image's latent seen pass by pass: the state both coder and decoder keep while they go
     through the passes. Built from the hyper indices (M, h, w); symbols are added pass by pass
     (`put`), and `indices(p)` gives a pass's coded table indices from what was put before.
-    Everything is kept in the passes' own layout (`take` of the band plane, as rows (H, W/2)):
-    the hyper indices (one byte each) and the symbols put so far, clipped to 16 bits."""
+    What it keeps is in the passes' own layout (`take` of the band plane, as rows (H, W/2)): the
+    capped magnitudes (one byte each) of the passes put so far that a later label reads, and the
+    symbols of the channel being coded, clipped to 16 bits; the hyper indices are read from
+    `hyper_idx` as needed."""
 
     def __init__(self, ctx: SubbandContext, hyper_idx: np.ndarray):
         self.ctx = ctx
         _, h, w = hyper_idx.shape
         self.shape = {level: (h * 2**(LEVELS - level), w * 2**(LEVELS - level) // 2) for level in range(1, LEVELS + 1)}
-        self.hyper = {(p.level, p.channel, p.parity): pass_values(hyper_idx, p).reshape(self.shape[p.level])
-                      for p in PASSES}
-        self.symbols: dict[tuple[int, int, int], np.ndarray] = {}
+        self.hyper_idx = hyper_idx
+        self.mags: dict[tuple[int, int, int], np.ndarray] = {}
+        self._symbols: tuple[tuple[int, int], np.ndarray] | None = None  # the current channel's parity 0
         # Per level, the summed capped and expected magnitudes of its subbands completed so far
         # (`cross`), per parity.
         self._cross: dict[int, list[np.ndarray]] = {}
@@ -243,16 +245,24 @@ class Passes:
         self._parent_key: tuple[int, int] | None = None
         self._parent: np.ndarray | None = None
 
+    def hyper(self, level: int, k: int, parity: int) -> np.ndarray:
+        """A pass's hyper indices (H, W/2)."""
+        return pass_values(self.hyper_idx, Pass(level, k, parity)).reshape(self.shape[level])
+
     def _half(self, level: int, k: int, parity: int) -> tuple[np.ndarray, np.ndarray]:
-        """Capped magnitudes and expected magnitudes (int64) of one pass's symbols, put before."""
-        mags = np.minimum(np.abs(self.symbols[level, k, parity].astype(np.int64)), MAGNITUDE_CAP)
-        return mags, self.ctx.magnitude[self.hyper[level, k, parity]]
+        """Capped magnitudes (int32) and expected magnitudes (int64) of one pass's symbols, put before."""
+        return self.mags[level, k, parity].astype(np.int32), self.ctx.magnitude[self.hyper(level, k, parity)]
+
+    def _parity0(self, p: Pass) -> np.ndarray:
+        """The clipped symbols (int16, (H, W/2)) of parity 0 of the channel of a parity-1 pass."""
+        key, symbols = self._symbols
+        assert key == (p.level, p.channel)
+        return symbols
 
     def _labels(self, p: Pass) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The three labels (uint8) at the pass's positions, in its coding order."""
         ctx, level, k, parity = self.ctx, p.level, p.channel, p.parity
-        n = self.hyper[level, k, parity].size
-        none = np.zeros(n, dtype=np.uint8)
+        none = np.zeros(self.shape[level][0] * self.shape[level][1], dtype=np.uint8)
         if parity:
             a, e = (_cross4(x) for x in self._half(level, k, 0))
             same = ctx.label(a, e).reshape(-1)
@@ -261,6 +271,7 @@ class Passes:
         if level < LEVELS:
             if self._parent_key != (level, k):
                 self._parent_key, self._parent = (level, k), self._parent_label(level + 1, k)
+                del self.mags[level + 1, k, 0], self.mags[level + 1, k, 1]  # read by nothing else
             parent = self._parent
         else:
             parent = none
@@ -285,22 +296,21 @@ class Passes:
 
     def labels(self, p: Pass) -> tuple[np.ndarray, ...]:
         """The pass's hyper indices and three labels, in its coding order (for fitting)."""
-        return (self.hyper[p.level, p.channel, p.parity].reshape(-1),) + self._labels(p)
+        return (self.hyper(p.level, p.channel, p.parity).reshape(-1),) + self._labels(p)
 
     def indices(self, p: Pass) -> np.ndarray:
         """The pass's coded table indices, in its coding order (row-major over its positions)."""
-        return self.ctx.pass_indices(p, self.hyper[p.level, p.channel, p.parity].reshape(-1), self._labels(p))
+        return self.ctx.pass_indices(p, self.hyper(p.level, p.channel, p.parity).reshape(-1), self._labels(p))
 
     def mean(self, p: Pass) -> np.ndarray:
         """The pass's predicted symbols (int32, in its coding order): for parity 1, the weighted
         sum of the four decoded neighbours in the band (each clipped to ±SYMBOL_CLIP, zero outside
         the band), rounded: floor((Σ w·s + 128) / 256); zeros for parity 0. `check` bounds Σ|w|
         so that the sum fits 32 bits."""
-        n = self.hyper[p.level, p.channel, p.parity].size
         w = [int(x) for x in self.ctx.weights[p.level - 1, p.channel]]
         if p.parity == 0 or not any(w):
-            return np.zeros(n, dtype=np.int32)
-        half = self.symbols[p.level, p.channel, 0].astype(np.int32)  # `_neighbours`, summed in place
+            return np.zeros(self.shape[p.level][0] * self.shape[p.level][1], dtype=np.int32)
+        half = self._parity0(p).astype(np.int32)  # `_neighbours`, summed in place
         acc = np.empty_like(half)
         acc[0::2] = half[0::2] * w[2]  # the left neighbour on even rows, the right one on odd rows
         acc[1::2] = half[1::2] * w[3]
@@ -315,20 +325,27 @@ class Passes:
     def neighbours(self, p: Pass) -> np.ndarray:
         """(n, 4) the clipped decoded neighbours (up, down, left, right) of a parity-1 pass's
         positions (for fitting)."""
-        return np.stack([a.reshape(-1) for a in _neighbours(self.symbols[p.level, p.channel, 0])], axis=1)
+        return np.stack([a.reshape(-1) for a in _neighbours(self._parity0(p))], axis=1)
 
     def put(self, p: Pass, symbols: np.ndarray) -> None:
         """Record the pass's symbols (in its coding order)."""
-        key = (p.level, p.channel, p.parity)
-        self.symbols[key] = np.clip(symbols, -SYMBOL_CLIP, SYMBOL_CLIP).astype(np.int16).reshape(self.shape[p.level])
-        if p.parity == 1:  # the subband is complete: it joins the cross sums of the subbands after it
-            if p.level not in self._cross:
-                self._cross = {p.level: [np.zeros(self.shape[p.level], dtype=np.int64) for _ in range(4)]}
-            sums = self._cross[p.level]
-            for parity in (0, 1):
-                a, e = self._half(p.level, p.channel, parity)
-                sums[2 * parity] += a
-                sums[2 * parity + 1] += e
+        clipped = np.clip(symbols, -SYMBOL_CLIP, SYMBOL_CLIP).astype(np.int16).reshape(self.shape[p.level])
+        self.mags[p.level, p.channel, p.parity] = np.minimum(np.abs(clipped), MAGNITUDE_CAP).astype(np.uint8)
+        if p.parity == 0:  # kept for the channel's parity 1: its neighbours and prediction
+            self._symbols = (p.level, p.channel), clipped
+            return
+        self._symbols = None
+        # The subband is complete: it joins the cross sums of the subbands after it (each below
+        # 2^31: at most 8 subbands of magnitudes below 2^24).
+        if p.level not in self._cross:
+            self._cross = {p.level: [np.zeros(self.shape[p.level], dtype=np.int32) for _ in range(4)]}
+        sums = self._cross[p.level]
+        for parity in (0, 1):
+            a, e = self._half(p.level, p.channel, parity)
+            sums[2 * parity] += a
+            sums[2 * parity + 1] += e.astype(np.int32)
+        if p.level == 1:  # nothing is a child of level 1
+            del self.mags[p.level, p.channel, 0], self.mags[p.level, p.channel, 1]
 
 
 def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray,
