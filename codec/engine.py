@@ -30,7 +30,8 @@ from .bitstream.container import RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
 from .models import context
-from .models.frozen import PAD, FrozenModel, box_reduce, hyper_tiles, latent_region, one_thread_per_operation
+from .models.frozen import (PAD, FrozenModel, Tile, box_reduce, hyper_tiles, latent_region, map_tiles,
+                            one_thread_per_operation)
 from .models.lifting import reduced_channels
 from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS, sha256_file
 
@@ -259,13 +260,19 @@ class Encoder:
         _, _, h, w = self.y.shape
         ll = np.empty((block, h, w), dtype=np.float32)
         idx = np.empty(self.y.shape[1:], dtype=_table_index_dtype(self.model))
-        for tile in hyper_tiles(z):
+
+        def place(tile: Tile, parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
             rows, cols = latent_region(tile)
-            mean, tile_idx = params(z, tile)
+            mean, tile_idx = parameters
             if torch.count_nonzero(mean[:, block:]):
                 raise RuntimeError("a subband context needs the details' means to be 0")
             ll[:, rows, cols] = (self.y[:, :block, rows, cols] * gain[:, :block] - mean[:, :block])[0].numpy()
             idx[:, rows, cols] = tile_idx[0].numpy()
+
+        # Tiles side by side, one thread per operation (as the decoder's h_s): the same integers,
+        # and estimates that do not depend on the thread count.
+        with one_thread_per_operation() as threads:
+            map_tiles(lambda tile: params(z, tile), place, hyper_tiles(z), threads)
         sym, bits = rounding.round_in_passes(self.model, self.y[0].numpy(), idx, gain=gain.numpy().ravel(), ll=ll)
         return sym, bits, idx
 
