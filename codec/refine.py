@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,27 +201,28 @@ class Refiner:
         return (x_hat[:, :, :self.height, :self.width] * 255 - self.x[:, :, :self.height, :self.width] * 255
                 ).square().sum()
 
-    def distortion_and_gradient(self, symbols: torch.Tensor, known: float | None = None) -> tuple[float, torch.Tensor]:
-        """`distortion` of `symbols` (float) and its gradient with respect to them. On more than one
-        tile the gradient is taken tile by tile with a context of `GRADIENT_HALO` latents (close
-        to the whole image's, in bounded memory) and the distortion is `distortion_of`'s (or
-        `known`, if the caller has it)."""
+    def distortion_and_gradient(self, symbols: torch.Tensor, known: float | None = None,
+                                dtype: torch.dtype = torch.float32) -> tuple[float, torch.Tensor]:
+        """`distortion` of `symbols` (integers, any dtype) and its gradient with respect to them
+        (in `dtype`). On more than one tile the gradient is taken tile by tile with a context of
+        `GRADIENT_HALO` latents (close to the whole image's, in bounded memory) and the
+        distortion is `distortion_of`'s (or `known`, if the caller has it)."""
         if len(self.tiles) > 1:
             d = known if known is not None else self.distortion_of(_coded(symbols))
-            return d, self._tiled_gradient(symbols)
-        s = symbols.detach().clone().requires_grad_(True)
+            return d, self._tiled_gradient(symbols, dtype)
+        s = symbols.detach().float().requires_grad_(True)
         d = self.distortion(s)
         d.backward()
-        return float(d.detach()), s.grad
+        return float(d.detach()), s.grad.to(dtype)
 
-    def _tiled_gradient(self, symbols: torch.Tensor) -> torch.Tensor:
-        """The gradient of the distortion with respect to `symbols` (float), summed over tiles of
-        `GRADIENT_TILE` latents, each tile's error over its own pixels drawn from its latents and
-        `GRADIENT_HALO` around them."""
-        grad = torch.zeros(self.shape)
+    def _tiled_gradient(self, symbols: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The gradient of the distortion with respect to `symbols` (integers, any dtype), summed
+        in `dtype` over tiles of `GRADIENT_TILE` latents, each tile's error over its own pixels
+        drawn from its latents and `GRADIENT_HALO` around them."""
+        grad = torch.zeros(self.shape, dtype=dtype)
         for t in tiles(self.shape[2], self.shape[3], GRADIENT_TILE, GRADIENT_HALO):
             read = (slice(None), slice(None), t.read_rows, t.read_cols)
-            s = symbols[read].detach().clone().requires_grad_(True)
+            s = symbols[read].detach().float().requires_grad_(True)
             self._tile_error((s + self.mean[read]) * self.inv_gain, t).backward()
             grad[read] += s.grad
         return grad
@@ -246,18 +247,12 @@ class Refiner:
         (with `lam` instead of the model's λ if given)."""
         return _round(self.model, v, self.idx, lam)
 
-    def coded_indices(self, symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The table index each of `symbols` (float, shaped as u0) is coded with and its
-        prediction (the value coded is the symbol less it): ẑ's and 0, and with a subband context
-        what the symbols around it make of them (the prediction as int32)."""
-        if self.model.context is None:
-            return self.idx, torch.zeros((), dtype=torch.int32)
-        sym = _coded(symbols).reshape(self.shape[1:])
-        idx, mean = context.coded_indices(self.model.context, sym, self.idx_np.reshape(sym.shape))
-        return torch.from_numpy(idx)[None], torch.from_numpy(mean.astype(np.int32))[None]
-
     def symbols(self, u: torch.Tensor) -> np.ndarray:
         return self._rounded(u - self.mean)
+
+    def one_pass_symbols(self) -> np.ndarray:
+        """`symbols` of u0, its residuals computed in place (one latent-sized temporary, not two)."""
+        return self._rounded(self.u0.sub_(self.mean))
 
     def _rounded(self, v: torch.Tensor, lam: float | None = None) -> np.ndarray:
         """`round` of v as the coder takes it (`_coded`); with a subband context straight from the
@@ -285,6 +280,7 @@ class Refiner:
                 found, hi = (s, size), mid
             else:
                 lo = mid
+            del s  # a refused rounding is not kept alive through the next one
         return found
 
     @torch.no_grad()
@@ -302,7 +298,7 @@ class Refiner:
 
     def one_pass(self) -> tuple[np.ndarray, float, float]:
         """The rounded symbols of u0 under ẑ, their file's ideal size and their distortion."""
-        s = self.symbols(self.u0)
+        s = self.one_pass_symbols()
         return s, self.file_bytes(s), self.distortion_of(s)
 
 
@@ -378,6 +374,9 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
     _, size0, d0 = ref.one_pass()
     best, best_d = None, d0
     if HYPER_ITERATIONS[effort]:
+        # One refiner's means and indices alive at a time (300 MB at 12 MP with the lifting models):
+        # the one the symbols are refined with is built again from its rate and ẑ (the same arrays).
+        start_z, ref = ref.z, None
         tried: dict[int, float] = {}
         shift = None
         at = rq if fixed_rate else _next_rate(model, {rq: (1 - HYPER_SAVING) * size0}, (1 - AIM) * budget, ceiling)
@@ -388,17 +387,24 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
                 continue
             z, shift = refine_hyper(model, y, at, _search_steps(effort, t), tick, shift)
             candidate = Refiner(model, x, height, width, y, at, z)
-            s = candidate.symbols(candidate.u0)
+            s = candidate.one_pass_symbols()
             size = tried[at] = candidate.file_bytes(s)
-            filled = candidate.fill(ceiling)
-            if filled is not None and filled[1] >= floor:
-                s, size = filled
+            if rounding.rdo_lambda(model) is not None:
+                del s  # `fill` rounds u0 again; its symbols and these are not kept side by side
+                filled = candidate.fill(ceiling)
+                if filled is not None and filled[1] >= floor:
+                    s, size = filled
+                else:
+                    s = candidate.one_pass_symbols()
+                del filled
             if floor <= size <= ceiling and (d := candidate.distortion_of(s)) < best_d:
-                best, best_d, ref = Refined(at, z, s), d, candidate
-            del candidate, s, filled  # at most two refiners' means and indices alive: ref's and the next's
+                best, best_d = Refined(at, z, s), d
+            del candidate, s
             at = _next_rate(model, tried, (1 - AIM) * budget, ceiling)
     steps = latent_iterations(effort, model)
     if steps:
+        if ref is None:
+            ref = Refiner(model, x, height, width, y, *((best.rq, best.z) if best is not None else (rq, start_z)))
         if rounding.rdo_lambda(model) is not None:
             start_symbols = best.symbols if best is not None else ref.one_pass()[0]
             symbols = refine_symbols(ref, start_symbols, budget, floor, steps, tick, best_d)
@@ -437,12 +443,22 @@ class HyperCost:
     integer ẑ; `surrogate` a differentiable stand-in for a real-valued one; `move_gains` what
     moving each element of an integer ẑ by one is expected to save."""
 
-    def __init__(self, model: FrozenModel, u: torch.Tensor):
-        self.model, self.u = model, u
+    def __init__(self, model: FrozenModel, y: torch.Tensor, gain: torch.Tensor):
+        # u = y · gain is computed where it is read (the same floats): one latent-sized array less.
+        self.model, self.y, self.gain = model, y, gain
         self.lam = rounding.rdo_lambda(model) or HYPER_LAMBDA
         self.likelihood = LIKELIHOODS[model.config.likelihood]
         self.thresholds = model.scale_thresholds[:-1].contiguous()
         self.y_scale = 1.0  # the surrogate's y bits times this: the context's share of the hyperprior's
+        # On more than one synthesis tile the exact cost is summed a few channels at a time (with a
+        # subband context): the same cost but for the float sum's order, so only where one tile's
+        # bytes cannot change.
+        self._tiled = model.context is not None and len(_synthesis_tiles(model, y.shape[2], y.shape[3])) > 1
+
+    @property
+    def u(self) -> torch.Tensor:
+        """The gained latent (1, M, h, w), computed when asked for."""
+        return self.y * self.gain
 
     def calibrate(self, z_int: torch.Tensor) -> None:
         """With a subband context, set `y_scale` to the ratio of the y bits coded with the context
@@ -452,16 +468,44 @@ class HyperCost:
         if model.context is None:
             return
         mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
-        s = _coded(_round(model, self.u - mean, torch.from_numpy(idx)[None]))
-        hyper = model.y_tables.cost_bits(s, idx.ravel())
-        self.y_scale = _latent_bits(model, s, idx.ravel(), self.u.shape) / max(hyper, 1.0)
+        if self._tiled:  # the tables' lookups take int64 per element: a few channels at a time
+            s, _ = self._symbols_and_error(mean, idx)
+            del mean
+            s = np.clip(s, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=s)
+            hyper = sum(model.y_tables.cost_bits(s[c:c + SAVING_CHANNELS].ravel(), idx[c:c + SAVING_CHANNELS].ravel())
+                        for c in range(0, s.shape[0], SAVING_CHANNELS))
+            s = s.ravel()
+        else:
+            s = _coded(_round(model, self.u - mean, torch.from_numpy(idx)[None]))
+            hyper = model.y_tables.cost_bits(s, idx.ravel())
+        self.y_scale = _latent_bits(model, s, idx.ravel(), self.y.shape) / max(hyper, 1.0)
 
     def exact(self, z_int: torch.Tensor) -> float:
         model = self.model
         mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
-        s = _round(model, self.u - mean, torch.from_numpy(idx)[None])
-        bits = _hyper_bits(model, z_int) + _latent_bits(model, _coded(s), idx.ravel(), self.u.shape)
-        return float((self.u - s - mean).square().sum()) + self.lam * bits
+        if self._tiled:
+            s, error = self._symbols_and_error(mean, idx)
+            del mean
+            s = np.clip(s, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=s).ravel()
+            return error + self.lam * (_hyper_bits(model, z_int) + _latent_bits(model, s, idx.ravel(), self.y.shape))
+        u = self.u
+        s = _round(model, u - mean, torch.from_numpy(idx)[None])
+        bits = _hyper_bits(model, z_int) + _latent_bits(model, _coded(s), idx.ravel(), self.y.shape)
+        return float((u - s - mean).square().sum()) + self.lam * bits
+
+    def _symbols_and_error(self, mean: torch.Tensor, idx: np.ndarray) -> tuple[np.ndarray, float]:
+        """The symbols (M, h, w) int32 of u rounded under the means and table indices of a ẑ, with
+        a subband context, and Σ (u - s - mean)², summed a few channels at a time (on a large
+        latent: no latent-sized float temporaries but the residuals, freed before the sum)."""
+        v = self.u.sub_(mean)
+        s, _ = rounding.round_in_passes(self.model, v[0].numpy(), idx)
+        del v
+        error = 0.0
+        for c in range(0, s.shape[0], SAVING_CHANNELS):
+            part = (slice(None), slice(c, c + SAVING_CHANNELS))
+            u = self.y[part] * self.gain[part]
+            error += float((u - torch.from_numpy(s[c:c + SAVING_CHANNELS])[None] - mean[part]).square().sum())
+        return s, error
 
     def surrogate(self, z: torch.Tensor) -> torch.Tensor:
         """`latent_surrogate` of z rounded (straight through) plus λ times ẑ's code length
@@ -499,12 +543,13 @@ class HyperCost:
         read region of ẑ and the terms are those of the tile's own latents."""
         model = self.model
         out = model.approximate_hyper_synthesis(z)
-        u = self.u
-        if tile is not None:
+        if tile is None:
+            u = self.u
+        else:
             top, left = 4 * (tile.rows.start - tile.read_rows.start), 4 * (tile.cols.start - tile.read_cols.start)
             h, w = 4 * (tile.rows.stop - tile.rows.start), 4 * (tile.cols.stop - tile.cols.start)
             out = out[:, :, top:top + h, left:left + w]
-            u = u[:, :, 4 * tile.rows.start:4 * tile.rows.stop, 4 * tile.cols.start:4 * tile.cols.stop]
+            u = self.y[:, :, 4 * tile.rows.start:4 * tile.rows.stop, 4 * tile.cols.start:4 * tile.cols.stop] * self.gain
         mean, scale = (out / 2**OUT_BITS).chunk(2, dim=1)
         with torch.no_grad():
             idx = torch.searchsorted(self.thresholds, (scale * 2**OUT_BITS).floor().long().contiguous(),
@@ -543,9 +588,9 @@ def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, 
     and keeps the move if the exact cost falls: k doubles after a kept move and halves after
     a refused one (at the smallest k a refused set is not proposed again).
     """
-    u = y * model.gains(rq / RATE_SCALE)[0]
-    cost = HyperCost(model, u)
-    z0 = model.hyper_analysis(u)
+    gain = model.gains(rq / RATE_SCALE)[0]
+    cost = HyperCost(model, y, gain)
+    z0 = model.hyper_analysis(y * gain)
     best_z = torch.round(z0).to(torch.int64)
     cost.calibrate(best_z)
     best_cost = cost.exact(best_z)
@@ -594,7 +639,8 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
                    tick: Callable[[], None], to_beat: float) -> np.ndarray | None:
     """The y symbols (flat int32, C order) found from `symbols` at `ref`'s rate and ẑ whose ideal
     file size is in [floor, budget - guard] bytes with the least distortion, or None if no step's
-    distortion is below `to_beat`.
+    distortion is below `to_beat`. Takes over `symbols`: the symbols found are written into it
+    (and it is returned); with None it is left as it was.
 
     Each step moves by one the (at most k) symbols expected to lower D + μ·bits most, one per
     latent position and none in neighbouring ones (`_spread`): the saving of a step ±1 is
@@ -604,63 +650,123 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
     refused one (at the smallest k a refused set is not proposed again); a move refused only for
     its size raises μ by `SYMBOL_OVER`. μ starts at the rounding's λ in the picture's units and
     follows the budget as in `refine_latents`.
+
+    Memory: the current symbols are one int32 array, moved in place and moved back when refused;
+    on more than one synthesis tile the gradient and the code-length changes, which only rank
+    the moves, are kept in float16 (`_estimate_dtype`).
     """
     model = ref.model
     ceiling = budget - 4 - 1e-3 * budget
     aim = (1 - AIM) * budget
     energy = (_symbol_energy(model) * ref.inv_gain.flatten() ** 2).view(1, -1, 1, 1)
     mu = float(energy.median()) * rounding.rdo_lambda(model)
-    s = torch.from_numpy(symbols).view(ref.shape).float()
-    size = ref.file_bytes(symbols)
-    k, refused = SYMBOL_START, torch.zeros(s.shape, dtype=torch.bool)
-    best, best_d = None, to_beat
-    d = grad = None
+    s = symbols.copy()
+    s_view = torch.from_numpy(s).view(ref.shape)  # shares s's memory
+    size = ref.file_bytes(s)
+    k, refused = SYMBOL_START, torch.zeros(ref.shape, dtype=torch.bool)
+    dtype = _estimate_dtype(ref)
+    found, best_d = False, to_beat
+    d = ref.distortion_of(s) if len(ref.tiles) > 1 else None  # on one tile, the gradient's pass gives it
+    grad = up_bits = down_bits = None
     for _ in range(iterations):
         tick()
         if grad is None:  # after a refused move s, and so every estimate, is what it was
-            d, grad = ref.distortion_and_gradient(s, d)
-            up_bits, down_bits = _bit_changes(ref, s)
+            up_bits = down_bits = None
+            d, grad = ref.distortion_and_gradient(s_view, d, dtype)
+            up_bits, down_bits = _bit_changes(ref, s, dtype)
         per_position, channel, step = _best_moves(grad, energy, mu, up_bits, down_bits, refused)
-        moved = _spread_positions(per_position, channel, k)
-        if not len(moved):
+        chosen = _spread_positions(per_position, channel, k)
+        if not len(chosen):
             continue  # nothing left to propose: the remaining steps only tick
-        candidate = s.flatten().clone()
-        candidate[moved] += step.flatten()[moved]
-        coded = _coded(candidate)
+        moved, change = chosen.numpy(), step.view(-1)[chosen].numpy().astype(np.int32)
+        del per_position, channel, step
+        s[moved] += change  # the candidate, in place
+        coded = _clamped(s, moved)
         d_c, size_c = ref.distortion_of(coded), ref.file_bytes(coded)
+        kept = False
         if d_c + 8 * mu * size_c < d + 8 * mu * size:
             if size_c <= ceiling:
-                s, d, size, grad, k = candidate.view_as(s), d_c, size_c, None, min(2 * k, SYMBOL_MAX)
+                kept, d, size, grad, k = True, d_c, size_c, None, min(2 * k, SYMBOL_MAX)
                 if size >= floor and d < best_d:
-                    best, best_d = coded, d
+                    np.copyto(symbols, coded)
+                    found, best_d = True, d
             else:
                 mu *= SYMBOL_OVER
         elif len(moved) > SYMBOL_MIN:
             k = len(moved) // 2
         else:
-            refused.view(-1)[moved] = True
+            refused.view(-1)[chosen] = True
+        if not kept:
+            s[moved] -= change
+        del coded
         mu *= math.exp(STEER * (size / aim - 1))
-    return best
+    return symbols if found else None
+
+
+def _clamped(s: np.ndarray, moved: np.ndarray) -> np.ndarray:
+    """s as the coder takes it (`_coded`) after moving the elements `moved`: s itself unless a
+    moved one has left the coder's range, then a clamped copy."""
+    limit = 2**ESCAPE_MAX_BITS
+    if np.abs(s[moved]).max() <= limit:
+        return s
+    return np.clip(s, -limit, limit)
+
+
+def _estimate_dtype(ref: Refiner) -> torch.dtype:
+    """The dtype `refine_symbols` keeps its latent-sized estimates in (the gradient, the code
+    lengths' changes): float32 on one synthesis tile (Kodak: the bytes as they were), float16
+    on more, where each such array would take 150 MB at 12 MP. They only rank the moves."""
+    return torch.float32 if len(ref.tiles) == 1 else torch.float16
 
 
 SAVING_CHANNELS = 64  # the savings of this many channels at a time: latent-sized temporaries stay small
 
 
-def _bit_changes(ref: Refiner, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact change of the code length of each of the symbols `s` (float, shaped as y) moved by
-    +1 and by -1, each under its table as the symbols around it now make it (with a subband
-    context). Computed a few channels at a time: the tables' lookups take int64 per element."""
-    coded_idx, mean = ref.coded_indices(s)
-    up, down = torch.empty(s.shape), torch.empty(s.shape)
+def _bit_changes(ref: Refiner, s: np.ndarray, dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact change of the code length of each of the symbols `s` (flat int32, C order) moved
+    by +1 and by -1, each under its table as the symbols around it now make it (with a subband
+    context), shaped as y in `dtype`. Computed item by item as the coder codes them (a band
+    plane of a pass, or a few channels): no latent-sized table indices or predictions."""
+    up, down = torch.empty(ref.shape, dtype=dtype), torch.empty(ref.shape, dtype=dtype)
+    up_np, down_np = up[0].numpy(), down[0].numpy()
+    sym = s.reshape(ref.shape[1:])
     tables = rounding.bits_table(ref.model)
-    for c in range(0, s.shape[1], SAVING_CHANNELS):
-        part = slice(c, c + SAVING_CHANNELS)
-        idx = coded_idx.expand_as(s)[:, part]
-        v = s[:, part] - (mean.expand_as(s)[:, part] if mean.dim() else mean)
-        code_length = rounding.code_lengths(idx, tables)
+    for put, coded, t in _items(ref, sym):
+        code_length = rounding.code_lengths(torch.from_numpy(t.astype(np.int64)), tables)
+        v = torch.from_numpy(coded)
         now = code_length(v)
-        up[:, part], down[:, part] = code_length(v + 1) - now, code_length(v - 1) - now
+        put(up_np, (code_length(v + 1) - now).numpy())
+        put(down_np, (code_length(v - 1) - now).numpy())
     return up, down
+
+
+def _items(ref: Refiner, sym: np.ndarray) -> Iterator[tuple[Callable[[np.ndarray, np.ndarray], None],
+                                                            np.ndarray, np.ndarray]]:
+    """The symbols sym (M, h, w) as they are coded, a part at a time: (how to write a value per
+    symbol of the part into a latent-layout array, the coded values, their table indices)."""
+    idx = ref.idx_np.reshape(sym.shape)
+    if ref.model.context is None:
+        for c in range(0, sym.shape[0], SAVING_CHANNELS):
+            part = slice(c, c + SAVING_CHANNELS)
+
+            def put(out: np.ndarray, values: np.ndarray, part: slice = part) -> None:
+                out[part] = values.reshape(out[part].shape)
+
+            yield put, sym[part], idx[part]
+        return
+    for p, coded, t in context.pass_items(ref.model.context, sym, idx):
+        if p is None:
+
+            def put(out: np.ndarray, values: np.ndarray) -> None:
+                out[:context.LL_CHANNELS] = values.reshape(out[:context.LL_CHANNELS].shape)
+
+        else:
+
+            def put(out: np.ndarray, values: np.ndarray, p: context.Pass = p) -> None:
+                context.put_pass(out, p, values)
+
+        yield put, coded, t
 
 
 def _best_moves(grad: torch.Tensor, energy: torch.Tensor, mu: float, up_bits: torch.Tensor,
@@ -672,9 +778,9 @@ def _best_moves(grad: torch.Tensor, energy: torch.Tensor, mu: float, up_bits: to
     step = torch.empty(grad.shape, dtype=torch.int8)
     for c in range(0, grad.shape[1], SAVING_CHANNELS):
         part = slice(c, c + SAVING_CHANNELS)
-        g, e = grad[:, part], energy[:, part]
-        up = g + e + mu * up_bits[:, part]
-        down = -g + e + mu * down_bits[:, part]
+        g, e = grad[:, part].float(), energy[:, part]
+        up = g + e + mu * up_bits[:, part].float()
+        down = -g + e + mu * down_bits[:, part].float()
         step[:, part] = torch.where(up < down, 1, -1)
         saving = (-torch.minimum(up, down)).masked_fill_(refused[:, part], 0)
         value, where = saving.max(dim=1, keepdim=True)

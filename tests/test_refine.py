@@ -12,6 +12,7 @@ import torch
 import lcodec
 from lcodec import api, engine, refine, rounding
 from lcodec.bitstream import container
+from lcodec.models import context
 
 from conftest import ANY_SIZE, smooth_rgb
 
@@ -113,7 +114,7 @@ def test_a_move_s_expected_saving_counts_the_hyper_latent_s_own_bits_exactly():
     the direction of the step it names (both directions are looked at)."""
     model = engine.load_model(engine.DEFAULT_MODEL_ID)
     enc = engine.Encoder(model, smooth_rgb(128, 128), "RGB")
-    cost = refine.HyperCost(model, enc.y * model.gains(3.0)[0])
+    cost = refine.HyperCost(model, enc.y, model.gains(3.0)[0])
     z = model.hyper_latent(cost.u)
     flat = z.flatten()
     assert float(refine._hyper_bits_each(model, z).sum()) == pytest.approx(refine._hyper_bits(model, z), rel=1e-5)
@@ -147,6 +148,25 @@ def test_moving_symbols_lowers_the_distortion_within_the_budget(kodak_crop):
     assert ticks.n == 10 and moved is not None and moved.dtype == np.int32
     assert 0.97 * budget <= ref.file_bytes(moved) <= budget - 4
     assert ref.distortion_of(moved) < d  # measured: 1.4% less squared error (+0.06 dB)
+
+
+def test_code_length_changes_are_those_of_the_whole_latent_s_coded_tables(kodak_crop):
+    """`_bit_changes`, computed pass by pass, gives every symbol's ±1 code-length change exactly
+    as the tables and predictions the context makes of the whole latent (`context.coded_indices`),
+    and the same values rounded in float16 (as on several synthesis tiles)."""
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
+    enc = engine.Encoder(model, kodak_crop, "RGB")
+    ref = refine.Refiner(model, engine._to_tensor(kodak_crop, "RGB"), 256, 256, enc.y, 3 * container.RATE_SCALE)
+    symbols = ref.one_pass_symbols()
+    up, down = refine._bit_changes(ref, symbols)
+    sym = symbols.reshape(ref.shape[1:])
+    idx, mean = context.coded_indices(model.context, sym, ref.idx_np.reshape(sym.shape))
+    code_length = rounding.code_lengths(torch.from_numpy(idx.astype(np.int64)), rounding.bits_table(model))
+    v = torch.from_numpy(sym.astype(np.int64) - mean)
+    assert torch.equal(up[0], code_length(v + 1) - code_length(v))
+    assert torch.equal(down[0], code_length(v - 1) - code_length(v))
+    half = refine._bit_changes(ref, symbols, torch.float16)
+    assert half[0].dtype == torch.float16 and torch.equal(half[0], up.half())
 
 
 def test_on_several_tiles_the_distortion_is_exact_and_the_gradient_close():
