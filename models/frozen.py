@@ -137,9 +137,14 @@ def map_tiles(compute, place, grid: list[Tile], workers: int) -> None:
                 place(t, result)
 
 
+_threads_outside: int | None = None  # torch's thread count outside the outermost block below
+
+
 @contextmanager
 def one_thread_per_operation():
-    """Run torch operations single-threaded inside the block; yields the thread count from before.
+    """Run torch operations single-threaded inside the block; yields the thread count from
+    before the outermost such block (nested blocks, e.g. the synthesis inside an encode, get
+    the same count for their tiles).
 
     A convolution's result can depend on how its work is split between threads
     (measured: +-1 in a few of a million pixels between 1, 2 and 4 threads). One
@@ -147,12 +152,18 @@ def one_thread_per_operation():
     so a file decodes to the same pixels whatever the thread setting; the
     parallelism comes from computing tiles side by side instead.
     """
+    global _threads_outside
     before = torch.get_num_threads()
+    outermost = _threads_outside is None
+    if outermost:
+        _threads_outside = before
     torch.set_num_threads(1)
     try:
-        yield before
+        yield _threads_outside
     finally:
         torch.set_num_threads(before)
+        if outermost:
+            _threads_outside = None
 
 
 def _tables_from_state(d: dict) -> CdfTables:
@@ -212,10 +223,10 @@ class FrozenModel:
     @torch.no_grad()
     def analyze(self, x: torch.Tensor, *, tile_latents: int = TILE_LATENTS) -> torch.Tensor:
         """x (1, 3, H, W) in [0, 1], H and W multiples of 64 -> y before the gain, on tiles of
-        `tile_latents` latents (a lifting model's picture larger than one tile: level by level,
+        `tile_latents` latents (a lifting model's picture, but for a small one: level by level,
         `_analyze_by_levels`)."""
         _, _, H, W = x.shape
-        if self.config.arch == "lifting" and len(tiles(H // 16, W // 16, tile_latents, self.halo_latents)) > 1:
+        if self._by_levels(H // 16, W // 16, tile_latents):
             with one_thread_per_operation() as threads:
                 return self._analyze_by_levels(x, tile_latents, threads)
         return run_tiled(self.analysis, x, 16, tile_latents * 16, self.halo_latents * 16, inverse=False)
@@ -338,18 +349,24 @@ class FrozenModel:
         _, inv_gain = self.gains(q)
         y = y_hat_gained.mul_(inv_gain)
         with one_thread_per_operation() as threads:
-            if self._by_levels(y, tile_latents):
+            if self._by_levels(y.shape[2], y.shape[3], tile_latents):
                 x = self._synthesize_by_levels(y, q, tile_latents, threads)
             else:
                 x = run_tiled(lambda t: self.draw(t, q), y, 16, tile_latents, self.halo_latents, inverse=True,
                               workers=threads)
         return x.clamp_(0, 1)
 
-    def _by_levels(self, y: torch.Tensor, tile_latents: int) -> bool:
-        """Whether g_s of a latent y runs level by level (`_inverse_levels`): a lifting model's latent
-        larger than one tile. One tile is the whole transform at once, as it has always run: the
-        pictures that fit one decode to the same pixels as before."""
-        return self.config.arch == "lifting" and len(tiles(y.shape[2], y.shape[3], tile_latents, self.halo_latents)) > 1
+    def _by_levels(self, h: int, w: int, tile_latents: int) -> bool:
+        """Whether g_a and g_s of an h x w latent run level by level (`_analyze_by_levels`,
+        `_inverse_levels`): a lifting model's latent larger than one tile, or at the default tiles
+        larger than `LEVEL_TILE_LATENTS` a side (Kodak's 48 x 32: 1.6x faster decodes, a pixel
+        differing by at most one step). The rest run the whole transform at once, as it has
+        always run: pictures of up to 512 pixels a side (the golden files) decode to the same
+        pixels as ever, and `tile_latents` of 10^6 gives the untiled reference."""
+        if self.config.arch != "lifting":
+            return False
+        return (len(tiles(h, w, tile_latents, self.halo_latents)) > 1
+                or (tile_latents == TILE_LATENTS and max(h, w) > LEVEL_TILE_LATENTS))
 
     def _inverse_levels(self, y: torch.Tensor, stop: int, tile_latents: int, workers: int) -> torch.Tensor:
         """LL_stop (1, 3, H/2^stop, W/2^stop) of a lifting model's y (after the inverse gain), one
@@ -435,7 +452,7 @@ class FrozenModel:
         y = y_hat_gained[:, :C].mul_(inv_gain[:, :C])
         scale = 16 // 2**stop
         with one_thread_per_operation() as threads:
-            if self._by_levels(y, tile_latents):
+            if self._by_levels(y.shape[2], y.shape[3], tile_latents):
                 x = self.analysis.to_rgb(self._inverse_levels(y, stop, tile_latents, threads).div_(2.0**stop))
             else:
                 x = run_tiled(lambda t: self.analysis.inverse(t, stop), y, scale, tile_latents, self.halo_latents,

@@ -26,10 +26,13 @@ def picture() -> torch.Tensor:
     return torch.from_numpy(smooth_rgb(320, 896, seed=3)).permute(2, 0, 1)[None].float() / 255
 
 
-def test_a_picture_of_one_tile_runs_the_whole_transform_at_once(model, picture):
-    """The pictures that fit one tile (Kodak, the golden files) decode as they always have."""
-    assert not model._by_levels(torch.zeros(1, LATENT_CHANNELS, 20, 56), frozen.TILE_LATENTS)
-    assert model._by_levels(torch.zeros(1, LATENT_CHANNELS, 20, 56), 4)
+def test_a_small_picture_runs_the_whole_transform_at_once(model, picture):
+    """Pictures of up to 32 latents a side (the golden files) decode as they always have; larger
+    ones (Kodak) and those of more than one tile go level by level."""
+    assert not model._by_levels(20, 32, frozen.TILE_LATENTS)
+    assert model._by_levels(32, 48, frozen.TILE_LATENTS)
+    assert not model._by_levels(32, 48, 10**6)
+    assert model._by_levels(20, 56, 4)
     with torch.no_grad():
         assert torch.equal(model.analyze(picture), model.analysis(picture))
 
@@ -110,3 +113,17 @@ def test_a_transposed_convolution_by_phases_gives_the_same_integers():
         layer = {"stride": stride, "padding": padding, "output_padding": output_padding, "weight": weight, "bias": bias}
         expected = F.conv_transpose2d(a, weight, bias, stride=stride, padding=padding, output_padding=output_padding)
         assert torch.equal(_transposed_by_phases(layer, a), expected)
+
+
+def test_a_nested_one_thread_block_gives_its_tiles_the_outer_thread_count():
+    """The synthesis inside an encode (itself one thread per operation) still computes tiles side by side."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with frozen.one_thread_per_operation() as outer:
+            with frozen.one_thread_per_operation() as inner:
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+        assert (outer, inner, torch.get_num_threads()) == (2, 2, 2)
+    finally:
+        torch.set_num_threads(before)
