@@ -4,9 +4,9 @@
 
 One photo (`--image`, by default the 12-megapixel `../shared/data/large/photo-12mp.jpg`)
 is resized with Pillow's LANCZOS to each size in megapixels (its aspect ratio kept; its own
-size when the size is its own), encoded at `--bpp` and decoded. Each (size, phase) runs in
-its own child process, which reports its own peak RSS (`ru_maxrss`) after the model is
-loaded and the picture made: encode (rate search included) and decode are measured apart.
+size when the size is its own), encoded at `--bpp` as the API and the command line do
+(`engine.encode_best`) and decoded. Each (size, phase) runs in
+its own child process, which reports its own peak RSS (`ru_maxrss`): encode (rate search included) and decode are measured apart.
 Within a child a 256 x 256 crop is encoded and decoded once first (to warm up torch and
 the coder's tables), then the phase runs `--runs` times and the median of each figure is
 reported.
@@ -71,7 +71,7 @@ def child(job: dict) -> dict:
     weights = engine.installed_weights(job["model"])
     rgb = make_image(Path(job["image"]), job["megapixels"])
     lc = Path(job["file"])
-    warm = engine.encode_array(np.ascontiguousarray(rgb[:256, :256]), "RGB", bpp=job["bpp"], weights=weights)
+    warm = engine.encode_best(np.ascontiguousarray(rgb[:256, :256]), "RGB", bpp=job["bpp"], model_ids=(job["model"],))
     engine.decode_array(warm.data, weights=weights)
     runs = []
     with Shim() as shim:
@@ -88,7 +88,7 @@ def child(job: dict) -> dict:
         for _ in range(job["runs"]):
             start = time.perf_counter()
             if job["phase"] == "encode":
-                result = engine.encode_array(rgb, "RGB", bpp=job["bpp"], model_id=job["model"], weights=weights)
+                result = engine.encode_best(rgb, "RGB", bpp=job["bpp"], model_ids=(job["model"],))  # as the API
                 lc.write_bytes(result.data)
             else:
                 pixels, _ = engine.decode_array(lc.read_bytes(), weights=weights)
