@@ -1,6 +1,7 @@
 """Where lcodec's time and memory go, stage by stage, as the picture grows.
 
     nice -n 19 python -m kodak_eval.profile --bpp 0.5 --sizes 0.4,3,12,33 --runs 3 --threads 2
+    nice -n 19 python -m kodak_eval.profile --sizes 12 --runs 1 --effort 1 --out runs/profile-effort1
 
 One photo (`--image`, by default the 12-megapixel `../shared/data/large/photo-12mp.jpg`)
 is resized with Pillow's LANCZOS to each size in megapixels (its aspect ratio kept; its own
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -88,7 +90,8 @@ def child(job: dict) -> dict:
         for _ in range(job["runs"]):
             start = time.perf_counter()
             if job["phase"] == "encode":
-                result = engine.encode_best(rgb, "RGB", bpp=job["bpp"], model_ids=(job["model"],))  # as the API
+                result = engine.encode_best(rgb, "RGB", bpp=job["bpp"], model_ids=(job["model"],),
+                                            effort=job["effort"])  # as the API
                 lc.write_bytes(result.data)
             else:
                 pixels, _ = engine.decode_array(lc.read_bytes(), weights=weights)
@@ -114,7 +117,8 @@ def run_child(job: dict, timeout: float) -> dict:
 
 
 def markdown(s: dict) -> str:
-    lines = [f"# lcodec stage profile: model {s['model']}, {s['bpp']:g} bpp, {s['torch_threads']} torch threads",
+    lines = [f"# lcodec stage profile: model {s['model']}, {s['bpp']:g} bpp, effort {s.get('effort', 0)}, "
+             f"{s['torch_threads']} torch threads",
              "",
              f"`{s['command']}` on {s['machine']} (load average at the start: {s['load_average']}), code "
              f"{s['git']['commit'][:10]}{' (dirty)' if s['git'].get('dirty') else ''}. Medians of {s['runs']} runs per phase; seconds, peak RSS in MB of the phase's own process.",
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", type=Path, default=IMAGE)
     parser.add_argument("--sizes", default="0.4,3,12,33", help="megapixels, comma-separated")
     parser.add_argument("--bpp", type=float, default=0.5)
+    parser.add_argument("--effort", type=int, default=0, help="the encodes' effort (refinement at 1-9)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--model", type=int, default=DEFAULT_MODEL_ID)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
@@ -154,22 +159,21 @@ def main(argv: list[str] | None = None) -> int:
         args.child_out.write_text(json.dumps(child(json.loads(args.child))))
         return 0
 
-    import os
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in (float(s) for s in args.sizes.split(",")):
             row = {"megapixels": size}
             for phase in ("encode", "decode"):
                 job = {"phase": phase, "image": str(args.image), "megapixels": size, "bpp": args.bpp,
-                       "runs": args.runs, "model": args.model, "threads": args.threads,
+                       "effort": args.effort, "runs": args.runs, "model": args.model, "threads": args.threads,
                        "file": str(Path(tmp) / f"{size:g}.lc")}
                 row[phase] = run_child(job, args.timeout)
                 print(f"{size:g} MP {phase}: {row[phase]['total']:.2f} s, {row[phase]['peak_rss_mb']:.0f} MB",
                       file=sys.stderr, flush=True)
             row["mp"] = row["encode"]["width"] * row["encode"]["height"] / 1e6
             rows.append(row)
-    summary = {"model": args.model, "bpp": args.bpp, "runs": args.runs, "torch_threads": rows[0]["encode"]["torch_threads"],
+    summary = {"model": args.model, "bpp": args.bpp, "effort": args.effort, "runs": args.runs,
+               "torch_threads": rows[0]["encode"]["torch_threads"],
                "image": str(args.image), "rows": rows, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                "load_average": round(os.getloadavg()[0], 2), "git": git_state(ROOT),
                "command": "python -m kodak_eval.profile " + " ".join(argv if argv is not None else sys.argv[1:])}
