@@ -179,9 +179,10 @@ class Encoder:
     exact size, `payload` for a real encode (it reuses the symbols of a measure at the same rq).
     `tile_latents` sets g_a's tiles (None: the model's own).
 
-    Everything after h_a runs tile by tile (`frozen.hyper_tiles`): a probe never holds more
-    than one tile's means, indices and symbols, and a real encode keeps only the symbols
-    (int32) and table indices (`_table_index_dtype`) of the whole latent, which the coder needs."""
+    h_s runs tile by tile (`frozen.hyper_tiles`), tiles side by side. Without a context a probe
+    holds no more than one tile's means, indices and symbols; with one, every size needs the
+    whole latent's table indices (`_table_index_dtype`) and symbols (int32), which the coder
+    takes, and the LL block's residuals: a detail's residual is made pass by pass from y."""
 
     def __init__(self, model: FrozenModel, pixels: np.ndarray, mode: str, *, tile_latents: int | None = None):
         self.model, self.mode = model, mode
