@@ -94,6 +94,7 @@ MAX_PIXELS = 67_108_864  # 8192 x 8192, the decoder's default limit
 # need gigabytes. The gradient only ranks the moves; the distortion that decides them is exact.
 GRADIENT_TILE, GRADIENT_HALO = 32, 8
 SURROGATE_TILE = 16  # hyper-latents a side of the tiles ẑ's surrogate cost is differentiated on
+ERROR_ROWS = 256  # the distortion of a large picture is summed this many rows at a time
 WITHIN_DB = 1.0  # the encoder refines only models whose one-pass file is this close (PSNR) to the best
 RATE_SLACK = 0.03  # a refined file may be this much under the budget (as rate control's tolerance)
 AIM = 0.01  # the rate search and μ steer the size towards this much under the budget
@@ -108,12 +109,15 @@ def iterations(effort: int, model: FrozenModel, height: int | None = None, width
 
 
 def tile_count(height: int, width: int, model: FrozenModel) -> int:
-    """The tiles the synthesis runs on for the distortion of a `height` x `width` image (`Refiner.tiles`)."""
+    """The whole-transform synthesis tiles of a `height` x `width` image (`Refiner.tiles`): over one,
+    refinement works in tiles and its progress counts them."""
     return len(_synthesis_tiles(model, -(-height // PAD) * PAD // 16, -(-width // PAD) * PAD // 16))
 
 
 def _synthesis_tiles(model: FrozenModel, h: int, w: int) -> list[Tile]:
-    """The tiles of an h x w latent the exact distortion is computed on: the decoder's (`FrozenModel.synthesize`)."""
+    """The tiles of an h x w latent under the whole transform's synthesis (`TILE_LATENTS` with its
+    whole reach): over one, the distortion is the decoder's picture (`FrozenModel.synthesize`) and
+    the gradient is taken tile by tile."""
     return tiles(h, w, TILE_LATENTS, model.halo_latents)
 
 
@@ -174,7 +178,7 @@ class Refiner:
 
     Only the latent-sized arrays that every step needs are kept (the means, float32, and the
     table indices, as small an integer type as holds them for a model with a subband context);
-    the synthesis runs tile by tile (`tiles`), so its memory does not grow with the image."""
+    on more than one tile (`tiles`) the synthesis runs in bounded memory, as the decoder's."""
 
     def __init__(self, model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,
                  z: torch.Tensor | None = None):
@@ -285,15 +289,16 @@ class Refiner:
 
     @torch.no_grad()
     def distortion_of(self, symbols: np.ndarray) -> float:
-        """`distortion` of symbols (flat int32), on more than one tile summed over the decoder's
-        tiles (each exact: read with the synthesis's whole reach)."""
+        """`distortion` of symbols (flat int32); on more than one tile the decoder's own picture
+        (`FrozenModel.synthesize`, tiled in bounded memory), its error summed a band of rows at a time."""
         s = torch.from_numpy(symbols).view(self.shape)
         if len(self.tiles) == 1:
             return float(self.distortion(s.float()))
+        x_hat = self.model.synthesize(s.float().add_(self.mean), self.q)
         total = 0.0
-        for t in self.tiles:
-            read = (slice(None), slice(None), t.read_rows, t.read_cols)
-            total += float(self._tile_error((s[read].float() + self.mean[read]) * self.inv_gain, t))
+        for top in range(0, self.height, ERROR_ROWS):
+            rows = slice(top, min(top + ERROR_ROWS, self.height))
+            total += float((x_hat[:, :, rows, :self.width] * 255 - self.x[:, :, rows, :self.width] * 255).square_().sum())
         return total
 
     def one_pass(self) -> tuple[np.ndarray, float, float]:
