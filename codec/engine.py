@@ -625,15 +625,8 @@ def decode_latent(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS
     z = torch.from_numpy(z.astype(np.int64)).view(1, N, zh, zw)
     partial = stop > 0 and model.context is not None
     channels = reduced_channels(stop) if partial else M
-    # The means become ŷ once the symbols are added.
-    if partial:
-        # A reduced decode is small operations, which lose more to a thread kept waiting by another
-        # process than they gain from a second one (measured on 2 shared cores: h_s of 12 channels
-        # 0.014 s with 1 thread, 0.16 s with 2): one thread per operation, tiles side by side.
-        with one_thread_per_operation() as threads:
-            y_hat, idx = model.latent_entropy_parameters(z, _table_index_dtype(model), channels, threads)
-    else:
-        y_hat, idx = model.latent_entropy_parameters(z, _table_index_dtype(model))
+    # The means become ŷ once the symbols are added (h_s's tiles side by side, one thread per operation).
+    y_hat, idx = model.latent_entropy_parameters(z, _table_index_dtype(model), channels if partial else None)
     if model.context is None:
         sym = dec.decode(idx.ravel(), model.y_tables)
         del idx

@@ -180,21 +180,21 @@ class LevelCurve:
         self._rq = RATE_SCALE * np.arange(len(levels), dtype=np.float64)
 
     def log_bpp(self, rq: float) -> float:
-        x, y = self._rq, self._log
-        if rq < x[0]:
-            return float(y[0] + (rq - x[0]) * (y[1] - y[0]) / (x[1] - x[0]))
-        if rq > x[-1]:
-            return float(y[-1] + (rq - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2]))
-        return float(np.interp(rq, x, y))
+        return _extended(rq, self._rq, self._log)
 
     def rq(self, log_bpp: float) -> float:
         """The inverse of `log_bpp` (the levels' bpp rise)."""
-        x, y = self._rq, self._log
-        if log_bpp < y[0]:
-            return float(x[0] + (log_bpp - y[0]) * (x[1] - x[0]) / (y[1] - y[0]))
-        if log_bpp > y[-1]:
-            return float(x[-1] + (log_bpp - y[-1]) * (x[-1] - x[-2]) / (y[-1] - y[-2]))
-        return float(np.interp(log_bpp, y, x))
+        return _extended(log_bpp, self._log, self._rq)
+
+
+def _extended(x: float, xs: np.ndarray, ys: np.ndarray) -> float:
+    """The piecewise-linear function through (xs, ys) (xs increasing) at x, extended past the ends
+    along the end segments."""
+    if x < xs[0]:
+        return float(ys[0] + (x - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0]))
+    if x > xs[-1]:
+        return float(ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+    return float(np.interp(x, xs, ys))
 
 
 def start(estimate: Callable[[int], float], lo: int, below: float) -> int:
