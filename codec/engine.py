@@ -209,7 +209,7 @@ class Encoder:
     def _hyper_latent(self, rq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The gain (1, M, 1, 1) and ẑ (1, N, zh, zw) at rate rq."""
         gain, _ = self.model.gains(rq / RATE_SCALE)
-        return gain, self.model.hyper_latent(self.y * gain)
+        return gain, self.model.hyper_latent(self.y, gain)
 
     def _symbol_tiles(self, gain: torch.Tensor, z: torch.Tensor, exact: bool = True
                       ) -> Iterator[tuple[tuple[slice, slice], torch.Tensor, torch.Tensor]]:

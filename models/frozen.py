@@ -21,7 +21,7 @@ and at decode time ŷ = (s + mean) × inv_gain(q) ─► g_s ─► post-filter(
 
 g_a and g_s run in tiles (`run_tiled`), a lifting model's larger than one tile level by level, each
 level in tiles with the halo of its own reach (`_analyze_by_levels`, `_inverse_levels`); h_s runs in
-tiles too (`hyper_tiles`). Tiles are computed side by side with one thread per operation.
+tiles too (`hyper_tiles`), h_a in bands of rows (`hyper_analysis_bands`). Tiles are computed side by side with one thread per operation.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ FINEST_HALO = 2  # latents of context of g_s's finest level with the post-filter
 POSTFILTER_CONTEXT = 16  # ... of which the post-filter reads this many pixels (its reach is 8)
 HYPER_TILE = 32  # h_s runs on tiles of 32x32 hyper-latents (2048x2048 pixels) ...
 HYPER_HALO = 3  # ... with 3 of context: a hyper-latent reaches 2 of them (measured), so tiling is exact
+HYPER_ANALYSIS_ROWS = 96  # h_a runs on an even number of bands of at most this many latent rows ...
+HYPER_ANALYSIS_HALO = 8  # ... each read with 8 rows of y above and below: a row of ẑ reaches 7 either side
 
 
 def lifting_halo(coarse_levels: int) -> int:
@@ -264,9 +266,33 @@ class FrozenModel:
         return y
 
     @torch.no_grad()
-    def hyper_latent(self, y_gained: torch.Tensor) -> torch.Tensor:
-        """ẑ = round(h_a(y_g)) as int64."""
-        return torch.round(self.hyper_analysis(y_gained)).to(torch.int64)
+    def hyper_latent(self, y: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+        """ẑ = round(h_a(y_g)) as int64, y_g = y · `gain` (1, M, 1, 1), or y itself without one.
+
+        h_a runs on bands of y's rows (`hyper_analysis_bands`), side by side with one thread per
+        operation, each band multiplied by the gain as it is read: no gained copy of the whole
+        latent. Each band's ẑ rows see their whole receptive field, and the convolutions give
+        the same floats on a band as on the whole latent (checked by test_hyper_latent_bands),
+        so ẑ does not depend on the bands or the thread count."""
+        _, _, h, w = y.shape
+        bands = hyper_analysis_bands(h, w)
+
+        def compute(band: Tile) -> torch.Tensor:
+            part = y[:, :, band.read_rows]
+            z = torch.round(self.hyper_analysis(part if gain is None else part * gain)).to(torch.int64)
+            top = (band.rows.start - band.read_rows.start) // 4
+            return z[:, :, top:top + (band.rows.stop - band.rows.start) // 4]
+
+        if len(bands) == 1:
+            return compute(bands[0])
+        z = torch.empty(1, self.config.N, h // 4, w // 4, dtype=torch.int64)
+
+        def place(band: Tile, part: torch.Tensor) -> None:
+            z[:, :, band.rows.start // 4:band.rows.stop // 4] = part
+
+        with one_thread_per_operation() as threads:
+            map_tiles(compute, place, bands, threads)
+        return z
 
     def entropy_parameters(self, z_int: torch.Tensor, tile: Tile, channels: int | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -510,6 +536,17 @@ def hyper_tiles(z: torch.Tensor) -> list[Tile]:
     the integer h_s gives the same integers either way, since every tile sees all of its
     receptive field."""
     return tiles(z.shape[2], z.shape[3], HYPER_TILE, HYPER_HALO)
+
+
+def hyper_analysis_bands(h: int, w: int) -> list[Tile]:
+    """The bands of rows of an h x w latent (h a multiple of 4) that h_a runs on: an even number
+    of equal bands of at most `HYPER_ANALYSIS_ROWS` rows (a multiple of 4, the last one shorter),
+    each read with `HYPER_ANALYSIS_HALO` rows of context (clipped at the edges), whole rows. They
+    depend on the latent's size only, not on the thread count."""
+    count = 2 * -(-h // (2 * HYPER_ANALYSIS_ROWS))
+    rows = 4 * -(-h // (4 * count))
+    return [Tile(slice(top, min(top + rows, h)), slice(0, w), slice(max(top - HYPER_ANALYSIS_HALO, 0),
+                 min(top + rows + HYPER_ANALYSIS_HALO, h)), slice(0, w)) for top in range(0, h, rows)]
 
 
 def latent_region(tile: Tile) -> tuple[slice, slice]:

@@ -174,29 +174,59 @@ class IntegerHyperSynthesis:
                            chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         """`self(z_int)` at output `rows` and `cols` only, as the codec uses it: the means
         mean_int / 2^OUT_BITS as float32 and the table indices `table_index(scale_int, thresholds)`
-        as int32, each (B, M, rows, cols). The same integers as `self(z_int)`, in less time and
-        memory: a pointwise last layer runs on the cropped rows and columns only, `chunk` rows at a
-        time (exact in any order: every sum is of integers below 2^53)."""
+        as int32, each (B, M, rows, cols). The same integers as `self(z_int)` (exact in any order:
+        every sum is of integers below 2^53), in less time and memory: with a pointwise last layer
+        (the lifting models'), the layer before it runs on `HIDDEN_ROWS` output rows of the
+        cropped region at a time from the inputs that reach them (`_layer_region`), and the last
+        layer on `chunk` of those rows at a time; no activation of the whole tile at the widest
+        layer is made (150-200 MB in float64 for an h_s tile of model 12)."""
         a = self._input(z_int)
-        for layer in self.layers[:-1 if self._pointwise else None]:
+        for layer in self.layers[:-2 if self._pointwise else None]:
             a = self._layer(layer, a)
-        a = a[:, :, rows, cols]
-        B, _, h, w = a.shape
-        M = self.outputs // 2
         if not self._pointwise:
+            a = a[:, :, rows, cols]
             mean_int, scale_int = a.to(torch.int64).chunk(2, dim=1)
             return mean_int.double().div_(2**OUT_BITS).float(), table_index(scale_int, thresholds)
+        B = a.shape[0]
+        h, w = len(range(rows.start, rows.stop)), len(range(cols.start, cols.stop))
+        M = self.outputs // 2
         mean, index = torch.empty(B, M, h, w), torch.empty(B, M, h, w, dtype=torch.int32)
-        a = a.contiguous()
         values = self._constant[:, None].expand(-1, chunk * w).clone()  # (2M, positions) of one chunk
-        for b in range(B):
-            for top in range(0, h, chunk):
-                n = min(chunk, h - top) * w
-                acc = torch.addmm(self._bias, self._weight, a[b, :, top:top + chunk].flatten(1))
-                values[self._computed, :n] = acc.mul_(self._scale).floor_()
-                mean[b, :, top:top + chunk] = values[:M, :n].div(2**OUT_BITS).view(M, -1, w)
-                index[b, :, top:top + chunk] = table_index(values[M:, :n].to(torch.int64), thresholds).view(M, -1, w)
+        for first in range(0, h, HIDDEN_ROWS):
+            part = slice(rows.start + first, rows.start + min(first + HIDDEN_ROWS, h))
+            hidden = _layer_region(self.layers[-2], a, part, cols)
+            for b in range(B):
+                for top in range(0, hidden.shape[2], chunk):
+                    n = min(chunk, hidden.shape[2] - top) * w
+                    acc = torch.addmm(self._bias, self._weight, hidden[b, :, top:top + chunk].flatten(1))
+                    values[self._computed, :n] = acc.mul_(self._scale).floor_()
+                    out = slice(first + top, first + top + n // w)
+                    mean[b, :, out] = values[:M, :n].div(2**OUT_BITS).view(M, -1, w)
+                    index[b, :, out] = table_index(values[M:, :n].to(torch.int64), thresholds).view(M, -1, w)
         return mean, index
+
+
+HIDDEN_ROWS = 32  # output rows of h_s's widest layer computed at a time (`entropy_parameters`)
+
+
+def _layer_region(layer: dict, a: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """`IntegerHyperSynthesis._layer(layer, a)[:, :, rows, cols]`, contiguous: for a transposed
+    convolution computed from the input rows and columns that reach those outputs only (output
+    o = s i + k - P sums inputs i from (o + P - K + 1) / s to (o + P) / s; one more at the end,
+    so that the slice's output is long enough), the same integers."""
+    if not layer["transposed"]:
+        return IntegerHyperSynthesis._layer(layer, a)[:, :, rows, cols].contiguous()
+    s, P, K = layer["stride"], layer["padding"], layer["weight"].shape[2]
+
+    def reach(out: slice, n: int) -> tuple[slice, slice]:
+        first = max((out.start + P - K + 1) // s, 0)
+        last = min((out.stop - 1 + P) // s + 2, n)
+        return slice(first, last), slice(out.start - s * first, out.stop - s * first)
+
+    (in_rows, out_rows), (in_cols, out_cols) = reach(rows, a.shape[2]), reach(cols, a.shape[3])
+    out = IntegerHyperSynthesis._layer(layer, a[:, :, in_rows, in_cols])[:, :, out_rows, out_cols]
+    assert out.shape[2:] == (rows.stop - rows.start, cols.stop - cols.start)
+    return out.contiguous()
 
 
 class ApproximateHyperSynthesis:

@@ -81,11 +81,15 @@ def test_the_synthesis_by_levels_does_not_depend_on_the_thread_count(model, pict
     assert torch.equal(out[0], out[1])
 
 
-@pytest.mark.parametrize("model_id", [0, LIFTING])
-def test_the_codecs_h_s_gives_the_integers_of_the_whole_h_s(model_id, monkeypatch):
+@pytest.mark.parametrize("model_id, hidden_rows", [(0, 32), (LIFTING, 32), (LIFTING, 5)])
+def test_the_codecs_h_s_gives_the_integers_of_the_whole_h_s(model_id, hidden_rows, monkeypatch):
     """The codec's h_s (cropped before a pointwise last layer, which skips the channels of zero
-    weights: a lifting model's detail means) computes the same means and table indices as the
-    plain integer network, in tiles run side by side or not."""
+    weights: a lifting model's detail means; the layer before it run a few rows at a time)
+    computes the same means and table indices as the plain integer network, in tiles run side
+    by side or not."""
+    from lcodec.models import integer_hyper
+
+    monkeypatch.setattr(integer_hyper, "HIDDEN_ROWS", hidden_rows)
     model = engine.load_model(model_id)
     z = torch.from_numpy(np.random.default_rng(4).integers(-20, 21, (1, model.config.N, 8, 10)))
     mean_int, scale_int = model.hyper_synthesis(z).chunk(2, dim=1)
@@ -125,5 +129,25 @@ def test_a_nested_one_thread_block_gives_its_tiles_the_outer_thread_count():
                 assert torch.get_num_threads() == 1
             assert torch.get_num_threads() == 1
         assert (outer, inner, torch.get_num_threads()) == (2, 2, 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", [4, 32, 96, 200, 272])
+def test_hyper_latent_bands(model, rows):
+    """h_a on bands of rows side by side gives the floats, and so the ẑ, of h_a on the whole
+    latent, gained band by band or gained before, whatever the thread count."""
+    bands = frozen.hyper_analysis_bands(rows, 24)
+    assert [b.rows.start for b in bands] == sorted({b.rows.start for b in bands})
+    assert sum(b.rows.stop - b.rows.start for b in bands) == rows and len(bands) in (1, 2, 4)
+    y = torch.from_numpy(np.random.default_rng(rows).laplace(0, 2, (1, LATENT_CHANNELS, rows, 24)).astype(np.float32))
+    gain = model.gains(4.3)[0]
+    expected = torch.round(model.hyper_analysis(y * gain)).to(torch.int64)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(model.hyper_latent(y, gain), expected)
+            assert torch.equal(model.hyper_latent(y * gain), expected)
     finally:
         torch.set_num_threads(before)
