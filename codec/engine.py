@@ -31,11 +31,14 @@ from .bitstream.tables import ESCAPE_MAX_BITS
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
 from .models import context
 from .models.frozen import (PAD, FrozenModel, Tile, box_reduce, hyper_tiles, latent_region, map_tiles,
-                            one_thread_per_operation)
+                            one_thread_per_operation, to_pixels)
 from .models.lifting import reduced_channels
 from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS, sha256_file
 
 OVERHEAD = container.OVERHEAD_BYTES
+# A full-size decode of a picture of more pixels than this writes g_s's tiles straight into its
+# uint8 pixels (`FrozenModel.synthesize_into`): no float picture (400 MB at 8K).
+DIRECT_PIXELS = 1 << 22
 REDUCTIONS = (1, 2, 4, 8, 16)  # the factors a picture can be decoded smaller by (SPEC "Reduced-size decoding")
 
 
@@ -126,14 +129,25 @@ def _check_pixels(pixels: np.ndarray, mode: str) -> None:
 
 
 def _to_tensor(pixels: np.ndarray, mode: str) -> torch.Tensor:
-    """Checked pixels -> (1, 3, Hp, Wp) float in [0, 1], padded to multiples of PAD."""
-    if mode == "L":
-        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    """Checked pixels -> (1, 3, Hp, Wp) float in [0, 1], padded to multiples of PAD by repeating
+    the last row and column (cheaper to code than zeros; the decoder crops them away). A picture
+    of more than PAD x PAD pixels that needs padding is filled in place, channel by channel: no
+    float copy of the picture but the result (400 MB at 8K); the others are converted whole."""
     h, w = pixels.shape[:2]
-    x = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)[None].float().div_(255.0)
     hp, wp = math.ceil(h / PAD) * PAD, math.ceil(w / PAD) * PAD
-    # Edge replication is cheaper to code than zeros; the decoder crops it away.
-    return F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
+    if (hp, wp) == (h, w) or h * w <= PAD * PAD:
+        if mode == "L":
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+        x = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)[None].float().div_(255.0)
+        return F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
+    x = torch.empty(1, 3, hp, wp)
+    inside = x[0, :, :h, :w]
+    for c in range(3):
+        inside[c].numpy()[...] = pixels if mode == "L" else pixels[:, :, c]
+    inside.div_(255.0)
+    x[0, :, :h, w:] = x[0, :, :h, w - 1:w]
+    x[0, :, h:] = x[0, :, h - 1:h]
+    return x
 
 
 def _table_index_dtype(model: FrozenModel) -> np.dtype:
@@ -300,10 +314,11 @@ class Encoder:
     def measure_bytes(self, rq: int) -> float:
         """The file size at rq by the ideal code length of the very symbols a real encode codes
         (the coder adds a few bytes): a real encode but for the range coder. The symbols are kept
-        for a `payload(rq)` that follows, until the next measure."""
+        for a `payload(rq)` that follows, until the next measure (as int16 where they fit: 200 MB
+        less at 8K while the coder runs)."""
         self._kept = None  # one latent's symbols at a time
         z, sym, idx, y_bits = self._coded(rq)
-        self._kept = rq, (z, sym, idx)
+        self._kept = rq, (z, _narrowed(sym), idx)
         return OVERHEAD + (self.model.z_tables.cost_bits(z, self.z_index) + y_bits) / 8
 
     def payload(self, rq: int, refined: refine.Refined | None = None) -> bytes:
@@ -325,6 +340,13 @@ class Encoder:
             version=container.FORMAT_VERSION, model_id=model_id, weights_digest=digest4,
             width=self.width, height=self.height, mode=self.mode, rate_q=rq, payload_size=len(payload))
         return container.pack(header, payload)
+
+
+def _narrowed(sym: np.ndarray) -> np.ndarray:
+    """The int32 symbols as int16 if every one is within ±32767 (the same values), else as they are."""
+    if sym.size and (sym.min() < -32767 or sym.max() > 32767):
+        return sym
+    return sym.astype(np.int16)
 
 
 def latent_items(model: FrozenModel, sym: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int]
@@ -572,14 +594,17 @@ def decode_array(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS,
     stop = _reduction_levels(reduce)
     header, model, y_hat = decode_latent(data, max_pixels=max_pixels, weights=weights, reduce=reduce)
     q = header.rate_q / RATE_SCALE
-    if stop and model.config.arch == "lifting":
-        width, height = reduced_size(header.width, header.height, reduce)
-        x = model.synthesize_reduced(y_hat, q, stop, **_tiles(tile_latents))[0, :, :height, :width]
+    if reduce == 1 and header.width * header.height > DIRECT_PIXELS:
+        pixels = np.empty((header.height, header.width, 3), dtype=np.uint8)
+        model.synthesize_into(y_hat, q, pixels, **_tiles(tile_latents))
     else:
-        x = model.synthesize(y_hat, q, **_tiles(tile_latents))[:, :, :header.height, :header.width]
-        x = box_reduce(x, reduce)[0]
-    # In place: at 8K each full-size float temporary would cost 400 MB of peak memory.
-    pixels = x.nan_to_num_(nan=0.0).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+        if stop and model.config.arch == "lifting":
+            width, height = reduced_size(header.width, header.height, reduce)
+            x = model.synthesize_reduced(y_hat, q, stop, **_tiles(tile_latents))[0, :, :height, :width]
+        else:
+            x = model.synthesize(y_hat, q, **_tiles(tile_latents))[:, :, :header.height, :header.width]
+            x = box_reduce(x, reduce)[0]
+        pixels = to_pixels(x)  # in place: at 8K each full-size float temporary would cost 400 MB
     if header.mode == "L":
         return np.round(pixels.astype(np.float32).mean(axis=2)).astype(np.uint8), "L"
     return np.ascontiguousarray(pixels), "RGB"

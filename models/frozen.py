@@ -424,16 +424,18 @@ class FrozenModel:
             band = out
         return band
 
-    def _synthesize_by_levels(self, y: torch.Tensor, q: float, tile_latents: int, workers: int) -> torch.Tensor:
+    def _synthesize_by_levels(self, y: torch.Tensor, q: float, tile_latents: int, workers: int,
+                              into=None) -> torch.Tensor | None:
         """`draw` of a lifting model's y (after the inverse gain), unclamped, as `_inverse_levels`:
         levels 4..2 one at a time, then the finest level, the colour transform and the post-filter
         together in tiles with `FINEST_HALO` latents of context: the finest level reaches 14
         pixels, and the post-filter reads `POSTFILTER_CONTEXT` rows and columns of what it
-        leaves valid (its reach is 8)."""
+        leaves valid (its reach is 8). With `into`, each tile's pixels (1, 3, rows, columns) go
+        to into(tile, pixels) instead, in order, and no picture is made."""
         transform, pf = self.analysis, self.postfilter
         band = self._inverse_levels(y, 1, tile_latents, workers)
         _, _, h, w = y.shape
-        x = torch.empty(1, 3, 16 * h, 16 * w)
+        x = torch.empty(1, 3, 16 * h, 16 * w) if into is None else None
 
         def compute(t: Tile) -> torch.Tensor:
             rows, cols = t.read_rows, t.read_cols
@@ -456,8 +458,34 @@ class FrozenModel:
         def place(t: Tile, crop: torch.Tensor) -> None:
             x[:, :, _scaled(t.rows, 16), _scaled(t.cols, 16)] = crop
 
-        map_tiles(compute, place, tiles(h, w, min(tile_latents, LEVEL_TILE_LATENTS), FINEST_HALO), workers)
+        map_tiles(compute, place if into is None else into,
+                  tiles(h, w, min(tile_latents, LEVEL_TILE_LATENTS), FINEST_HALO), workers)
         return x
+
+    @torch.no_grad()
+    def synthesize_into(self, y_hat_gained: torch.Tensor, q: float, out: np.ndarray, *,
+                        tile_latents: int = TILE_LATENTS) -> None:
+        """`synthesize`'s picture as a decoder's pixels, written into `out` (H, W, 3) uint8, H and W
+        at most the padded size: cropped to H x W, then `to_pixels`. The same pixels as
+        `to_pixels(synthesize(...)[0, :, :H, :W])`; a lifting model's latent that runs by levels
+        goes from each tile of the finest level straight into `out`, without a float picture
+        (400 MB at 8K). Takes over `y_hat_gained` as `synthesize` does."""
+        H, W = out.shape[:2]
+        _, _, h, w = y_hat_gained.shape
+        if not self._by_levels(h, w, tile_latents):
+            out[...] = to_pixels(self.synthesize(y_hat_gained, q, tile_latents=tile_latents)[0, :, :H, :W])
+            return
+        _, inv_gain = self.gains(q)
+        y = y_hat_gained.mul_(inv_gain)
+
+        def place(t: Tile, crop: torch.Tensor) -> None:
+            rows = slice(16 * t.rows.start, min(16 * t.rows.stop, H))
+            cols = slice(16 * t.cols.start, min(16 * t.cols.stop, W))
+            if rows.start < rows.stop and cols.start < cols.stop:
+                out[rows, cols] = to_pixels(crop[0, :, :rows.stop - rows.start, :cols.stop - cols.start].clamp(0, 1))
+
+        with one_thread_per_operation() as threads:
+            self._synthesize_by_levels(y, q, tile_latents, threads, place)
 
     @torch.no_grad()
     def synthesize_reduced(self, y_hat_gained: torch.Tensor, q: float, stop: int, *,
@@ -484,6 +512,12 @@ class FrozenModel:
                 x = run_tiled(lambda t: self.analysis.inverse(t, stop), y, scale, tile_latents, self.halo_latents,
                               inverse=True, workers=threads)
             return half_block_shift(x, 2**stop).clamp_(0, 1)
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """A picture (3, H, W) in [0, 1] (NaN read as 0) as uint8 pixels (H, W, 3): times 255 and
+    rounded, computed in place in x."""
+    return x.nan_to_num_(nan=0.0).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def _scaled(cells: slice, scale: int) -> slice:
