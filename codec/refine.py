@@ -176,9 +176,11 @@ class Refiner:
     """One image at one rate parameter rq with ẑ fixed (by default h_a's): its means, table
     indices and the distortion and exact code length of any symbols.
 
-    Only the latent-sized arrays that every step needs are kept (the means, float32, and the
-    table indices, as small an integer type as holds them for a model with a subband context);
-    on more than one tile (`tiles`) the synthesis runs in bounded memory, as the decoder's."""
+    Only the latent-sized arrays that every step needs are kept: the table indices (as small an
+    integer type as holds them for a model with a subband context) and the means (float32) --
+    with a subband context only the LL block's (`_mean`, (1, LL_CHANNELS, h, w)): a detail's
+    mean is 0 (checked), and the rounding takes a detail's residual as y · gain. On more than
+    one tile (`tiles`) the synthesis runs in bounded memory, as the decoder's."""
 
     def __init__(self, model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,
                  z: torch.Tensor | None = None):
@@ -187,7 +189,9 @@ class Refiner:
         self.rq, self.q = rq, rq / RATE_SCALE
         self.gain, self.inv_gain = model.gains(self.q)
         self.z = model.hyper_latent(self.u0) if z is None else z
-        self.mean, idx = model.latent_entropy_parameters(self.z, _index_dtype(model))
+        mean, idx = model.latent_entropy_parameters(self.z, _index_dtype(model))
+        self._mean = mean if model.context is None else _ll_means(mean)
+        del mean
         self.idx = torch.from_numpy(idx)[None]
         self.idx_np = idx.ravel()
         self.z_bits = _hyper_bits(model, self.z)
@@ -198,10 +202,29 @@ class Refiner:
         """The gained latent y · gain(q) (computed when asked for: it is as large as y)."""
         return self.y * self.gain
 
+    @property
+    def mean(self) -> torch.Tensor:
+        """The means of all of y (1, M, h, w), float32 (made when asked for with a subband context)."""
+        if self.model.context is None:
+            return self._mean
+        full = torch.zeros(self.shape)
+        full[:, :context.LL_CHANNELS] = self._mean
+        return full
+
+    def plus_mean(self, v: torch.Tensor, read: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """v (1, M, ...) float plus the means (of the region `read` of the latent), a new tensor
+        (differentiable in v): with a subband context only the LL block is added to, the same
+        values as adding the details' zero means."""
+        mean = self._mean if read is None else self._mean[read]
+        if self.model.context is None:
+            return v + mean
+        block = context.LL_CHANNELS
+        return torch.cat([v[:, :block] + mean, v[:, block:]], dim=1)
+
     def distortion(self, symbols: torch.Tensor) -> torch.Tensor:
         """Σ squared error (8-bit scale) of the reconstruction from `symbols` (float, may carry a
         straight-through gradient) over the image's own pixels, the whole image at once."""
-        x_hat = self.model.draw((symbols + self.mean) * self.inv_gain, self.q).clamp(0, 1)
+        x_hat = self.model.draw(self.plus_mean(symbols) * self.inv_gain, self.q).clamp(0, 1)
         return (x_hat[:, :, :self.height, :self.width] * 255 - self.x[:, :, :self.height, :self.width] * 255
                 ).square().sum()
 
@@ -227,7 +250,7 @@ class Refiner:
         for t in tiles(self.shape[2], self.shape[3], GRADIENT_TILE, GRADIENT_HALO):
             read = (slice(None), slice(None), t.read_rows, t.read_cols)
             s = symbols[read].detach().float().requires_grad_(True)
-            self._tile_error((s + self.mean[read]) * self.inv_gain, t).backward()
+            self._tile_error(self.plus_mean(s, read) * self.inv_gain, t).backward()
             grad[read] += s.grad
         return grad
 
@@ -252,11 +275,24 @@ class Refiner:
         return _round(self.model, v, self.idx, lam)
 
     def symbols(self, u: torch.Tensor) -> np.ndarray:
-        return self._rounded(u - self.mean)
+        """The symbols of the gained latent u (1, M, h, w) as the coder takes them (`_coded`)."""
+        if self.model.context is None:
+            return self._rounded(u - self._mean)
+        v = u.clone()
+        v[:, :context.LL_CHANNELS] -= self._mean
+        return self._rounded(v)
 
-    def one_pass_symbols(self) -> np.ndarray:
-        """`symbols` of u0, its residuals computed in place (one latent-sized temporary, not two)."""
-        return self._rounded(self.u0.sub_(self.mean))
+    def one_pass_symbols(self, lam: float | None = None) -> np.ndarray:
+        """`symbols` of u0 (with `lam` instead of the rounding's λ if given). With a subband
+        context rounded from y and the gain pass by pass, as `Encoder` does (the same float32
+        residuals, none as big as the latent); else its residuals computed in place."""
+        if self.model.context is None:
+            return self._rounded(self.u0.sub_(self._mean), lam)
+        block = context.LL_CHANNELS
+        ll = (self.y[:, :block] * self.gain[:, :block] - self._mean)[0].numpy()
+        sym, _ = rounding.round_in_passes(self.model, self.y[0].numpy(), self.idx_np.reshape(self.shape[1:]), lam,
+                                          gain=self.gain.numpy().ravel(), ll=ll)
+        return np.clip(sym, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=sym).ravel()
 
     def _rounded(self, v: torch.Tensor, lam: float | None = None) -> np.ndarray:
         """`round` of v as the coder takes it (`_coded`); with a subband context straight from the
@@ -273,12 +309,12 @@ class Refiner:
         lam = rounding.rdo_lambda(self.model)
         if lam is None:
             return None
-        v = self.u0.sub_(self.mean)
+        v = self.u0.sub_(self._mean) if self.model.context is None else None
         found = None
         lo, hi = math.log(lam / FILL_RANGE), math.log(lam * FILL_RANGE)  # small λ: larger files
         for _ in range(FILL_STEPS):
             mid = (lo + hi) / 2
-            s = self._rounded(v, math.exp(mid))
+            s = self.one_pass_symbols(math.exp(mid)) if v is None else self._rounded(v, math.exp(mid))
             size = self.file_bytes(s)
             if size <= ceiling:
                 found, hi = (s, size), mid
@@ -294,7 +330,12 @@ class Refiner:
         s = torch.from_numpy(symbols).view(self.shape)
         if len(self.tiles) == 1:
             return float(self.distortion(s.float()))
-        x_hat = self.model.synthesize(s.float().add_(self.mean), self.q)
+        y_hat = s.float()
+        if self.model.context is None:
+            y_hat.add_(self._mean)
+        else:
+            y_hat[:, :context.LL_CHANNELS] += self._mean
+        x_hat = self.model.synthesize(y_hat, self.q)  # takes over y_hat
         total = 0.0
         for top in range(0, self.height, ERROR_ROWS):
             rows = slice(top, min(top + ERROR_ROWS, self.height))
@@ -305,6 +346,15 @@ class Refiner:
         """The rounded symbols of u0 under ẑ, their file's ideal size and their distortion."""
         s = self.one_pass_symbols()
         return s, self.file_bytes(s), self.distortion_of(s)
+
+
+def _ll_means(mean: torch.Tensor) -> torch.Tensor:
+    """The LL block's part (1, LL_CHANNELS, h, w) of a subband-context model's means (1, M, h, w)
+    (a copy), after checking that the details' means are 0."""
+    block = context.LL_CHANNELS
+    if torch.count_nonzero(mean[:, block:]):
+        raise RuntimeError("a subband context needs the details' means to be 0")
+    return mean[:, :block].clone()
 
 
 def _index_dtype(model: FrozenModel) -> np.dtype:
@@ -474,6 +524,7 @@ class HyperCost:
             return
         mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
         if self._tiled:  # the tables' lookups take int64 per element: a few channels at a time
+            mean = _ll_means(mean)
             s, _ = self._symbols_and_error(mean, idx)
             del mean
             s = np.clip(s, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=s)
@@ -489,6 +540,7 @@ class HyperCost:
         model = self.model
         mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
         if self._tiled:
+            mean = _ll_means(mean)
             s, error = self._symbols_and_error(mean, idx)
             del mean
             s = np.clip(s, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=s).ravel()
@@ -498,18 +550,23 @@ class HyperCost:
         bits = _hyper_bits(model, z_int) + _latent_bits(model, _coded(s), idx.ravel(), self.y.shape)
         return float((u - s - mean).square().sum()) + self.lam * bits
 
-    def _symbols_and_error(self, mean: torch.Tensor, idx: np.ndarray) -> tuple[np.ndarray, float]:
-        """The symbols (M, h, w) int32 of u rounded under the means and table indices of a ẑ, with
-        a subband context, and Σ (u - s - mean)², summed a few channels at a time (on a large
-        latent: no latent-sized float temporaries but the residuals, freed before the sum)."""
-        v = self.u.sub_(mean)
-        s, _ = rounding.round_in_passes(self.model, v[0].numpy(), idx)
-        del v
+    def _symbols_and_error(self, ll_mean: torch.Tensor, idx: np.ndarray) -> tuple[np.ndarray, float]:
+        """The symbols (M, h, w) int32 of u rounded under the table indices of a ẑ and its means,
+        with a subband context, whose LL block's means are `ll_mean` (the details' are 0), and
+        Σ (u - s - mean)², summed a few channels at a time: no latent-sized float temporaries
+        (the rounding takes the details' residuals pass by pass, as `Encoder` does)."""
+        block = context.LL_CHANNELS
+        ll = (self.y[:, :block] * self.gain[:, :block] - ll_mean)[0].numpy()
+        s, _ = rounding.round_in_passes(self.model, self.y[0].numpy(), idx, gain=self.gain.numpy().ravel(), ll=ll)
+        del ll
         error = 0.0
         for c in range(0, s.shape[0], SAVING_CHANNELS):
             part = (slice(None), slice(c, c + SAVING_CHANNELS))
             u = self.y[part] * self.gain[part]
-            error += float((u - torch.from_numpy(s[c:c + SAVING_CHANNELS])[None] - mean[part]).square().sum())
+            residual = u - torch.from_numpy(s[c:c + SAVING_CHANNELS])[None]
+            if c == 0:  # SAVING_CHANNELS > LL_CHANNELS: the LL block is in the first part
+                residual[:, :block] -= ll_mean
+            error += float(residual.square_().sum())
         return s, error
 
     def surrogate(self, z: torch.Tensor) -> torch.Tensor:
@@ -644,8 +701,8 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
                    tick: Callable[[], None], to_beat: float) -> np.ndarray | None:
     """The y symbols (flat int32, C order) found from `symbols` at `ref`'s rate and ẑ whose ideal
     file size is in [floor, budget - guard] bytes with the least distortion, or None if no step's
-    distortion is below `to_beat`. Takes over `symbols`: the symbols found are written into it
-    (and it is returned); with None it is left as it was.
+    distortion is below `to_beat`. Takes over `symbols`: it is moved in place, and at the end
+    holds the symbols found (and is returned), or with None what it held.
 
     Each step moves by one the (at most k) symbols expected to lower D + μ·bits most, one per
     latent position and none in neighbouring ones (`_spread`): the saving of a step ±1 is
@@ -656,19 +713,21 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
     its size raises μ by `SYMBOL_OVER`. μ starts at the rounding's λ in the picture's units and
     follows the budget as in `refine_latents`.
 
-    Memory: the current symbols are one int32 array, moved in place and moved back when refused;
-    on more than one synthesis tile the gradient and the code-length changes, which only rank
-    the moves, are kept in float16 (`_estimate_dtype`).
+    Memory: the current symbols are `symbols` itself, moved in place and moved back when refused;
+    the best ones are the current ones less the moves kept since (a list of index arrays), and
+    refused symbols a list of indices. On more than one synthesis tile the gradient and the
+    code-length changes, which only rank the moves, are kept in float16 (`_estimate_dtype`).
     """
     model = ref.model
     ceiling = budget - 4 - 1e-3 * budget
     aim = (1 - AIM) * budget
     energy = (_symbol_energy(model) * ref.inv_gain.flatten() ** 2).view(1, -1, 1, 1)
     mu = float(energy.median()) * rounding.rdo_lambda(model)
-    s = symbols.copy()
+    s = symbols
     s_view = torch.from_numpy(s).view(ref.shape)  # shares s's memory
     size = ref.file_bytes(s)
-    k, refused = SYMBOL_START, torch.zeros(ref.shape, dtype=torch.bool)
+    k, refused = SYMBOL_START, torch.zeros(0, dtype=torch.int64)
+    since_best: list[tuple[np.ndarray, np.ndarray]] = []  # the moves kept since the best symbols (or the start)
     dtype = _estimate_dtype(ref)
     found, best_d = False, to_beat
     d = ref.distortion_of(s) if len(ref.tiles) > 1 else None  # on one tile, the gradient's pass gives it
@@ -692,20 +751,25 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
         if d_c + 8 * mu * size_c < d + 8 * mu * size:
             if size_c <= ceiling:
                 kept, d, size, grad, k = True, d_c, size_c, None, min(2 * k, SYMBOL_MAX)
+                since_best.append((moved, change))
                 if size >= floor and d < best_d:
-                    np.copyto(symbols, coded)
-                    found, best_d = True, d
+                    found, best_d, since_best = True, d, []
             else:
                 mu *= SYMBOL_OVER
         elif len(moved) > SYMBOL_MIN:
             k = len(moved) // 2
         else:
-            refused.view(-1)[chosen] = True
+            refused = torch.cat([refused, chosen])
         if not kept:
             s[moved] -= change
         del coded
         mu *= math.exp(STEER * (size / aim - 1))
-    return symbols if found else None
+    for moved, change in reversed(since_best):
+        s[moved] -= change
+    if not found:
+        return None
+    limit = 2**ESCAPE_MAX_BITS  # as the coder took them (`_clamped`)
+    return np.clip(s, -limit, limit, out=s)
 
 
 def _clamped(s: np.ndarray, moved: np.ndarray) -> np.ndarray:
@@ -777,17 +841,21 @@ def _items(ref: Refiner, sym: np.ndarray) -> Iterator[tuple[Callable[[np.ndarray
 def _best_moves(grad: torch.Tensor, energy: torch.Tensor, mu: float, up_bits: torch.Tensor,
                 down_bits: torch.Tensor, refused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per latent position (1, 1, h, w): the largest saving of moving one of its symbols by one (not
-    a refused one), that symbol's channel, and per symbol (1, M, h, w) the step (+1 or -1) that
-    saves more. A few channels at a time; ties go to the first channel, as `Tensor.max` gives them."""
+    one of the flat indices `refused`), that symbol's channel, and per symbol (1, M, h, w) the step
+    (+1 or -1) that saves more. A few channels at a time; ties go to the first channel, as
+    `Tensor.max` gives them."""
     best = channel = None
     step = torch.empty(grad.shape, dtype=torch.int8)
+    plane = grad.shape[2] * grad.shape[3]
     for c in range(0, grad.shape[1], SAVING_CHANNELS):
         part = slice(c, c + SAVING_CHANNELS)
         g, e = grad[:, part].float(), energy[:, part]
         up = g + e + mu * up_bits[:, part].float()
         down = -g + e + mu * down_bits[:, part].float()
         step[:, part] = torch.where(up < down, 1, -1)
-        saving = (-torch.minimum(up, down)).masked_fill_(refused[:, part], 0)
+        saving = -torch.minimum(up, down)
+        inside = refused[(refused >= c * plane) & (refused < (c + g.shape[1]) * plane)]
+        saving.view(-1)[inside - c * plane] = 0
         value, where = saving.max(dim=1, keepdim=True)
         if best is None:
             best, channel = value, where + c
