@@ -104,15 +104,22 @@ def encode(items: Iterable[tuple[np.ndarray, np.ndarray, CdfTables]]) -> bytes:
         if symbols.size == 0:
             continue
         order, groups = _grouping(table_idx, tables.num_tables)
+        # An item of at most CHUNK positions is placed in its tables at once, a larger one run by run.
+        whole = tables.placed(symbols, table_idx) if symbols.size <= CHUNK else None
         escaped = []
         for t, start, end in groups:
             for a in range(start, end, CHUNK):
                 positions = order[a:min(a + CHUNK, end)]
-                columns = tables.columns(symbols[positions], table_idx[positions])
-                encoder.encode(columns.astype(np.int32), _model(tables, t))
-                escaped.append(positions[columns == tables.lengths[t]])
+                if whole is not None:
+                    columns = whole[0][positions]
+                else:
+                    columns = tables.placed(symbols[positions], table_idx[positions])[0]
+                    escaped.append(positions[columns == tables.lengths[t]])
+                encoder.encode(columns.astype(np.int32, copy=False), _model(tables, t))
         del order
-        escaped = symbols[np.sort(np.concatenate(escaped))]  # in position order
+        # In position order.
+        escaped = symbols[~whole[1]] if whole is not None else symbols[np.sort(np.concatenate(escaped))]
+        escaped = escaped.astype(np.int64)
         if escaped.size:
             _encode_escapes(encoder, escaped)
     words = encoder.get_compressed().astype(_WORD)

@@ -29,6 +29,7 @@ ESCAPE_LENGTH_ALPHABET = 32
 _ESCAPE_LENGTH_BITS = 5  # log2(ESCAPE_LENGTH_ALPHABET)
 
 MAX_PRECISION = 24  # constriction's categorical models have 24 bits of precision
+LOOKUP_CELLS = 1 << 23  # tables of at most this many (table, value) cells are looked up (`CdfTables.placed`)
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,19 +119,47 @@ class CdfTables:
         return self._columns(*self.check_symbols(symbols, table_idx))
 
     def _columns(self, symbols: np.ndarray, table_idx: np.ndarray) -> np.ndarray:
-        return self._placed(symbols, table_idx)[0]
+        return self.placed(symbols, table_idx)[0]
 
-    def _placed(self, symbols: np.ndarray, table_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(column of every symbol, whether it is inside its table rather than escaped)."""
-        offsets, lengths = self._offsets_lengths
-        length = lengths[table_idx]
-        col = symbols - offsets[table_idx]
-        inside = (col >= 0) & (col < length)
-        return np.where(inside, col, length), inside
+    def placed(self, symbols: np.ndarray, table_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(column of every symbol (int32), whether it is inside its table rather than escaped,
+        and its flat cell of `_lookup`'s arrays, or None for tables too wide for a lookup), for
+        symbols and indices that `check_symbols` passed."""
+        lookup = self._lookup
+        if lookup is None:
+            offsets, lengths = self.offsets.astype(np.int64), self.lengths.astype(np.int64)
+            length = lengths[table_idx]
+            col = symbols - offsets[table_idx]
+            inside = (col >= 0) & (col < length)
+            return np.where(inside, col, length).astype(np.int32), inside, None
+        low, width, columns, inside = lookup
+        cell = symbols.astype(np.int64 if symbols.dtype.itemsize > 4 else np.int32)
+        np.clip(cell, low, low + width - 1, out=cell)
+        cell -= low
+        cell += table_idx.astype(cell.dtype) * width
+        return columns[cell], inside[cell], cell
 
     @cached_property
-    def _offsets_lengths(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.offsets.astype(np.int64), self.lengths.astype(np.int64)
+    def _lookup(self) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+        """(low, width, columns, inside): for every table t and every value v from low to
+        low + width - 1, at flat cell t * width + v - low, v's column in table t (int32; the escape
+        column where v is outside it) and whether v is inside. Every value below low or above
+        low + width - 1 is outside every table, so it is looked up at the nearest end. None when
+        that is more than `LOOKUP_CELLS` cells."""
+        low = int(self.offsets.min()) - 1
+        width = int((self.offsets + self.lengths).max()) - low + 1
+        if self.num_tables * width > LOOKUP_CELLS:
+            return None
+        col = np.arange(low, low + width)[None, :] - self.offsets[:, None].astype(np.int64)
+        inside = (col >= 0) & (col < self.lengths[:, None])
+        columns = np.where(inside, col, self.lengths[:, None]).astype(np.int32)
+        return low, width, columns.ravel(), inside.ravel()
+
+    @cached_property
+    def _cell_bits(self) -> np.ndarray:
+        """`_bits` of every cell of `_lookup` (flat float64)."""
+        _, width, columns, _ = self._lookup
+        return self._bits[np.arange(self.num_tables).repeat(width), columns]
 
     def cost_bits(self, symbols: np.ndarray, table_idx: np.ndarray) -> float:
         """Ideal code length in bits of `symbols` coded with their tables, escapes included.
@@ -141,8 +170,8 @@ class CdfTables:
         Raises ValueError for a value with |value| >= 2**24, like `encode`.
         """
         symbols, table_idx = self.check_symbols(symbols, table_idx)
-        col, inside = self._placed(symbols, table_idx)
-        total = float(self._bits[table_idx, col].sum())
+        col, inside, cell = self.placed(symbols, table_idx)
+        total = float((self._bits[table_idx, col] if cell is None else self._cell_bits[cell]).sum())
         if not inside.all():
             total += float(escape_payload_bits(symbols[~inside]).sum())
         return total
