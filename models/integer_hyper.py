@@ -29,8 +29,10 @@ flooring are exact too.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -266,5 +268,32 @@ def scale_thresholds(scales: torch.Tensor, nearest: bool = False) -> torch.Tenso
 
 def table_index(scale_int: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Index of the first table whose threshold is not below the predicted scale:
-    #{k < K-1 : t_k < scale_int}. Integer comparisons only, so encoder and decoder always agree."""
-    return torch.searchsorted(thresholds[:-1].contiguous(), scale_int.contiguous(), right=False, out_int32=True)
+    #{k < K-1 : t_k < scale_int} (int32). Integer comparisons only, so encoder and decoder always
+    agree: the scale, clamped to 0 .. t_{K-2} + 1 (which changes no count), is exact in float32,
+    whose bits rise with it; `_cell_counts` gives the count below the cell of its top 16 bits,
+    which holds at most one threshold, and one comparison with that threshold gives the rest.
+    Thresholds that do not allow this are searched (`torch.searchsorted`)."""
+    counts = _cell_counts(thresholds.numpy().tobytes())
+    if counts is None:
+        return torch.searchsorted(thresholds[:-1].contiguous(), scale_int.contiguous(), right=False, out_int32=True)
+    s = scale_int.clamp(0, int(thresholds[-2]) + 1)
+    k = counts[s.float().view(torch.int32) >> 16]
+    return k + (s > thresholds[k]).int()
+
+
+@functools.lru_cache(maxsize=8)
+def _cell_counts(thresholds: bytes) -> torch.Tensor | None:
+    """For thresholds t (int64, as bytes) t_0 .. t_{K-1}: for every cell c of float32 bit patterns
+    [c 2^16, (c + 1) 2^16) of values from 0 to 2^24, #{k < K-1 : t_k < the cell's smallest value}
+    (int32), or None unless 0 <= t_0 < ... < t_{K-1} and t_{K-2} < 2^24 (so that a scale above
+    t_{K-2} is not above t_{K-1}) and no cell holds two of t_0 .. t_{K-2}."""
+    t = np.frombuffer(thresholds, dtype=np.int64)
+    compared = t[:-1]
+    if len(t) < 2 or compared[0] < 0 or compared[-1] >= 1 << 24 or np.any(np.diff(t) <= 0):
+        return None
+    cells = (int(np.float32(1 << 24).view(np.int32)) >> 16) + 1  # up to the clamped scales' largest
+    lowest = (np.arange(cells, dtype=np.int64) << 16).astype(np.int32).view(np.float32).astype(np.float64)
+    counts = np.searchsorted(compared.astype(np.float64), lowest, side="left")
+    if np.any(np.diff(counts) > 1):
+        return None
+    return torch.from_numpy(counts.astype(np.int32))
