@@ -367,24 +367,25 @@ def _decode_passes(dec: range_coder.Decoder, model: FrozenModel, idx: np.ndarray
     each pass's to the means `y` (C, h, w) float32, in place: y becomes ŷ without a symbol array
     as big as the latent.
 
-    With `stop` = k > 0, only the LL block and the passes of levels 4 .. k+1, which come first in
-    the stream, are decoded, and the rest of the stream is left unread: y and `idx` need only hold
-    y's first `reduced_channels(k)` channels."""
+    With `stop` = k > 0, only the LL block (one item, or its passes) and the passes of levels
+    4 .. k+1, which come first in the stream, are decoded, and the rest of the stream is left
+    unread: y and `idx` need only hold y's first `reduced_channels(k)` channels."""
     M, h, w = model.config.M, idx.shape[1], idx.shape[2]
     if idx.shape[0] != M:  # the passes' state is laid out for the whole latent: the rest is never read
         whole = np.zeros((M, h, w), dtype=idx.dtype)
         whole[:idx.shape[0]] = idx
         idx = whole
-    ll = slice(0, context.LL_CHANNELS)
-    # float32 + float32 (a symbol, |s| < 2^24, is exact in float32): the one rounding of torch's add.
-    y[ll] += dec.decode(idx[ll].ravel(), model.y_tables).reshape(y[ll].shape).astype(np.float32)
+    if model.context.ll_remap is None:  # the LL block is one item under its hyper indices
+        ll = slice(0, context.LL_CHANNELS)
+        # float32 + float32 (a symbol, |s| < 2^24, is exact in float32): the one rounding of torch's add.
+        y[ll] += dec.decode(idx[ll].ravel(), model.y_tables).reshape(y[ll].shape).astype(np.float32)
 
     def decoded(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
         s = dec.decode(t, model.y_tables) + mu
         context.put_pass(y, p, context.pass_values(y, p) + s.astype(np.float32))
         return s
 
-    wanted = sum(p.level > stop for p in context.PASSES)  # coarse to fine: the first ones
+    wanted = context.coarse_passes(model.context, stop)  # coarse to fine: the first ones
     for _ in itertools.islice(context.code_passes(model.context, idx, decoded), wanted):
         pass
 

@@ -78,13 +78,18 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
         return k.astype(np.int32)
 
     block = slice(0, context.LL_CHANNELS)
+    ll = v[block] if gain is None else ll
     sym = np.empty(v.shape, dtype=np.int32)
-    sym[block] = rounded(v[block] if gain is None else ll, idx[block]).reshape(sym[block].shape)
-    bits = tables.cost_bits(sym[block].ravel(), idx[block].ravel())
+    bits = 0.0
+    if model.context.ll_remap is None:  # the LL block is one item under its hyper indices
+        sym[block] = rounded(ll, idx[block]).reshape(sym[block].shape)
+        bits = tables.cost_bits(sym[block].ravel(), idx[block].ravel())
 
     def choose(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
-        # Rounded about the prediction μ (an integer): the RDO's neighbour is towards μ.
-        s = rounded(context.pass_values(v, p, gain) - mu.astype(np.float32), t) + mu
+        if p.level == context.LL_LEVEL:
+            s = rounded(context.pass_values(ll, p), t)
+        else:  # rounded about the prediction μ (an integer): the RDO's neighbour is towards μ
+            s = rounded(context.pass_values(v, p, gain) - mu.astype(np.float32), t) + mu
         context.put_pass(sym, p, s)
         return s
 

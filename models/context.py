@@ -10,7 +10,10 @@ hyper index and three integer activity labels computed from the symbols of earli
 
 Coding order (bitstream/SPEC.md, "Subband context"):
 
-* the LL block (channels 0..2) with the hyperprior's indices, as one item;
+* the LL block (channels 0..2) with the hyperprior's indices, as one item -- or, for a context
+  with an `ll_remap`, in passes of its own: for colour c = 0, 1, 2, for parity 0 then 1 of a
+  checkerboard over channel c's plane, each position's table a lookup of its hyper index and
+  two labels (`same` and `cross`, as below, on the LL plane) and no prediction;
 * then for level 4, 3, 2, 1, for each subband (colour c = 0, 1, 2; within it orientation
   o = HL, LH, HH), for parity 0 then 1 of a checkerboard over the band's own grid: one item
   holding the band's coefficients at positions (i, j) with (i + j) % 2 == parity, row-major.
@@ -53,8 +56,8 @@ RATIO_ONE = 256  # `thresholds` are ratios A / E in units of 1/256
 
 @dataclass(frozen=True)
 class Pass:
-    level: int  # 4 (coarsest) .. 1
-    channel: int  # of the level's 9: orientation * 3 + colour
+    level: int  # 4 (coarsest) .. 1, or LL_LEVEL for the LL block
+    channel: int  # of the level's 9: orientation * 3 + colour (of the LL block's 3: the colour)
     parity: int  # 0 or 1: the checkerboard half (i + j) % 2
 
     @property
@@ -63,11 +66,26 @@ class Pass:
 
 
 PASSES = tuple(Pass(level, k, p) for level in range(LEVELS, 0, -1) for k in ORDER for p in (0, 1))
+LL_LEVEL = LEVELS + 1  # the LL block's passes: before every level's, coarser than level 4
+LL_PASSES = tuple(Pass(LL_LEVEL, c, p) for c in range(LL_CHANNELS) for p in (0, 1))
+
+
+def passes(ctx: "SubbandContext") -> tuple[Pass, ...]:
+    """The passes of a context's stream in coding order: the LL block's if it has an `ll_remap`,
+    then the details'."""
+    return (LL_PASSES if ctx.ll_remap is not None else ()) + PASSES
+
+
+def coarse_passes(ctx: "SubbandContext", stop: int) -> int:
+    """How many of `passes(ctx)` a decode that stops after level stop + 1 reads (the first ones)."""
+    return sum(p.level > stop for p in passes(ctx))
 
 
 def level_channels(level: int) -> tuple[int, int]:
     """The first y channel of `level`'s details and the space-to-depth factor r (y holds
-    9·r² channels of it)."""
+    9·r² channels of it); for LL_LEVEL, the LL block's first channel (0) and r = 1."""
+    if level == LL_LEVEL:
+        return 0, 1
     start = LL_CHANNELS + sum(SUBBANDS * 4**(LEVELS - k) for k in range(LEVELS, level, -1))
     return start, 2**(LEVELS - level)
 
@@ -159,6 +177,7 @@ class SubbandContext:
     thresholds: np.ndarray  # (B - 2,) int64, increasing: label boundaries of A / E, in 1/256
     remap: np.ndarray  # (4, 3, 2, T, B, B, B) uint8: the coded table index
     weights: np.ndarray  # (4, 9, 4) int64: the prediction's weights, in 1/256
+    ll_remap: np.ndarray | None = None  # (3, 2, T, B, B) uint8: the LL block's table index, if coded in passes
 
     @property
     def labels(self) -> int:
@@ -174,15 +193,19 @@ class SubbandContext:
 
     def state(self) -> dict:
         import torch
-        return {"magnitude": torch.from_numpy(self.magnitude.astype(np.int64)),
-                "thresholds": torch.from_numpy(self.thresholds.astype(np.int64)),
-                "remap": torch.from_numpy(self.remap.astype(np.uint8)),
-                "weights": torch.from_numpy(self.weights.astype(np.int64))}
+        state = {"magnitude": torch.from_numpy(self.magnitude.astype(np.int64)),
+                 "thresholds": torch.from_numpy(self.thresholds.astype(np.int64)),
+                 "remap": torch.from_numpy(self.remap.astype(np.uint8)),
+                 "weights": torch.from_numpy(self.weights.astype(np.int64))}
+        if self.ll_remap is not None:
+            state["ll_remap"] = torch.from_numpy(self.ll_remap.astype(np.uint8))
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> "SubbandContext":
         ctx = cls(state["magnitude"].numpy().astype(np.int64), state["thresholds"].numpy().astype(np.int64),
-                  state["remap"].numpy().astype(np.uint8), state["weights"].numpy().astype(np.int64))
+                  state["remap"].numpy().astype(np.uint8), state["weights"].numpy().astype(np.int64),
+                  state["ll_remap"].numpy().astype(np.uint8) if "ll_remap" in state else None)
         ctx.check()
         return ctx
 
@@ -196,6 +219,9 @@ class SubbandContext:
                 or np.any(np.diff(self.thresholds) <= 0) or int(self.thresholds.min(initial=1)) < 1
                 or int(self.thresholds.max(initial=1)) >= 1 << 16 or B > 255):
             raise ValueError("invalid subband context tables")
+        if self.ll_remap is not None and (self.ll_remap.shape != (LL_CHANNELS, 2, T, B, B)
+                                          or int(self.ll_remap.max()) >= T):
+            raise ValueError(f"invalid LL remap (shape {self.ll_remap.shape})")
         if self.weights.shape != (LEVELS, SUBBANDS, 4) or int(np.abs(self.weights).sum(-1).max(initial=0)) >= 1 << 16:
             raise ValueError(f"invalid subband context weights (shape {self.weights.shape})")
 
@@ -215,9 +241,13 @@ class SubbandContext:
         return out
 
     def pass_indices(self, p: Pass, hyper_idx: np.ndarray, labels: tuple[np.ndarray, ...]) -> np.ndarray:
-        """The coded table index of each position from its hyper index and three labels."""
+        """The coded table index of each position from its hyper index and three labels (an LL
+        pass's `parent` is always 0 and not looked up)."""
         same, parent, cross = (a.astype(np.int32) for a in labels)
         B = self.labels
+        if p.level == LL_LEVEL:
+            table = self.ll_remap[p.channel, p.parity].reshape(-1)
+            return table[(hyper_idx.astype(np.int32) * B + same) * B + cross]
         table = self.remap[p.level - 1, p.colour, p.parity].reshape(-1)
         return table[((hyper_idx.astype(np.int32) * B + same) * B + parent) * B + cross]
 
@@ -235,12 +265,15 @@ class Passes:
         self.ctx = ctx
         _, h, w = hyper_idx.shape
         self.shape = {level: (h * 2**(LEVELS - level), w * 2**(LEVELS - level) // 2) for level in range(1, LEVELS + 1)}
+        self.shape[LL_LEVEL] = (h, w // 2)
         self.hyper_idx = hyper_idx
         self.mags: dict[tuple[int, int, int], np.ndarray] = {}
         self._symbols: tuple[tuple[int, int], np.ndarray] | None = None  # the current channel's parity 0
         # Per level, the summed capped and expected magnitudes of its subbands completed so far
         # (`cross`), per parity.
         self._cross: dict[int, list[np.ndarray]] = {}
+        # The LL block's summed capped and expected magnitudes of its colours completed so far.
+        self._ll_cross: list[np.ndarray] | None = None
         # The `parent` label of the channel being coded: the same array for both of its passes.
         self._parent_key: tuple[int, int] | None = None
         self._parent: np.ndarray | None = None
@@ -268,6 +301,10 @@ class Passes:
             same = ctx.label(a, e).reshape(-1)
         else:
             same = none
+        if level == LL_LEVEL:  # no parent; cross: the colours before, at the same position
+            sums = self._ll_cross
+            cross = ctx.label(sums[2 * parity], sums[2 * parity + 1]).reshape(-1) if k else none
+            return same, none, cross
         if level < LEVELS:
             if self._parent_key != (level, k):
                 self._parent_key, self._parent = (level, k), self._parent_label(level + 1, k)
@@ -305,8 +342,10 @@ class Passes:
     def mean(self, p: Pass) -> np.ndarray:
         """The pass's predicted symbols (int32, in its coding order): for parity 1, the weighted
         sum of the four decoded neighbours in the band (each clipped to ±SYMBOL_CLIP, zero outside
-        the band), rounded: floor((Σ w·s + 128) / 256); zeros for parity 0. `check` bounds Σ|w|
+        the band), rounded: floor((Σ w·s + 128) / 256); zeros for parity 0 and the LL block. `check` bounds Σ|w|
         so that the sum fits 32 bits."""
+        if p.level == LL_LEVEL:
+            return np.zeros(self.shape[p.level][0] * self.shape[p.level][1], dtype=np.int32)
         w = [int(x) for x in self.ctx.weights[p.level - 1, p.channel]]
         if p.parity == 0 or not any(w):
             return np.zeros(self.shape[p.level][0] * self.shape[p.level][1], dtype=np.int32)
@@ -331,6 +370,16 @@ class Passes:
         """Record the pass's symbols (in its coding order)."""
         clipped = np.clip(symbols, -SYMBOL_CLIP, SYMBOL_CLIP).astype(np.int16).reshape(self.shape[p.level])
         self.mags[p.level, p.channel, p.parity] = np.minimum(np.abs(clipped), MAGNITUDE_CAP).astype(np.uint8)
+        if p.level == LL_LEVEL:
+            if p.parity == 1:  # the colour is complete: it joins the cross sums of the colours after it
+                if self._ll_cross is None:
+                    self._ll_cross = [np.zeros(self.shape[p.level], dtype=np.int32) for _ in range(4)]
+                for parity in (0, 1):
+                    a, e = self._half(p.level, p.channel, parity)
+                    self._ll_cross[2 * parity] += a
+                    self._ll_cross[2 * parity + 1] += e.astype(np.int32)
+                    del self.mags[p.level, p.channel, parity]
+            return
         if p.parity == 0:  # kept for the channel's parity 1: its neighbours and prediction
             self._symbols = (p.level, p.channel), clipped
             return
@@ -351,12 +400,12 @@ class Passes:
 def code_passes(ctx: SubbandContext, hyper_idx: np.ndarray,
                 symbols_for: Callable[[Pass, np.ndarray, np.ndarray], np.ndarray]
                 ) -> Iterator[tuple[Pass, np.ndarray, np.ndarray]]:
-    """Go through the detail passes in coding order: for each, its table indices t and predicted
+    """Go through the passes (`passes(ctx)`) in coding order: for each, its table indices t and predicted
     symbols μ from what was coded before, then `symbols_for(pass, t, μ)` -- the encoder's chosen
     or the decoder's decoded symbols s of the pass, in its coding order -- recorded for the
     passes after it. Yields (pass, s - μ, t): what the pass codes."""
     state = Passes(ctx, hyper_idx)
-    for p in PASSES:
+    for p in passes(ctx):
         t, mu = state.indices(p), state.mean(p)
         s = symbols_for(p, t, mu)
         yield p, (s - mu).astype(np.int32), t
@@ -397,15 +446,16 @@ def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray
                ) -> Iterator[tuple[Pass | None, np.ndarray, np.ndarray]]:
     """The y items of a context-coded latent with known symbols, in coding order: (pass,
     coded values, table indices), the LL block first (pass None, its symbols and hyper
-    indices). symbols and hyper_idx are (M, h, w); one band plane is copied out at a time."""
-    yield None, symbols[:LL_CHANNELS].ravel(), hyper_idx[:LL_CHANNELS].ravel()
+    indices; or its passes, with an `ll_remap`). symbols and hyper_idx are (M, h, w); one band plane is copied out at a time."""
+    if ctx.ll_remap is None:
+        yield None, symbols[:LL_CHANNELS].ravel(), hyper_idx[:LL_CHANNELS].ravel()
     yield from code_passes(ctx, hyper_idx, lambda p, t, mu: pass_values(symbols, p))
 
 
 def coded_indices(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The table index every symbol of a latent (M, h, w) is coded with, and its prediction μ
-    (the value coded is the symbol less μ), both (M, h, w): the hyper index and 0 in the LL
-    block, the context's elsewhere."""
+    (the value coded is the symbol less μ), both (M, h, w): the hyper index and 0 in an LL
+    block coded as one item, the context's elsewhere."""
     out = hyper_idx.copy()
     mean = np.zeros(hyper_idx.shape, dtype=np.int64)
     for p, coded, t in pass_items(ctx, symbols, hyper_idx):

@@ -98,6 +98,73 @@ def test_labels_follow_the_spec_position_by_position(random_context):
     assert len(seen) > 40  # the labels are exercised, not all zero
 
 
+def reference_ll_labels(ctx: SubbandContext, symbols: np.ndarray, hyper: np.ndarray, p) -> np.ndarray:
+    """The `same` and `cross` labels of every position of an LL pass, position by position, as
+    SPEC.md words them (on channel p.channel's plane of the LL block)."""
+    _, H, W = symbols.shape
+
+    def pair(c, i, j):
+        return min(abs(int(symbols[c, i, j])), context.MAGNITUDE_CAP), int(ctx.magnitude[hyper[c, i, j]])
+
+    def label(pairs):
+        if not pairs:
+            return 0
+        a, e = sum(x for x, _ in pairs), sum(y for _, y in pairs)
+        return 1 + sum(1 for theta in ctx.thresholds if a * 65536 >= int(theta) * e)
+
+    out = []
+    for i in range(H):
+        for j in range(W):
+            if (i + j) % 2 == p.parity:
+                same = [pair(p.channel, i + di, j + dj) for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                        if p.parity == 1 and 0 <= i + di < H and 0 <= j + dj < W]
+                out.append((label(same), 0, label([pair(c, i, j) for c in range(p.channel)]), 0))
+    return np.array(out, dtype=np.int64).reshape(-1, 4)
+
+
+@pytest.fixture(scope="module")
+def ll_context(random_context):
+    rng = np.random.default_rng(4)
+    T, B = len(random_context.magnitude), random_context.labels
+    ll_remap = rng.integers(0, T, (3, 2, T, B, B)).astype(np.uint8)
+    return SubbandContext(random_context.magnitude, random_context.thresholds, random_context.remap,
+                          random_context.weights, ll_remap)
+
+
+def test_ll_labels_follow_the_spec_position_by_position(ll_context):
+    rng = np.random.default_rng(9)
+    symbols, hyper = random_latent(rng, len(ll_context.magnitude), h=6, w=8)
+    state = context.Passes(ll_context, hyper)
+    seen = set()
+    for p in context.passes(ll_context):
+        got = np.stack([a.astype(np.int64) for a in state.labels(p)[1:]] + [state.mean(p)], axis=1)
+        if p.level == context.LL_LEVEL:
+            np.testing.assert_array_equal(got, reference_ll_labels(ll_context, symbols, hyper, p), err_msg=str(p))
+            seen.update(map(tuple, got[:, :3]))
+            t = ll_context.pass_indices(p, context.pass_values(hyper, p), state.labels(p)[1:])
+            np.testing.assert_array_equal(
+                t, ll_context.ll_remap[p.channel, p.parity][context.pass_values(hyper, p), got[:, 0], got[:, 2]])
+        else:  # the details' labels do not depend on how the LL block is coded
+            np.testing.assert_array_equal(got, reference_labels(ll_context, symbols, hyper, p), err_msg=str(p))
+        state.put(p, context.pass_values(symbols, p))
+    assert len(seen) > 20
+
+
+def test_an_ll_context_codes_the_ll_block_in_six_passes_first(ll_context):
+    rng = np.random.default_rng(10)
+    symbols, hyper = random_latent(rng, len(ll_context.magnitude))
+    items = list(context.pass_items(ll_context, symbols, hyper))
+    assert [p for p, _, _ in items[:6]] == list(context.LL_PASSES)
+    assert len(items) == 6 + len(PASSES)
+    assert sorted(np.concatenate([s for _, s, _ in items[:6]]).tolist()) == sorted(symbols[:3].ravel().tolist())
+    coded, mean = context.coded_indices(ll_context, symbols, hyper)
+    assert not mean[:3].any()
+    assert not np.array_equal(coded[:3], hyper[:3])  # the LL block's tables come from its own lookup
+    state = SubbandContext.from_state(ll_context.state())
+    np.testing.assert_array_equal(state.ll_remap, ll_context.ll_remap)
+    assert context.coarse_passes(ll_context, 3) == 6 + 18 and context.coarse_passes(state, 0) == 6 + len(PASSES)
+
+
 def test_pass_items_cover_every_symbol_once_in_order(random_context):
     rng = np.random.default_rng(6)
     symbols, hyper = random_latent(rng, len(random_context.magnitude))

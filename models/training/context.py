@@ -9,8 +9,10 @@ For training images at every trained level the tool codes the latent as the code
 hyper index, three labels), how often each symbol magnitude occurs. Each cell then gets the
 y table with the smallest total code length for its counts, after adding `prior` counts
 drawn from the hyper index's own table (so that a cell seen rarely keeps the hyperprior's
-table). Counting runs once: the histogram is saved next to the output (`.hist.npz`) and
-reused by later runs with the same images and labels.
+table). With `--ll` the LL block is coded in passes too and its lookup (colour, parity, hyper
+index, two labels) is counted the same way; a model that already has a context keeps it and
+gets only the LL block's. Counting runs once: the histograms are saved next to the output
+(`.hist.npz`) and reused by later runs with the same images and labels.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from tqdm import tqdm
 from ...bitstream.container import RATE_SCALE
 from ...bitstream.tables import CdfTables
 from ...engine import Encoder
-from ..context import LEVELS, MAGNITUDE_ONE, MEAN_ONE, PASSES, RATIO_ONE, Passes, SubbandContext, pass_values
+from ..context import (LEVELS, LL_CHANNELS, LL_PASSES, MAGNITUDE_ONE, MEAN_ONE, PASSES, RATIO_ONE, Passes,
+                       SubbandContext, pass_values)
 from ..frozen import FrozenModel
 from ..networks import interpolate_levels
 from ..registry import sha256_file
@@ -142,14 +145,38 @@ def count(ctx: SubbandContext, data: list[tuple[np.ndarray, np.ndarray]], num_ta
     return hist.reshape(LEVELS, 3, 2, T, B, B, B, S)
 
 
-def fit(hist: np.ndarray, tables: CdfTables, prior: float = PRIOR) -> np.ndarray:
+def count_ll(ctx: SubbandContext, data: list[tuple[np.ndarray, np.ndarray]], num_tables: int) -> np.ndarray:
+    """Histogram (3, 2, T, B, B, MAX_MAGNITUDE + 1) of the LL block's symbol magnitudes per cell
+    (colour, parity, hyper index, `same`, `cross`) of its passes."""
+    T, B, S = num_tables, ctx.labels, MAX_MAGNITUDE + 1
+    ctx = SubbandContext(ctx.magnitude, ctx.thresholds, ctx.remap, ctx.weights, identity_ll_remap(T, B))
+    keys = []
+    for sym, idx in tqdm(data, desc="counting the LL block"):
+        state = Passes(ctx, idx)
+        for p in LL_PASSES:
+            s = pass_values(sym, p).astype(np.int64)
+            t, same, _, cross = (a.astype(np.int64) for a in state.labels(p))
+            keys.append(((((p.channel * 2 + p.parity) * T + t) * B + same) * B + cross) * S
+                        + np.minimum(np.abs(s), MAX_MAGNITUDE))
+            state.put(p, s)
+    return np.bincount(np.concatenate(keys), minlength=LL_CHANNELS * 2 * T * B * B * S).reshape(
+        LL_CHANNELS, 2, T, B, B, S)
+
+
+def identity_ll_remap(num_tables: int, labels: int) -> np.ndarray:
+    """An LL lookup that gives every position its hyper index (the hyperprior's bits)."""
+    return np.broadcast_to(np.arange(num_tables, dtype=np.uint8).reshape(1, 1, -1, 1, 1),
+                           (LL_CHANNELS, 2, num_tables, labels, labels)).copy()
+
+
+def fit(hist: np.ndarray, tables: CdfTables, prior: float = PRIOR, t_axis: int = 3) -> np.ndarray:
     """The remap table: per cell, the y table with the least code length for its counts plus
-    `prior` counts of its hyper index's own table."""
+    `prior` counts of its hyper index's own table (the hyper index is axis `t_axis` of `hist`)."""
     cost = magnitude_costs(tables)  # (T, S)
     pmf = magnitude_pmf(tables)
     T, S = cost.shape
     shape = hist.shape[:-1]
-    h = hist.reshape(-1, T, hist.shape[4] * hist.shape[5] * hist.shape[6], S).astype(np.float64)
+    h = hist.reshape(-1, T, int(np.prod(shape[t_axis + 1:])), S).astype(np.float64)
     h = h + prior * pmf[None, :, None, :]
     totals = np.einsum("gtcs,us->gtcu", h, cost)
     return totals.argmin(-1).astype(np.uint8).reshape(shape)
@@ -162,34 +189,45 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/train"))
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--prior", type=float, default=PRIOR)
+    ap.add_argument("--ll", action="store_true",
+                    help="also code the LL block in passes with a lookup of its own; a model that has a context "
+                         "keeps its details' lookup and predictions, and only the LL block's is counted")
     ap.add_argument("--level-images", type=int, default=32,
                     help="training images on which the levels are refitted to their targets (0: keep them)")
     args = ap.parse_args(argv)
 
     model = FrozenModel(args.weights)
-    magnitude = expected_magnitudes(model.y_tables)
-    thresholds = np.array([round(t * RATIO_ONE) for t in THRESHOLDS], dtype=np.int64)
-    ctx = SubbandContext.identity(magnitude, thresholds)
+    T = model.y_tables.num_tables
     hist_path = args.out.with_suffix(".hist.npz")
-    if hist_path.exists():
-        saved = np.load(hist_path)
-        hist, weights = saved["hist"], saved["weights"]
-    else:
+    saved = dict(np.load(hist_path)) if hist_path.exists() else {}
+    data = None
+    if not saved.keys() >= ({"ll_hist"} if args.ll else set()) | ({"hist"} if model.context is None else set()):
         images = load_images(args.data)
         images = images[np.linspace(0, len(images) - 1, min(args.images, len(images))).round().astype(int)]
         data = latents(model, images)
-        weights = fit_weights(ctx, data)
-        ctx = SubbandContext(magnitude, thresholds, ctx.remap, weights)
-        hist = count(ctx, data, model.y_tables.num_tables)
-        del data
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(hist_path, hist=hist, weights=weights)
-    remap = fit(hist, model.y_tables, args.prior)
-    ctx = SubbandContext(magnitude, thresholds, remap, weights)
+    if model.context is None:
+        magnitude = expected_magnitudes(model.y_tables)
+        thresholds = np.array([round(t * RATIO_ONE) for t in THRESHOLDS], dtype=np.int64)
+        ctx = SubbandContext.identity(magnitude, thresholds)
+        if "hist" not in saved:
+            saved["weights"] = fit_weights(ctx, data)
+            saved["hist"] = count(SubbandContext(magnitude, thresholds, ctx.remap, saved["weights"]), data, T)
+        ctx = SubbandContext(magnitude, thresholds, fit(saved["hist"], model.y_tables, args.prior), saved["weights"])
+        info = {"data": str(args.data), "images": args.images, "prior": args.prior, "thresholds": list(THRESHOLDS)}
+    else:
+        ctx, info = model.context, dict(model.info["context"])
+    if args.ll:
+        if "ll_hist" not in saved:
+            saved["ll_hist"] = count_ll(ctx, data, T)
+        ll_remap = fit(saved["ll_hist"], model.y_tables, args.prior, t_axis=2)
+        ctx = SubbandContext(ctx.magnitude, ctx.thresholds, ctx.remap, ctx.weights, ll_remap)
+        info["ll"] = {"data": str(args.data), "images": args.images, "prior": args.prior}
+    del data
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(hist_path, **saved)
     state = torch.load(args.weights, map_location="cpu", weights_only=True)
     state["context"] = ctx.state()
-    state["info"] = dict(state.get("info", {})) | {"context": {
-        "data": str(args.data), "images": args.images, "prior": args.prior, "thresholds": list(THRESHOLDS)}}
+    state["info"] = dict(state.get("info", {})) | {"context": info}
     _save(state, args.out)
     if args.level_images:
         refit_levels(args.out, args.data, args.level_images)
