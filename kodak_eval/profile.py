@@ -22,7 +22,8 @@ edited); nested stages are inside their parents:
              range encode   range_coder.encode (inside real encodes)
     decode   h_s            FrozenModel.latent_entropy_parameters (the integer hyper-synthesis)
              passes         engine._decode_passes (the subband context and the range decoder)
-             g_s            FrozenModel.synthesize (the synthesis and post-filter)
+             g_s            FrozenModel.synthesize, or synthesize_into for a picture of more than
+                            engine.DIRECT_PIXELS (the synthesis and post-filter)
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def child(job: dict) -> dict:
             shim.wrap(FrozenModel, "latent_entropy_parameters", "h_s")
             shim.wrap(engine, "_decode_passes", "passes")
             shim.wrap(FrozenModel, "synthesize", "g_s")
+            shim.wrap(FrozenModel, "synthesize_into", "g_s")
         for _ in range(job["runs"]):
             start = time.perf_counter()
             if job["phase"] == "encode":

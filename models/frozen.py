@@ -375,12 +375,23 @@ class FrozenModel:
         _, inv_gain = self.gains(q)
         y = y_hat_gained.mul_(inv_gain)
         with one_thread_per_operation() as threads:
-            if self._by_levels(y.shape[2], y.shape[3], tile_latents):
-                x = self._synthesize_by_levels(y, q, tile_latents, threads)
-            else:
-                x = run_tiled(lambda t: self.draw(t, q), y, 16, tile_latents, self.halo_latents, inverse=True,
-                              workers=threads)
+            x = self._draw_tiled(y, q, tile_latents, threads)
         return x.clamp_(0, 1)
+
+    def _draw_tiled(self, y: torch.Tensor, q: float, tile_latents: int, workers: int, into=None
+                    ) -> torch.Tensor | None:
+        """`draw` of y (after the inverse gain), unclamped, on tiles of `tile_latents` latents, or
+        for a lifting model's latent larger than one tile level by level (`_synthesize_by_levels`).
+        With `into`, the picture goes to into(tile, pixels) tile by tile instead (one tile of
+        the whole latent when it does not run by levels)."""
+        _, _, h, w = y.shape
+        if self._by_levels(h, w, tile_latents):
+            return self._synthesize_by_levels(y, q, tile_latents, workers, into)
+        x = run_tiled(lambda t: self.draw(t, q), y, 16, tile_latents, self.halo_latents, inverse=True, workers=workers)
+        if into is None:
+            return x
+        into(Tile(slice(0, h), slice(0, w), slice(0, h), slice(0, w)), x)
+        return None
 
     def _by_levels(self, h: int, w: int, tile_latents: int) -> bool:
         """Whether g_a and g_s of an h x w latent run level by level (`_analyze_by_levels`,
@@ -471,10 +482,6 @@ class FrozenModel:
         goes from each tile of the finest level straight into `out`, without a float picture
         (400 MB at 8K). Takes over `y_hat_gained` as `synthesize` does."""
         H, W = out.shape[:2]
-        _, _, h, w = y_hat_gained.shape
-        if not self._by_levels(h, w, tile_latents):
-            out[...] = to_pixels(self.synthesize(y_hat_gained, q, tile_latents=tile_latents)[0, :, :H, :W])
-            return
         _, inv_gain = self.gains(q)
         y = y_hat_gained.mul_(inv_gain)
 
@@ -485,7 +492,7 @@ class FrozenModel:
                 out[rows, cols] = to_pixels(crop[0, :, :rows.stop - rows.start, :cols.stop - cols.start].clamp(0, 1))
 
         with one_thread_per_operation() as threads:
-            self._synthesize_by_levels(y, q, tile_latents, threads, place)
+            self._draw_tiled(y, q, tile_latents, threads, place)
 
     @torch.no_grad()
     def synthesize_reduced(self, y_hat_gained: torch.Tensor, q: float, stop: int, *,
