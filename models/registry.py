@@ -115,15 +115,18 @@ MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     # passes, coarse to fine, each with a table and a prediction from the symbols coded before;
     # levels refitted to their targets.
     12: ModelEntry(12, "lift-97-128-v6", "lift-97-128-v6.pt", "dc29ceb69918bc39bb3ba66fe0864e2b5ec588bb954ad7d7ab751ee05d3fa5cf"),
+    # id 13: id 12 with its LL block coded in passes too, each position's table from its hyper index,
+    # its neighbours and the colours before it; levels refitted to their targets.
+    13: ModelEntry(13, "lift-97-128-v7", "lift-97-128-v7.pt", "42f1e0c58f5c7cb2f74820320edbe419822c7a950fafefa4f1a4e0dde8368e00"),
 })
 
 # The model of one-pass encodes (`rate=`) and of `model_info`.
-DEFAULT_MODEL_ID = 12
+DEFAULT_MODEL_ID = 13
 # The models an encode to a bpp or size target chooses between, per image: it keeps the file
 # whose decoded pixels have the higher PSNR (ties: the first). One model: with id 10, id 6 as a
 # second choice bought +0.005 / +0.008 dB at 0.06 / 0.12 bpp and nothing from 0.25 bpp (first 8
 # Kodak images) for twice the encode time, and each later id is above the one before at every level.
-CHOICE_MODEL_IDS = (12,)
+CHOICE_MODEL_IDS = (13,)
 # The models whose weights the package ships (`weights/`; pyproject.toml's package-data takes every
 # .pt file there, and tests/test_release.py checks that the wheel holds these and nothing else):
 # the test model and the models new files are made with. The others' files are in models/archive/.

@@ -43,11 +43,11 @@ def test_a_payload_from_int16_symbols_is_the_same_stream():
     """The coder codes a measure's symbols kept as int16 exactly as their int32 original
     (escaped values included)."""
     pixels = smooth_rgb(128, 192, seed=5)
-    enc = engine.Encoder(engine.load_model(12), pixels, "RGB")
+    enc = engine.Encoder(engine.load_model(engine.DEFAULT_MODEL_ID), pixels, "RGB")
     rq = 6 * 1024
     enc.measure_bytes(rq)
     assert enc._kept[1][1].dtype == np.int16
-    assert enc.payload(rq) == engine.Encoder(engine.load_model(12), pixels, "RGB").payload(rq)
+    assert enc.payload(rq) == engine.Encoder(engine.load_model(engine.DEFAULT_MODEL_ID), pixels, "RGB").payload(rq)
 
 
 def test_a_decode_into_the_pixels_is_the_decode_of_the_whole_picture(monkeypatch):

@@ -216,7 +216,19 @@ def test_a_recipe_the_runner_cannot_follow_is_refused(tmp_path, text, error):
 def test_id_12_s_context_stage_has_the_settings_its_weights_recorded():
     """The default model's last stage: its settings are those the shipped file's info recorded."""
     stage = recipe.load(RECIPES / "lift-97-128-v6.toml").stages[-1]
-    recorded = torch.load(ROOT / "models" / "weights" / MODELS[12].filename, weights_only=True)["info"]["context"]
+    recorded = torch.load(ROOT / "models" / "archive" / MODELS[12].filename, weights_only=True)["info"]["context"]
     assert stage.kind == "context" and stage.input == "postfilter"
     assert stage.settings == {"images": recorded["images"], "prior": recorded["prior"],
+                              "level-images": recorded["fitted_levels"]["images"]}
+
+
+def test_id_13_s_ll_context_stage_has_the_settings_its_weights_recorded():
+    """Id 13's recipe is id 12's and one stage more, whose settings the shipped file recorded."""
+    stages = recipe.load(RECIPES / "lift-97-128-v7.toml").stages
+    assert [s.name for s in stages] == [s.name for s in recipe.load(RECIPES / "lift-97-128-v6.toml").stages] + [
+        "ll-context"]
+    stage = stages[-1]
+    recorded = torch.load(ROOT / "models" / "weights" / MODELS[13].filename, weights_only=True)["info"]["context"]
+    assert stage.kind == "context" and stage.input == "context"
+    assert stage.settings == {"ll": True, "images": recorded["ll"]["images"], "prior": recorded["ll"]["prior"],
                               "level-images": recorded["fitted_levels"]["images"]}

@@ -20,7 +20,7 @@ from lcodec.models.frozen import half_block_shift
 from lcodec.models.lifting import reduced_channels
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-SAMPLE = GOLDEN / "v2_sample_256x176_m12.lc"  # model 12: every pass codes symbols
+SAMPLE = GOLDEN / "v2_sample_256x176_m13.lc"  # model 13: every pass codes symbols
 FACTORS = (2, 4, 8, 16)
 
 
@@ -53,15 +53,16 @@ def test_the_reduced_latent_is_the_full_latents_coarse_channels(factor):
 
 @pytest.mark.parametrize("factor", FACTORS)
 def test_a_reduced_decode_stops_reading_after_the_coarse_passes(factor, monkeypatch):
-    """z, the LL block and the passes of levels 4 .. k+1 are read; the finer passes are not."""
+    """z, the LL block's passes and those of levels 4 .. k+1 are read; the finer passes are not."""
     items = []
     decode = range_coder.Decoder.decode
     monkeypatch.setattr(range_coder.Decoder, "decode", lambda self, t, tables: items.append(t.size) or
                         decode(self, t, tables))
     engine.decode_array(SAMPLE.read_bytes(), reduce=factor)
     k = factor.bit_length() - 1
-    assert len(items) == 2 + sum(p.level > k for p in context.PASSES)
-    assert len(items) == 2 + 18 * (4 - k)
+    ctx = engine.load_model(engine.DEFAULT_MODEL_ID).context
+    assert len(items) == 1 + context.coarse_passes(ctx, k)  # z, then the passes
+    assert len(items) == 1 + 6 + 18 * (4 - k)  # the LL block's 6 passes, then 18 per level
 
 
 @pytest.mark.parametrize("factor", FACTORS)

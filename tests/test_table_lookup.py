@@ -10,7 +10,7 @@ from lcodec.bitstream import range_coder, tables
 
 @pytest.mark.parametrize("dtype", [np.int16, np.int32, np.int64])
 def test_a_lookup_places_symbols_as_arithmetic_does(dtype, monkeypatch):
-    looked_up = engine.load_model(12).y_tables
+    looked_up = engine.load_model(engine.DEFAULT_MODEL_ID).y_tables
     rng = np.random.default_rng(1)
     idx = rng.integers(0, looked_up.num_tables, 20000).astype(np.uint8)
     sym = np.round(rng.laplace(0, 3, idx.size)).astype(np.int64)
@@ -28,7 +28,7 @@ def test_a_lookup_places_symbols_as_arithmetic_does(dtype, monkeypatch):
     assert range_coder.encode([(sym, idx, looked_up)]) == range_coder.encode([(sym, idx, computed)])
 
 
-@pytest.mark.parametrize("model_id", [0, 12])
+@pytest.mark.parametrize("model_id", [0, engine.DEFAULT_MODEL_ID])
 def test_a_scale_s_table_index_by_lookup_is_the_searched_one(model_id):
     """Every integer scale from below 0 to past 2^24, and far outside, gets the index a search
     of the thresholds gives."""

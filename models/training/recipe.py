@@ -193,27 +193,31 @@ KINDS: dict[str, StageKind] = {
 }
 
 
-def load(path: Path) -> Recipe:
-    """The recipe at `path`, checked: known kinds, unique names, inputs that come first."""
+def _document(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The TOML of the recipe at `path` with the recipes it extends merged in: their stages (and
+    shared settings and data) come first, the base's base before them."""
+    path = Path(path)
+    if path.resolve() in seen:
+        raise RecipeError(f"{seen[0]}: its recipes extend each other in a circle ({path})")
     try:
-        doc = tomllib.loads(Path(path).read_text())
+        doc = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise RecipeError(f"{path}: {e}") from None
+        raise RecipeError(f"{seen[0] if seen else path}: {'its base recipe ' if seen else ''}{path}: {e}") from None
     unknown = set(doc) - {"model", "model_id", "data", "shared", "stages", "extends"}
     if unknown:
         raise RecipeError(f"{path}: unknown keys {sorted(unknown)}")
-    if "extends" in doc:  # another recipe's stages (and shared settings and data) come first
-        base_path = Path(path).parent / doc["extends"]
-        try:
-            base = tomllib.loads(base_path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise RecipeError(f"{path}: its base recipe {base_path}: {e}") from None
-        if "extends" in base:
-            raise RecipeError(f"{path}: its base recipe {base_path} extends another one; one level only")
-        shared = {k: dict(base.get("shared", {}).get(k, {})) | dict(v) for k, v in doc.get("shared", {}).items()}
-        doc = {"data": base.get("data")} | {k: v for k, v in doc.items() if k != "extends"} | {
-            "shared": dict(base.get("shared", {})) | shared,
-            "stages": list(base.get("stages", [])) + list(doc.get("stages", []))}
+    if "extends" not in doc:
+        return doc
+    base = _document(path.parent / doc["extends"], seen + (path.resolve(),))
+    shared = {k: dict(base.get("shared", {}).get(k, {})) | dict(v) for k, v in doc.get("shared", {}).items()}
+    return {"data": base.get("data")} | {k: v for k, v in doc.items() if k != "extends"} | {
+        "shared": dict(base.get("shared", {})) | shared,
+        "stages": list(base.get("stages", [])) + list(doc.get("stages", []))}
+
+
+def load(path: Path) -> Recipe:
+    """The recipe at `path`, checked: known kinds, unique names, inputs that come first."""
+    doc = _document(path)
     if "model" not in doc or not doc.get("stages"):
         raise RecipeError(f"{path}: a recipe names its model and has at least one [[stages]]")
     shared = doc.get("shared", {})
