@@ -65,7 +65,7 @@ def test_a_decode_into_the_pixels_is_the_decode_of_the_whole_picture(monkeypatch
     assert np.array_equal(engine.decode_array(engine.encode_array(pixels[:, :, 1], "L", rate=5.0).data)[0], grey)
 
 
-@pytest.mark.parametrize("model_id, size", [(12, (200, 330)), (0, (130, 200))])
+@pytest.mark.parametrize("model_id, size", [(engine.DEFAULT_MODEL_ID, (200, 330)), (0, (130, 200))])
 def test_a_decode_into_the_pixels_of_a_picture_drawn_whole(model_id, size, monkeypatch):
     """Pictures that do not run by levels (small, or a model without levels) decode into their
     pixels as the float picture does."""

@@ -11,7 +11,7 @@ from lcodec import engine
 from lcodec.models import frozen
 from lcodec.models.lifting import LATENT_CHANNELS
 
-LIFTING = 12  # the shipped lifting model, with coarse levels and a post-filter
+LIFTING = engine.DEFAULT_MODEL_ID  # the shipped lifting model, with coarse levels and a post-filter
 
 
 @pytest.fixture(scope="module")
