@@ -253,7 +253,7 @@ class Encoder:
         else:
             gain, _ = self.model.gains(rq / RATE_SCALE)
         if self.model.context is not None:
-            sym, bits, idx = self._rounded_in_passes(gain, z, exact=True)
+            sym, bits, idx = self._rounded_in_passes(rq, gain, z, exact=True)
             return z.numpy().ravel(), sym.ravel(), idx.ravel(), bits
         shape = self.y.shape[1:]
         sym, idx = np.empty(shape, dtype=np.int32), np.empty(shape, dtype=_table_index_dtype(self.model))
@@ -264,9 +264,9 @@ class Encoder:
                 bits += self.model.y_tables.cost_bits(tile_sym.numpy().ravel(), tile_idx.numpy().ravel())
         return z.numpy().ravel(), sym.ravel(), idx.ravel(), bits
 
-    def _rounded_in_passes(self, gain: torch.Tensor, z: torch.Tensor, exact: bool
+    def _rounded_in_passes(self, rq: int, gain: torch.Tensor, z: torch.Tensor, exact: bool
                            ) -> tuple[np.ndarray, float, np.ndarray]:
-        """A context model's symbols (M, h, w) at the gain and ẑ (`rounding.round_in_passes`),
+        """A context model's symbols (M, h, w) at rate rq, its gain and ẑ (`rounding.round_in_passes`),
         their code length in bits and their hyper table indices, h_s run tile by tile
         (`exact=False`: in float32, for estimates). Only the LL block's residuals are made here: a
         lifting model's details have mean 0 (checked), and the rounding takes them as y · gain."""
@@ -288,7 +288,8 @@ class Encoder:
         # and estimates that do not depend on the thread count.
         with one_thread_per_operation() as threads:
             map_tiles(lambda tile: params(z, tile), place, hyper_tiles(z), threads)
-        sym, bits = rounding.round_in_passes(self.model, self.y[0].numpy(), idx, gain=gain.numpy().ravel(), ll=ll)
+        sym, bits = rounding.round_in_passes(self.model, self.y[0].numpy(), idx, gain=gain.numpy().ravel(), ll=ll,
+                                             q=rq / RATE_SCALE)
         return sym, bits, idx
 
     def estimate_bytes(self, rq: int) -> float:
@@ -305,7 +306,7 @@ class Encoder:
         gain, z = self._hyper_latent(rq)
         bits = self.model.z_tables.cost_bits(z.numpy().ravel(), self.z_index)
         if self.model.context is not None:
-            _, y_bits, _ = self._rounded_in_passes(gain, z, exact=False)
+            _, y_bits, _ = self._rounded_in_passes(rq, gain, z, exact=False)
             return OVERHEAD + (bits + y_bits) / 8
         for _, sym, idx in self._symbol_tiles(gain, z, exact=False):
             bits += self.model.y_tables.cost_bits(sym.numpy().ravel(), idx.numpy().ravel())

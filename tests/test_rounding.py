@@ -15,7 +15,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_the_lifting_models_round_for_rate_and_distortion_the_gdn_model_plainly():
-    assert rounding.rdo_lambda(engine.load_model(engine.DEFAULT_MODEL_ID)) == rounding.RDO_LAMBDA["lifting"]
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
+    (q0, low), (q1, high) = rounding.RDO_LAMBDA["lifting"]
+    assert rounding.rdo_lambda(model) == rounding.rdo_lambda(model, q0 - 3) == low
+    assert rounding.rdo_lambda(model, q1 + 3) == high and low < rounding.rdo_lambda(model, (q0 + q1) / 2) < high
     assert rounding.rdo_lambda(engine.load_model(0)) is None
     v = torch.tensor([0.4, 0.6, -1.51, 2.49])
     assert torch.equal(rounding.round_latents(v, torch.zeros(4, dtype=torch.int32), engine.load_model(0)), torch.round(v))
