@@ -51,6 +51,7 @@ bytes whatever the thread setting.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -64,7 +65,8 @@ from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .models import context
 from .models.entropy_models import LIKELIHOODS
-from .models.frozen import HYPER_HALO, PAD, TILE_LATENTS, FrozenModel, Tile, tiles
+from .models.frozen import (HYPER_HALO, PAD, TILE_LATENTS, FrozenModel, Tile, hyper_tiles, latent_region, map_tiles,
+                            one_thread_per_operation, tiles)
 from .models.integer_hyper import OUT_BITS
 
 # Per effort level (0: the one-pass encoder; `lcodec.api.MAX_EFFORT` is the last): the steps of
@@ -189,9 +191,7 @@ class Refiner:
         self.rq, self.q = rq, rq / RATE_SCALE
         self.gain, self.inv_gain = model.gains(self.q)
         self.z = model.hyper_latent(self.u0) if z is None else z
-        mean, idx = model.latent_entropy_parameters(self.z, _index_dtype(model))
-        self._mean = mean if model.context is None else _ll_means(mean)
-        del mean
+        self._mean, idx = _entropy_parameters(model, self.z)
         self.idx = torch.from_numpy(idx)[None]
         self.idx_np = idx.ravel()
         self.z_bits = _hyper_bits(model, self.z)
@@ -252,6 +252,7 @@ class Refiner:
             s = symbols[read].detach().float().requires_grad_(True)
             self._tile_error(self.plus_mean(s, read) * self.inv_gain, t).backward()
             grad[read] += s.grad
+        _release_free_memory()
         return grad
 
     def _tile_error(self, y_read: torch.Tensor, t: Tile) -> torch.Tensor:
@@ -286,6 +287,8 @@ class Refiner:
         """`symbols` of u0 (with `lam` instead of the rounding's λ if given). With a subband
         context rounded from y and the gain pass by pass, as `Encoder` does (the same float32
         residuals, none as big as the latent); else its residuals computed in place."""
+        if len(self.tiles) > 1:
+            _release_free_memory()
         if self.model.context is None:
             return self._rounded(self.u0.sub_(self._mean), lam)
         block = context.LL_CHANNELS
@@ -305,41 +308,61 @@ class Refiner:
     def fill(self, ceiling: float) -> tuple[np.ndarray, float] | None:
         """The symbols of u0 rounded with the largest file not above `ceiling` bytes that the
         rounding's λ, taken between λ / FILL_RANGE and λ · FILL_RANGE, gives, and that file's
-        ideal size; None for a model with plain rounding, or if no such λ fits."""
+        ideal size; None for a model with plain rounding, or if no such λ fits. One rounding's
+        symbols are alive at a time: those of the λ found are made again unless they are the last."""
         lam = rounding.rdo_lambda(self.model)
         if lam is None:
             return None
         v = self.u0.sub_(self._mean) if self.model.context is None else None
-        found = None
+
+        def rounded(log_lam: float) -> np.ndarray:
+            return self.one_pass_symbols(math.exp(log_lam)) if v is None else self._rounded(v, math.exp(log_lam))
+
+        found = None  # the log λ and size of the largest file that fits
         lo, hi = math.log(lam / FILL_RANGE), math.log(lam * FILL_RANGE)  # small λ: larger files
-        for _ in range(FILL_STEPS):
+        for step in range(FILL_STEPS):
             mid = (lo + hi) / 2
-            s = self.one_pass_symbols(math.exp(mid)) if v is None else self._rounded(v, math.exp(mid))
+            s = rounded(mid)
             size = self.file_bytes(s)
             if size <= ceiling:
-                found, hi = (s, size), mid
+                found, hi = (mid, size), mid
+                if step == FILL_STEPS - 1:
+                    return s, size
             else:
                 lo = mid
-            del s  # a refused rounding is not kept alive through the next one
-        return found
+            del s
+        return None if found is None else (rounded(found[0]), found[1])
 
     @torch.no_grad()
     def distortion_of(self, symbols: np.ndarray) -> float:
         """`distortion` of symbols (flat int32); on more than one tile the decoder's own picture
-        (`FrozenModel.synthesize`, tiled in bounded memory), its error summed a band of rows at a time."""
+        (`FrozenModel.synthesize`'s tiled draw), its error summed as the tiles come, a band of
+        rows at a time, without the whole picture."""
         s = torch.from_numpy(symbols).view(self.shape)
         if len(self.tiles) == 1:
             return float(self.distortion(s.float()))
-        y_hat = s.float()
+        _release_free_memory()
+        y = s.float()
         if self.model.context is None:
-            y_hat.add_(self._mean)
+            y.add_(self._mean)
         else:
-            y_hat[:, :context.LL_CHANNELS] += self._mean
-        x_hat = self.model.synthesize(y_hat, self.q)  # takes over y_hat
+            y[:, :context.LL_CHANNELS] += self._mean
+        y.mul_(self.inv_gain)
         total = 0.0
-        for top in range(0, self.height, ERROR_ROWS):
-            rows = slice(top, min(top + ERROR_ROWS, self.height))
-            total += float((x_hat[:, :, rows, :self.width] * 255 - self.x[:, :, rows, :self.width] * 255).square_().sum())
+
+        def add(t: Tile, crop: torch.Tensor) -> None:
+            """Add the error of the picture's tile t (1, 3, rows, columns), unclamped."""
+            nonlocal total
+            left, right = 16 * t.cols.start, min(16 * t.cols.stop, self.width)
+            if right <= left:  # only padding
+                return
+            for top in range(16 * t.rows.start, min(16 * t.rows.stop, self.height), ERROR_ROWS):
+                bottom = min(top + ERROR_ROWS, 16 * t.rows.stop, self.height)
+                x_hat = crop[:, :, top - 16 * t.rows.start:bottom - 16 * t.rows.start, :right - left].clamp(0, 1)
+                total += float((x_hat * 255 - self.x[:, :, top:bottom, left:right] * 255).square_().sum())
+
+        with one_thread_per_operation() as threads:  # as `FrozenModel.synthesize`
+            self.model._draw_tiled(y, self.q, TILE_LATENTS, threads, add)
         return total
 
     def one_pass(self) -> tuple[np.ndarray, float, float]:
@@ -348,13 +371,47 @@ class Refiner:
         return s, self.file_bytes(s), self.distortion_of(s)
 
 
-def _ll_means(mean: torch.Tensor) -> torch.Tensor:
-    """The LL block's part (1, LL_CHANNELS, h, w) of a subband-context model's means (1, M, h, w)
-    (a copy), after checking that the details' means are 0."""
+def _release_free_memory() -> None:
+    """Give the pages that glibc's malloc holds free back to the system (`malloc_trim`; nothing
+    elsewhere). A tile's temporaries (the synthesis's, the gradient's graph) are below malloc's
+    mmap threshold, so their pages stay in the arenas when freed, and the arenas of the tiles'
+    worker threads are not reused by other threads: before this, at 12 MP, about 900 MB of
+    refinement's peak was free memory held in the arenas."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _entropy_parameters(model: FrozenModel, z_int: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """`FrozenModel.latent_entropy_parameters` of ẑ (the same values, tiles side by side as there)
+    with `_index_dtype`'s indices (M, h, w); with a subband context only the LL block's means
+    (1, LL_CHANNELS, h, w), the details' checked to be 0 tile by tile: no latent-sized means."""
+    if model.context is None:
+        return model.latent_entropy_parameters(z_int, _index_dtype(model))
     block = context.LL_CHANNELS
-    if torch.count_nonzero(mean[:, block:]):
-        raise RuntimeError("a subband context needs the details' means to be 0")
-    return mean[:, :block].clone()
+    zh, zw = z_int.shape[2], z_int.shape[3]
+    mean = torch.empty(1, block, 4 * zh, 4 * zw)
+    idx = np.empty((model.config.M, 4 * zh, 4 * zw), dtype=_index_dtype(model))
+
+    def place(tile: Tile, parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
+        rows, cols = latent_region(tile)
+        tile_mean, tile_idx = parameters
+        if torch.count_nonzero(tile_mean[:, block:]):
+            raise RuntimeError("a subband context needs the details' means to be 0")
+        mean[:, :, rows, cols], idx[:, rows, cols] = tile_mean[:, :block], tile_idx[0].numpy()
+
+    with one_thread_per_operation() as threads:
+        map_tiles(lambda tile: model.entropy_parameters(z_int, tile), place, hyper_tiles(z_int), threads)
+    return mean, idx
 
 
 def _index_dtype(model: FrozenModel) -> np.dtype:
@@ -416,6 +473,7 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
     one-pass file's rate parameter, which `fixed_rate` keeps. `progress` is called
     `iterations(effort, model, height, width)` times in all: each step once per synthesis tile.
     """
+    _release_free_memory()  # what the one-pass encode freed
     ref = Refiner(model, x, height, width, y, rq)
     units = len(ref.tiles)
 
@@ -522,9 +580,9 @@ class HyperCost:
         model = self.model
         if model.context is None:
             return
-        mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
         if self._tiled:  # the tables' lookups take int64 per element: a few channels at a time
-            mean = _ll_means(mean)
+            _release_free_memory()
+            mean, idx = _entropy_parameters(model, z_int)
             s, _ = self._symbols_and_error(mean, idx)
             del mean
             s = np.clip(s, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=s)
@@ -532,19 +590,21 @@ class HyperCost:
                         for c in range(0, s.shape[0], SAVING_CHANNELS))
             s = s.ravel()
         else:
+            mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
             s = _coded(_round(model, self.u - mean, torch.from_numpy(idx)[None]))
             hyper = model.y_tables.cost_bits(s, idx.ravel())
         self.y_scale = _latent_bits(model, s, idx.ravel(), self.y.shape) / max(hyper, 1.0)
 
     def exact(self, z_int: torch.Tensor) -> float:
         model = self.model
-        mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
         if self._tiled:
-            mean = _ll_means(mean)
+            _release_free_memory()
+            mean, idx = _entropy_parameters(model, z_int)
             s, error = self._symbols_and_error(mean, idx)
             del mean
             s = np.clip(s, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=s).ravel()
             return error + self.lam * (_hyper_bits(model, z_int) + _latent_bits(model, s, idx.ravel(), self.y.shape))
+        mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
         u = self.u
         s = _round(model, u - mean, torch.from_numpy(idx)[None])
         bits = _hyper_bits(model, z_int) + _latent_bits(model, _coded(s), idx.ravel(), self.y.shape)
@@ -585,6 +645,7 @@ class HyperCost:
         for t in grid:
             self.latent_surrogate(_straight_through(z[:, :, t.read_rows, t.read_cols]), t).backward()
         (self.lam * _proxy_hyper_bits(z, self.model)).backward()
+        _release_free_memory()
 
     def latent_surrogate_backward(self, z: torch.Tensor) -> None:
         """Add the gradient of `latent_surrogate` at z (a leaf) to z.grad, tile by tile on a large ẑ."""
@@ -594,6 +655,7 @@ class HyperCost:
             return
         for t in grid:
             self.latent_surrogate(z[:, :, t.read_rows, t.read_cols], t).backward()
+        _release_free_memory()
 
     @staticmethod
     def _tiles(z: torch.Tensor) -> list[Tile]:
