@@ -31,7 +31,7 @@ from .bitstream.tables import ESCAPE_MAX_BITS
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
 from .models import context
 from .models.frozen import (PAD, FrozenModel, Tile, box_reduce, hyper_tiles, latent_region, map_tiles,
-                            one_thread_per_operation, to_pixels)
+                            one_thread_per_operation, release_free_memory, to_pixels)
 from .models.lifting import reduced_channels
 from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS, sha256_file
 
@@ -221,7 +221,9 @@ class Encoder:
         return enc
 
     def _hyper_latent(self, rq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gain (1, M, 1, 1) and ẑ (1, N, zh, zw) at rate rq."""
+        """The gain (1, M, 1, 1) and ẑ (1, N, zh, zw) at rate rq (the start of every estimate and
+        measure: what the last one freed goes back to the system first)."""
+        release_free_memory()
         gain, _ = self.model.gains(rq / RATE_SCALE)
         return gain, self.model.hyper_latent(self.y, gain)
 
@@ -289,7 +291,7 @@ class Encoder:
         with one_thread_per_operation() as threads:
             map_tiles(lambda tile: params(z, tile), place, hyper_tiles(z), threads)
         sym, bits = rounding.round_in_passes(self.model, self.y[0].numpy(), idx, gain=gain.numpy().ravel(), ll=ll,
-                                             q=rq / RATE_SCALE)
+                                             q=rq / RATE_SCALE, compact=True)
         return sym, bits, idx
 
     def estimate_bytes(self, rq: int) -> float:
@@ -325,6 +327,7 @@ class Encoder:
     def payload(self, rq: int, refined: refine.Refined | None = None) -> bytes:
         """The range-coded stream at rq (everything of the file but the header and CRC); with
         `refined` (at rq), its ẑ and y symbols instead of h_a's and g_a's."""
+        release_free_memory()
         if refined is None:
             kept, self._kept = self._kept, None
             z, sym, idx = kept[1] if kept is not None and kept[0] == rq else self._symbols(rq)
@@ -344,8 +347,8 @@ class Encoder:
 
 
 def _narrowed(sym: np.ndarray) -> np.ndarray:
-    """The int32 symbols as int16 if every one is within ±32767 (the same values), else as they are."""
-    if sym.size and (sym.min() < -32767 or sym.max() > 32767):
+    """The symbols as int16 if every one is within ±32767 (the same values), else as they are."""
+    if sym.dtype == np.int16 or (sym.size and (sym.min() < -32767 or sym.max() > 32767)):
         return sym
     return sym.astype(np.int16)
 

@@ -60,8 +60,8 @@ def round_latents(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> tor
 
 
 def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: float | None = None, *,
-                    gain: np.ndarray | None = None, ll: np.ndarray | None = None, q: float | None = None
-                    ) -> tuple[np.ndarray, float]:
+                    gain: np.ndarray | None = None, ll: np.ndarray | None = None, q: float | None = None,
+                    compact: bool = False) -> tuple[np.ndarray, float]:
     """The symbols (M, h, w) int32 of the residuals v (M, h, w) float32 of a model with a subband
     context, whose hyper table indices are idx, rounded as `round_latents` does (with `lam`
     instead of the model's λ at rate parameter `q` if given) pass by pass in coding order, each pass under the tables
@@ -71,7 +71,8 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
     With `gain` (M,) float32, v is the latent before the gain and `ll` the residuals of the LL
     block (3, h, w): a detail's mean is 0, so its residual is v · gain, computed one pass at a
     time (the float32 product the whole-latent `y * gain` makes), without a residual array as
-    big as the latent."""
+    big as the latent. With `compact`, the symbols are int16 where every one fits in ±32767 (half
+    the memory of a large picture's), else int32."""
     tables = model.y_tables
     lam = rdo_lambda(model, q) if lam is None else lam
     bits_np = _bits_numpy(model)
@@ -90,17 +91,28 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
 
     block = slice(0, context.LL_CHANNELS)
     ll = v[block] if gain is None else ll
-    sym = np.empty(v.shape, dtype=np.int32)
+    sym = np.empty(v.shape, dtype=np.int16 if compact else np.int32)
+
+    def widened_for(s: np.ndarray) -> np.ndarray:
+        """`sym`, as int32 once a symbol does not fit its int16."""
+        if sym.dtype == np.int16 and s.size and (s.min() < -32767 or s.max() > 32767):
+            return sym.astype(np.int32)
+        return sym
+
     bits = 0.0
     if model.context.ll_remap is None:  # the LL block is one item under its hyper indices
-        sym[block] = rounded(ll, idx[block]).reshape(sym[block].shape)
-        bits = tables.cost_bits(sym[block].ravel(), idx[block].ravel())
+        s = rounded(ll, idx[block])
+        sym = widened_for(s)
+        sym[block] = s.reshape(sym[block].shape)
+        bits = tables.cost_bits(s, idx[block].ravel())
 
     def choose(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        nonlocal sym
         if p.level == context.LL_LEVEL:
             s = rounded(context.pass_values(ll, p), t)
         else:  # rounded about the prediction μ (an integer): the RDO's neighbour is towards μ
             s = rounded(context.pass_values(v, p, gain) - mu.astype(np.float32), t) + mu
+        sym = widened_for(s)
         context.put_pass(sym, p, s)
         return s
 

@@ -63,3 +63,20 @@ def test_rdo_rounding_buys_a_better_picture_at_the_same_exact_size(kodak_crop, m
     # Measured on this crop with id 11: +0.23 dB (+0.16 at 0.25 bpp, +0.18 at 1 bpp).
     decoded = engine.decode_array(rounded.data)[0], engine.decode_array(plain.data)[0]
     assert psnr(kodak_crop, decoded[0]) > psnr(kodak_crop, decoded[1]) + 0.1
+
+
+def test_compact_symbols_are_the_same_values_in_half_the_bytes_or_widened():
+    """`round_in_passes(compact=True)` gives int16 symbols where every one fits, int32 once one
+    does not, and the same values and code length as without."""
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
+    rng = np.random.default_rng(0)
+    v = (rng.laplace(size=(model.config.M, 4, 4)) * 3).astype(np.float32)
+    idx = rng.integers(20, 60, v.shape).astype(np.uint8)
+    for big in (None, 40000.0):
+        if big:
+            v[700, 1, 2] = big  # a level-1 detail beyond int16
+        wide, bits = rounding.round_in_passes(model, v, idx)
+        compact, compact_bits = rounding.round_in_passes(model, v, idx, compact=True)
+        assert compact.dtype == (np.int32 if big else np.int16) and wide.dtype == np.int32
+        np.testing.assert_array_equal(compact, wide)
+        assert compact_bits == bits
