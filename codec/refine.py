@@ -51,7 +51,6 @@ bytes whatever the thread setting.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -66,7 +65,7 @@ from .bitstream.tables import ESCAPE_MAX_BITS
 from .models import context
 from .models.entropy_models import LIKELIHOODS
 from .models.frozen import (HYPER_HALO, PAD, TILE_LATENTS, FrozenModel, Tile, hyper_tiles, latent_region, map_tiles,
-                            one_thread_per_operation, tiles)
+                            one_thread_per_operation, release_free_memory, tiles)
 from .models.integer_hyper import OUT_BITS
 
 # Per effort level (0: the one-pass encoder; `lcodec.api.MAX_EFFORT` is the last): the steps of
@@ -86,16 +85,18 @@ SYMBOL_START, SYMBOL_MIN, SYMBOL_MAX = 64, 8, 4096  # symbols moved at once by `
 SYMBOL_OVER = 1.5  # μ grows this much when a move that lowers the cost would overflow the budget
 IMPULSE_LATENTS = 48  # the synthesis's energy per symbol is estimated on a canvas of this many latents a side
 FILL_RANGE, FILL_STEPS = 4.0, 8  # the rounding's λ may change this much to fill the budget; bisection steps
-# Refinement keeps the whole latent's symbols, means and gradient (about 40 bytes per pixel with the
-# lifting models); the synthesis and h_s run tile by tile (`Refiner.tiles`, `GRADIENT_TILE`,
-# `SURROGATE_TILE`). Larger images than this are coded at effort 0.
+# Refinement keeps the whole latent's symbols (int32) and table indices, and on several tiles its
+# gradient and code-length changes (float16): with the lifting models about 33 bytes per pixel
+# besides g_a's latent and the picture; the synthesis and h_s run tile by tile (`Refiner.tiles`,
+# `GRADIENT_TILE`, `SURROGATE_TILE`). Larger images than this are coded at effort 0.
 MAX_PIXELS = 67_108_864  # 8192 x 8192, the decoder's default limit
 # The gradient of the distortion is taken on tiles of this many latents a side, each read with this
 # many latents of context: the synthesis's activations under autograd take ~600 bytes per pixel, so a
 # tile with the synthesis's whole reach (`FrozenModel.halo_latents`, 24 for the lifting models) would
 # need gigabytes. The gradient only ranks the moves; the distortion that decides them is exact.
-GRADIENT_TILE, GRADIENT_HALO = 32, 8
-SURROGATE_TILE = 16  # hyper-latents a side of the tiles ẑ's surrogate cost is differentiated on
+GRADIENT_TILE, GRADIENT_HALO = 24, 8
+SURROGATE_TILE = 12  # hyper-latents a side of the tiles ẑ's surrogate cost is differentiated on (a Kodak
+# picture's 12 x 8 is one tile; a tile's graph with its halo is the largest thing alive in the search for ẑ)
 ERROR_ROWS = 256  # the distortion of a large picture is summed this many rows at a time
 WITHIN_DB = 1.0  # the encoder refines only models whose one-pass file is this close (PSNR) to the best
 RATE_SLACK = 0.03  # a refined file may be this much under the budget (as rate control's tolerance)
@@ -252,7 +253,7 @@ class Refiner:
             s = symbols[read].detach().float().requires_grad_(True)
             self._tile_error(self.plus_mean(s, read) * self.inv_gain, t).backward()
             grad[read] += s.grad
-        _release_free_memory()
+        release_free_memory()
         return grad
 
     def _tile_error(self, y_read: torch.Tensor, t: Tile) -> torch.Tensor:
@@ -288,7 +289,7 @@ class Refiner:
         context rounded from y and the gain pass by pass, as `Encoder` does (the same float32
         residuals, none as big as the latent); else its residuals computed in place."""
         if len(self.tiles) > 1:
-            _release_free_memory()
+            release_free_memory()
         if self.model.context is None:
             return self._rounded(self.u0.sub_(self._mean), lam)
         block = context.LL_CHANNELS
@@ -341,7 +342,7 @@ class Refiner:
         s = torch.from_numpy(symbols).view(self.shape)
         if len(self.tiles) == 1:
             return float(self.distortion(s.float()))
-        _release_free_memory()
+        release_free_memory()
         y = s.float()
         if self.model.context is None:
             y.add_(self._mean)
@@ -369,26 +370,6 @@ class Refiner:
         """The rounded symbols of u0 under ẑ, their file's ideal size and their distortion."""
         s = self.one_pass_symbols()
         return s, self.file_bytes(s), self.distortion_of(s)
-
-
-def _release_free_memory() -> None:
-    """Give the pages that glibc's malloc holds free back to the system (`malloc_trim`; nothing
-    elsewhere). A tile's temporaries (the synthesis's, the gradient's graph) are below malloc's
-    mmap threshold, so their pages stay in the arenas when freed, and the arenas of the tiles'
-    worker threads are not reused by other threads: before this, at 12 MP, about 900 MB of
-    refinement's peak was free memory held in the arenas."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
 
 
 def _entropy_parameters(model: FrozenModel, z_int: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
@@ -473,7 +454,7 @@ def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torc
     one-pass file's rate parameter, which `fixed_rate` keeps. `progress` is called
     `iterations(effort, model, height, width)` times in all: each step once per synthesis tile.
     """
-    _release_free_memory()  # what the one-pass encode freed
+    release_free_memory()  # what the one-pass encode freed
     ref = Refiner(model, x, height, width, y, rq)
     units = len(ref.tiles)
 
@@ -581,7 +562,7 @@ class HyperCost:
         if model.context is None:
             return
         if self._tiled:  # the tables' lookups take int64 per element: a few channels at a time
-            _release_free_memory()
+            release_free_memory()
             mean, idx = _entropy_parameters(model, z_int)
             s, _ = self._symbols_and_error(mean, idx)
             del mean
@@ -598,7 +579,7 @@ class HyperCost:
     def exact(self, z_int: torch.Tensor) -> float:
         model = self.model
         if self._tiled:
-            _release_free_memory()
+            release_free_memory()
             mean, idx = _entropy_parameters(model, z_int)
             s, error = self._symbols_and_error(mean, idx)
             del mean
@@ -645,7 +626,7 @@ class HyperCost:
         for t in grid:
             self.latent_surrogate(_straight_through(z[:, :, t.read_rows, t.read_cols]), t).backward()
         (self.lam * _proxy_hyper_bits(z, self.model)).backward()
-        _release_free_memory()
+        release_free_memory()
 
     def latent_surrogate_backward(self, z: torch.Tensor) -> None:
         """Add the gradient of `latent_surrogate` at z (a leaf) to z.grad, tile by tile on a large ẑ."""
@@ -655,7 +636,7 @@ class HyperCost:
             return
         for t in grid:
             self.latent_surrogate(z[:, :, t.read_rows, t.read_cols], t).backward()
-        _release_free_memory()
+        release_free_memory()
 
     @staticmethod
     def _tiles(z: torch.Tensor) -> list[Tile]:
@@ -778,7 +759,9 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
     Memory: the current symbols are `symbols` itself, moved in place and moved back when refused;
     the best ones are the current ones less the moves kept since (a list of index arrays), and
     refused symbols a list of indices. On more than one synthesis tile the gradient and the
-    code-length changes, which only rank the moves, are kept in float16 (`_estimate_dtype`).
+    code-length changes, which only rank the moves, are kept in float16 (`_estimate_dtype`), and
+    the code-length changes are dropped while a candidate is drawn (and made again from the same
+    symbols after a refusal: the same values).
     """
     model = ref.model
     ceiling = budget - 4 - 1e-3 * budget
@@ -799,8 +782,11 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
         if grad is None:  # after a refused move s, and so every estimate, is what it was
             up_bits = down_bits = None
             d, grad = ref.distortion_and_gradient(s_view, d, dtype)
+        if up_bits is None:
             up_bits, down_bits = _bit_changes(ref, s, dtype)
         per_position, channel, step = _best_moves(grad, energy, mu, up_bits, down_bits, refused)
+        if len(ref.tiles) > 1:  # not alive beside the candidate's picture; made again after a refusal
+            up_bits = down_bits = None
         chosen = _spread_positions(per_position, channel, k)
         if not len(chosen):
             continue  # nothing left to propose: the remaining steps only tick
