@@ -295,7 +295,7 @@ class Refiner:
         block = context.LL_CHANNELS
         ll = (self.y[:, :block] * self.gain[:, :block] - self._mean)[0].numpy()
         sym, _ = rounding.round_in_passes(self.model, self.y[0].numpy(), self.idx_np.reshape(self.shape[1:]), lam,
-                                          gain=self.gain.numpy().ravel(), ll=ll)
+                                          gain=self.gain.numpy().ravel(), ll=ll, q=self.q)
         return np.clip(sym, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=sym).ravel()
 
     def _rounded(self, v: torch.Tensor, lam: float | None = None) -> np.ndarray:
@@ -303,7 +303,7 @@ class Refiner:
         rounding's int32, without the latent-sized float copies."""
         if self.model.context is None:
             return _coded(self.round(v, lam))
-        sym, _ = rounding.round_in_passes(self.model, v[0].numpy(), self.idx_np.reshape(self.shape[1:]), lam)
+        sym, _ = rounding.round_in_passes(self.model, v[0].numpy(), self.idx_np.reshape(self.shape[1:]), lam, q=self.q)
         return np.clip(sym, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=sym).ravel()
 
     def fill(self, ceiling: float) -> tuple[np.ndarray, float] | None:
@@ -311,7 +311,7 @@ class Refiner:
         rounding's λ, taken between λ / FILL_RANGE and λ · FILL_RANGE, gives, and that file's
         ideal size; None for a model with plain rounding, or if no such λ fits. One rounding's
         symbols are alive at a time: those of the λ found are made again unless they are the last."""
-        lam = rounding.rdo_lambda(self.model)
+        lam = rounding.rdo_lambda(self.model, self.q)
         if lam is None:
             return None
         v = self.u0.sub_(self._mean) if self.model.context is None else None
