@@ -222,10 +222,17 @@ class Encoder:
 
     def _hyper_latent(self, rq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The gain (1, M, 1, 1) and ẑ (1, N, zh, zw) at rate rq (the start of every estimate and
-        measure: what the last one freed goes back to the system first)."""
-        release_free_memory()
+        measure: on a large picture, what the last one freed goes back to the system first)."""
+        self._release_free_memory()
         gain, _ = self.model.gains(rq / RATE_SCALE)
         return gain, self.model.hyper_latent(self.y, gain)
+
+    def _release_free_memory(self) -> None:
+        """`frozen.release_free_memory` for a picture large enough to be estimated on a sample: on
+        a small one the pages it would return are few and faulted in again at a cost (0.2 s of a
+        Kodak encode)."""
+        if self._sample is not None:
+            release_free_memory()
 
     def _symbol_tiles(self, gain: torch.Tensor, z: torch.Tensor, exact: bool = True
                       ) -> Iterator[tuple[tuple[slice, slice], torch.Tensor, torch.Tensor]]:
@@ -327,7 +334,7 @@ class Encoder:
     def payload(self, rq: int, refined: refine.Refined | None = None) -> bytes:
         """The range-coded stream at rq (everything of the file but the header and CRC); with
         `refined` (at rq), its ẑ and y symbols instead of h_a's and g_a's."""
-        release_free_memory()
+        self._release_free_memory()
         if refined is None:
             kept, self._kept = self._kept, None
             z, sym, idx = kept[1] if kept is not None and kept[0] == rq else self._symbols(rq)
