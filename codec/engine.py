@@ -30,8 +30,8 @@ from .bitstream.container import RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
 from .models import context
-from .models.frozen import (PAD, FrozenModel, Tile, box_reduce, hyper_tiles, latent_region, map_tiles,
-                            one_thread_per_operation, release_free_memory, to_pixels)
+from .models.frozen import (PAD, FrozenModel, box_reduce, hyper_tiles, latent_region, one_thread_per_operation,
+                            release_free_memory, to_pixels)
 from .models.lifting import reduced_channels
 from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS, sha256_file
 
@@ -277,26 +277,14 @@ class Encoder:
                            ) -> tuple[np.ndarray, float, np.ndarray]:
         """A context model's symbols (M, h, w) at rate rq, its gain and ẑ (`rounding.round_in_passes`),
         their code length in bits and their hyper table indices, h_s run tile by tile
-        (`exact=False`: in float32, for estimates). Only the LL block's residuals are made here: a
-        lifting model's details have mean 0 (checked), and the rounding takes them as y · gain."""
-        params = self.model.entropy_parameters if exact else self.model.approximate_entropy_parameters
+        (`exact=False`: in float32, for estimates), tiles side by side as the decoder's: the same
+        integers, and estimates that do not depend on the thread count. Only the LL block's
+        residuals are made here: a lifting model's details have mean 0 (checked), and the rounding
+        takes them as y · gain."""
         block = context.LL_CHANNELS
-        _, _, h, w = self.y.shape
-        ll = np.empty((block, h, w), dtype=np.float32)
-        idx = np.empty(self.y.shape[1:], dtype=_table_index_dtype(self.model))
-
-        def place(tile: Tile, parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
-            rows, cols = latent_region(tile)
-            mean, tile_idx = parameters
-            if torch.count_nonzero(mean[:, block:]):
-                raise RuntimeError("a subband context needs the details' means to be 0")
-            ll[:, rows, cols] = (self.y[:, :block, rows, cols] * gain[:, :block] - mean[:, :block])[0].numpy()
-            idx[:, rows, cols] = tile_idx[0].numpy()
-
-        # Tiles side by side, one thread per operation (as the decoder's h_s): the same integers,
-        # and estimates that do not depend on the thread count.
-        with one_thread_per_operation() as threads:
-            map_tiles(lambda tile: params(z, tile), place, hyper_tiles(z), threads)
+        ll_mean, idx = self.model.context_entropy_parameters(z, _table_index_dtype(self.model), exact)
+        ll = (self.y[:, :block] * gain[:, :block] - ll_mean)[0].numpy()
+        del ll_mean
         sym, bits = rounding.round_in_passes(self.model, self.y[0].numpy(), idx, gain=gain.numpy().ravel(), ll=ll,
                                              q=rq / RATE_SCALE, compact=True)
         return sym, bits, idx

@@ -64,8 +64,8 @@ from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .models import context
 from .models.entropy_models import LIKELIHOODS
-from .models.frozen import (HYPER_HALO, PAD, TILE_LATENTS, FrozenModel, Tile, hyper_tiles, latent_region, map_tiles,
-                            one_thread_per_operation, release_free_memory, tiles)
+from .models.frozen import (HYPER_HALO, PAD, TILE_LATENTS, FrozenModel, Tile, one_thread_per_operation,
+                            release_free_memory, tiles)
 from .models.integer_hyper import OUT_BITS
 
 # Per effort level (0: the one-pass encoder; `lcodec.api.MAX_EFFORT` is the last): the steps of
@@ -378,21 +378,7 @@ def _entropy_parameters(model: FrozenModel, z_int: torch.Tensor) -> tuple[torch.
     (1, LL_CHANNELS, h, w), the details' checked to be 0 tile by tile: no latent-sized means."""
     if model.context is None:
         return model.latent_entropy_parameters(z_int, _index_dtype(model))
-    block = context.LL_CHANNELS
-    zh, zw = z_int.shape[2], z_int.shape[3]
-    mean = torch.empty(1, block, 4 * zh, 4 * zw)
-    idx = np.empty((model.config.M, 4 * zh, 4 * zw), dtype=_index_dtype(model))
-
-    def place(tile: Tile, parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
-        rows, cols = latent_region(tile)
-        tile_mean, tile_idx = parameters
-        if torch.count_nonzero(tile_mean[:, block:]):
-            raise RuntimeError("a subband context needs the details' means to be 0")
-        mean[:, :, rows, cols], idx[:, rows, cols] = tile_mean[:, :block], tile_idx[0].numpy()
-
-    with one_thread_per_operation() as threads:
-        map_tiles(lambda tile: model.entropy_parameters(z_int, tile), place, hyper_tiles(z_int), threads)
-    return mean, idx
+    return model.context_entropy_parameters(z_int, _index_dtype(model))
 
 
 def _index_dtype(model: FrozenModel) -> np.dtype:

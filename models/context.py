@@ -269,11 +269,9 @@ class Passes:
         self.hyper_idx = hyper_idx
         self.mags: dict[tuple[int, int, int], np.ndarray] = {}
         self._symbols: tuple[tuple[int, int], np.ndarray] | None = None  # the current channel's parity 0
-        # Per level, the summed capped and expected magnitudes of its subbands completed so far
-        # (`cross`), per parity.
+        # Of the level being coded (or the LL block), the summed capped and expected magnitudes of
+        # its subbands (colours) completed so far (`cross`), per parity.
         self._cross: dict[int, list[np.ndarray]] = {}
-        # The LL block's summed capped and expected magnitudes of its colours completed so far.
-        self._ll_cross: list[np.ndarray] | None = None
         # The `parent` label of the channel being coded: the same array for both of its passes.
         self._parent_key: tuple[int, int] | None = None
         self._parent: np.ndarray | None = None
@@ -301,22 +299,22 @@ class Passes:
             same = ctx.label(a, e).reshape(-1)
         else:
             same = none
-        if level == LL_LEVEL:  # no parent; cross: the colours before, at the same position
-            sums = self._ll_cross
-            cross = ctx.label(sums[2 * parity], sums[2 * parity + 1]).reshape(-1) if k else none
-            return same, none, cross
-        if level < LEVELS:
-            if self._parent_key != (level, k):
-                self._parent_key, self._parent = (level, k), self._parent_label(level + 1, k)
-                del self.mags[level + 1, k, 0], self.mags[level + 1, k, 1]  # read by nothing else
-            parent = self._parent
+        if level == LL_LEVEL:  # no parent; cross: the colours coded before
+            parent, first = none, k == 0
         else:
-            parent = none
-        if ORDER.index(k):
+            first = ORDER.index(k) == 0
+            if level == LEVELS:
+                parent = none
+            else:
+                if self._parent_key != (level, k):
+                    self._parent_key, self._parent = (level, k), self._parent_label(level + 1, k)
+                    del self.mags[level + 1, k, 0], self.mags[level + 1, k, 1]  # read by nothing else
+                parent = self._parent
+        if first:
+            cross = none
+        else:
             sums = self._cross[level]
             cross = ctx.label(sums[2 * parity], sums[2 * parity + 1]).reshape(-1)
-        else:
-            cross = none
         return same, parent, cross
 
     def _parent_label(self, level: int, k: int) -> np.ndarray:
@@ -344,9 +342,7 @@ class Passes:
         sum of the four decoded neighbours in the band (each clipped to ±SYMBOL_CLIP, zero outside
         the band), rounded: floor((Σ w·s + 128) / 256); zeros for parity 0 and the LL block. `check` bounds Σ|w|
         so that the sum fits 32 bits."""
-        if p.level == LL_LEVEL:
-            return np.zeros(self.shape[p.level][0] * self.shape[p.level][1], dtype=np.int32)
-        w = [int(x) for x in self.ctx.weights[p.level - 1, p.channel]]
+        w = [] if p.level == LL_LEVEL else [int(x) for x in self.ctx.weights[p.level - 1, p.channel]]
         if p.parity == 0 or not any(w):
             return np.zeros(self.shape[p.level][0] * self.shape[p.level][1], dtype=np.int32)
         half = self._parity0(p).astype(np.int32)  # `_neighbours`, summed in place
@@ -370,22 +366,12 @@ class Passes:
         """Record the pass's symbols (in its coding order)."""
         clipped = np.clip(symbols, -SYMBOL_CLIP, SYMBOL_CLIP).astype(np.int16).reshape(self.shape[p.level])
         self.mags[p.level, p.channel, p.parity] = np.minimum(np.abs(clipped), MAGNITUDE_CAP).astype(np.uint8)
-        if p.level == LL_LEVEL:
-            if p.parity == 1:  # the colour is complete: it joins the cross sums of the colours after it
-                if self._ll_cross is None:
-                    self._ll_cross = [np.zeros(self.shape[p.level], dtype=np.int32) for _ in range(4)]
-                for parity in (0, 1):
-                    a, e = self._half(p.level, p.channel, parity)
-                    self._ll_cross[2 * parity] += a
-                    self._ll_cross[2 * parity + 1] += e.astype(np.int32)
-                    del self.mags[p.level, p.channel, parity]
-            return
         if p.parity == 0:  # kept for the channel's parity 1: its neighbours and prediction
             self._symbols = (p.level, p.channel), clipped
             return
         self._symbols = None
-        # The subband is complete: it joins the cross sums of the subbands after it (each below
-        # 2^31: at most 8 subbands of magnitudes below 2^24).
+        # The subband (LL colour) is complete: it joins the cross sums of those after it (each
+        # below 2^31: at most 8 subbands of magnitudes below 2^24).
         if p.level not in self._cross:
             self._cross = {p.level: [np.zeros(self.shape[p.level], dtype=np.int32) for _ in range(4)]}
         sums = self._cross[p.level]
@@ -393,7 +379,7 @@ class Passes:
             a, e = self._half(p.level, p.channel, parity)
             sums[2 * parity] += a
             sums[2 * parity + 1] += e.astype(np.int32)
-        if p.level == 1:  # nothing is a child of level 1
+        if p.level in (1, LL_LEVEL):  # nothing is a child of level 1 or of the LL block
             del self.mags[p.level, p.channel, 0], self.mags[p.level, p.channel, 1]
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..bitstream.tables import CdfTables
 from ..errors import ModelMismatchError, ModelNotFrozenError
-from .context import SubbandContext
+from .context import LL_CHANNELS, SubbandContext
 from .integer_hyper import OUT_BITS, ApproximateHyperSynthesis, IntegerHyperSynthesis, table_index
 from .lifting import (LATENT_CHANNELS, LEVEL_REACH, WAVELET_LEVELS, InverseLifting, LiftingTransform, coarse_dwt,
                       reduced_channels)
@@ -352,6 +352,29 @@ class FrozenModel:
             mean[:, :, rows, cols], idx[:, rows, cols] = parameters[0], parameters[1][0].numpy()
 
         map_tiles(one_tile, place, hyper_tiles(z_int), workers)
+        return mean, idx
+
+    def context_entropy_parameters(self, z_int: torch.Tensor, index_dtype: np.dtype, exact: bool = True
+                                   ) -> tuple[torch.Tensor, np.ndarray]:
+        """For a model with a subband context, whose details' means are 0: the LL block's means
+        (1, LL_CHANNELS, H, W) float32 and all of y's table indices (M, H, W) as `index_dtype`,
+        tiles side by side with one thread per operation as `latent_entropy_parameters` (the same
+        values; `exact=False`: `approximate_entropy_parameters`, for estimates). Raises
+        RuntimeError where a detail's mean is not 0. No latent-sized means."""
+        params = self.entropy_parameters if exact else self.approximate_entropy_parameters
+        block, zh, zw = LL_CHANNELS, z_int.shape[2], z_int.shape[3]
+        mean = torch.empty(1, block, 4 * zh, 4 * zw)
+        idx = np.empty((self.config.M, 4 * zh, 4 * zw), dtype=index_dtype)
+
+        def place(tile: Tile, parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
+            rows, cols = latent_region(tile)
+            tile_mean, tile_idx = parameters
+            if torch.count_nonzero(tile_mean[:, block:]):
+                raise RuntimeError("a subband context needs the details' means to be 0")
+            mean[:, :, rows, cols], idx[:, rows, cols] = tile_mean[:, :block], tile_idx[0].numpy()
+
+        with one_thread_per_operation() as threads:
+            map_tiles(lambda tile: params(z_int, tile), place, hyper_tiles(z_int), threads)
         return mean, idx
 
     def _hyper_synthesis_for(self, channels: int | None) -> IntegerHyperSynthesis:
