@@ -35,6 +35,14 @@ def smooth_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
+def kodak_photo(name: str, h: int, w: int, stand_in=smooth_rgb) -> np.ndarray:
+    """The top-left h x w crop of a Kodak image, or `stand_in(h, w)` where ../shared is absent."""
+    path = KODAK / name
+    if not path.exists():
+        return stand_in(h, w)
+    return np.array(Image.open(path).convert("RGB"))[:h, :w]
+
+
 def save(path: Path, image: Image.Image | np.ndarray, **params) -> Path:
     """Write `image` (format by suffix) and return the path."""
     if isinstance(image, np.ndarray):

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import lcodec.models
-from conftest import smooth_rgb
+from conftest import kodak_photo
 from lcodec import engine, ratecontrol
 from lcodec.bitstream import container
 from lcodec.errors import ModelMismatchError, RateError
@@ -201,15 +200,9 @@ def test_one_pass_rates_rise_with_the_rate_parameter():
     assert sizes[0] < sizes[1] < sizes[2]
 
 
-KODAK = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kodak"
-
-
 def _photo(name: str, h: int, w: int) -> np.ndarray:
     """A crop of a Kodak image, or the synthetic stand-in where ../shared is absent."""
-    path = KODAK / name
-    if not path.exists():
-        return _natural(h, w)
-    return np.array(Image.open(path).convert("RGB"))[:h, :w]
+    return kodak_photo(name, h, w, _natural)
 
 
 @pytest.mark.parametrize("name,bpp", [("kodim23.png", 0.12), ("kodim05.png", 0.25), ("kodim23.png", 0.5),

@@ -1,25 +1,13 @@
 """What rate control costs: a few estimates, one real encode's symbols (reused by the file), and
 on a large image estimates on a sample of the latent -- with the same guarantees on the file."""
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import smooth_rgb
+from conftest import kodak_photo
 from lcodec import engine
 
-KODAK = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kodak"
-
-
-def _photo(name: str, h: int, w: int) -> np.ndarray:
-    """A crop of a Kodak image, or a smooth synthetic stand-in where ../shared is absent."""
-    path = KODAK / name
-    if not path.exists():
-        return smooth_rgb(h, w)
-    return np.array(Image.open(path).convert("RGB"))[:h, :w]
+_photo = kodak_photo  # a Kodak crop, or a smooth synthetic stand-in where ../shared is absent
 
 
 @pytest.fixture
