@@ -31,7 +31,7 @@ from .bitstream.tables import ESCAPE_MAX_BITS
 from .errors import CorruptFileError, ModelMismatchError, RateError, UnsupportedImageError
 from .models import context
 from .models.frozen import (PAD, FrozenModel, box_reduce, hyper_tiles, latent_region, one_thread_per_operation,
-                            release_free_memory, to_pixels)
+                            release_free_memory, to_pixels, worker_threads)
 from .models.lifting import reduced_channels
 from .models.registry import CHOICE_MODEL_IDS, DEFAULT_MODEL_ID, MODELS, sha256_file
 
@@ -285,6 +285,7 @@ class Encoder:
         ll_mean, idx = self.model.context_entropy_parameters(z, _table_index_dtype(self.model), exact)
         ll = (self.y[:, :block] * gain[:, :block] - ll_mean)[0].numpy()
         del ll_mean
+        self._release_free_memory()  # h_s's tiles' temporaries, before the passes' own
         sym, bits = rounding.round_in_passes(self.model, self.y[0].numpy(), idx, gain=gain.numpy().ravel(), ll=ll,
                                              q=rq / RATE_SCALE, compact=True)
         return sym, bits, idx
@@ -356,7 +357,7 @@ def latent_items(model: FrozenModel, sym: np.ndarray, idx: np.ndarray, shape: tu
     if model.context is None:
         yield sym, idx, model.y_tables
         return
-    for _, s, t in context.pass_items(model.context, sym.reshape(shape), idx.reshape(shape)):
+    for _, s, t in context.pass_items(model.context, sym.reshape(shape), idx.reshape(shape), worker_threads()):
         yield s, t, model.y_tables
 
 

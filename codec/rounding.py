@@ -30,7 +30,7 @@ import torch
 
 from .bitstream.tables import ESCAPE_MAX_BITS
 from .models import context
-from .models.frozen import FrozenModel
+from .models.frozen import FrozenModel, worker_threads
 
 # λ per model architecture (`ModelConfig.arch`) as (q, λ) knots, linear between them and held beyond
 # the ends; absent: plain rounding. For the lifting models 0.06 (measured on Kodak); with a subband
@@ -72,10 +72,40 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
     block (3, h, w): a detail's mean is 0, so its residual is v · gain, computed one pass at a
     time (the float32 product the whole-latent `y * gain` makes), without a residual array as
     big as the latent. With `compact`, the symbols are int16 where every one fits in ±32767 (half
-    the memory of a large picture's), else int32."""
-    tables = model.y_tables
+    the memory of a large picture's), else int32.
+
+    A tall latent is rounded in `context.row_parts`, as many side by side as `worker_threads`:
+    the same symbols as in one part (each part keeps only rows its halo makes exact), the bits
+    summed part by part."""
     lam = rdo_lambda(model, q) if lam is None else lam
+    ll = v[:context.LL_CHANNELS] if gain is None else ll
+    parts = context.row_parts(v.shape[1])
+    for dtype in (np.int16, np.int32) if compact else (np.int32,):
+        sym = np.empty(v.shape, dtype=dtype)
+        try:
+            bits = context.map_parts(
+                lambda part: _round_part(model, v[:, part.read], idx[:, part.read], ll[:, part.read], gain, lam,
+                                         part, sym[:, part.rows]),
+                parts, worker_threads())
+        except _Wide:  # a symbol beyond ±32767: int32 for all
+            continue
+        return sym, float(sum(bits))
+    raise AssertionError("int32 holds every symbol")
+
+
+class _Wide(Exception):
+    """A symbol does not fit the int16 symbols being made."""
+
+
+def _round_part(model: FrozenModel, v: np.ndarray, idx: np.ndarray, ll: np.ndarray, gain: np.ndarray | None,
+                lam: float | None, part: context.Part, out: np.ndarray) -> float:
+    """`round_in_passes` on the latent rows `part.read` (v, idx and ll are those rows): the symbols
+    of the rows the part keeps go to `out` (those rows of the symbols; int16 or int32: `_Wide`
+    where one does not fit), and their code length in bits is returned."""
+    tables = model.y_tables
     bits_np = _bits_numpy(model)
+    width = v.shape[2]
+    keep = part.keep
 
     def rounded(values: np.ndarray, t: np.ndarray) -> np.ndarray:
         values, t = values.ravel(), t.ravel()
@@ -89,36 +119,30 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
             k[nonzero] = np.where(j1 < j0, k1, k0)
         return k.astype(np.int32)
 
+    def check(s: np.ndarray) -> np.ndarray:
+        if out.dtype == np.int16 and s.size and (s.min() < -32767 or s.max() > 32767):
+            raise _Wide
+        return s
+
     block = slice(0, context.LL_CHANNELS)
-    ll = v[block] if gain is None else ll
-    sym = np.empty(v.shape, dtype=np.int16 if compact else np.int32)
-
-    def widened_for(s: np.ndarray) -> np.ndarray:
-        """`sym`, as int32 once a symbol does not fit its int16."""
-        if sym.dtype == np.int16 and s.size and (s.min() < -32767 or s.max() > 32767):
-            return sym.astype(np.int32)
-        return sym
-
     bits = 0.0
     if model.context.ll_remap is None:  # the LL block is one item under its hyper indices
-        s = rounded(ll, idx[block])
-        sym = widened_for(s)
-        sym[block] = s.reshape(sym[block].shape)
-        bits = tables.cost_bits(s, idx[block].ravel())
+        s = rounded(ll, idx[block]).reshape(ll.shape)[:, keep]
+        out[block] = check(s)
+        bits = tables.cost_bits(s.ravel(), idx[block, keep].ravel())
 
     def choose(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
-        nonlocal sym
         if p.level == context.LL_LEVEL:
             s = rounded(context.pass_values(ll, p), t)
         else:  # rounded about the prediction μ (an integer): the RDO's neighbour is towards μ
             s = rounded(context.pass_values(v, p, gain) - mu.astype(np.float32), t) + mu
-        sym = widened_for(s)
-        context.put_pass(sym, p, s)
+        context.put_pass(out, p, check(s[context.kept(p, part, width)]))
         return s
 
-    for _, coded, t in context.code_passes(model.context, idx, choose):
-        bits += tables.cost_bits(coded, t)
-    return sym, bits
+    for p, coded, t in context.code_passes(model.context, idx, choose):
+        k = context.kept(p, part, width)
+        bits += tables.cost_bits(coded[k], t[k])
+    return bits
 
 
 def rdo_round(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel, lam: float) -> torch.Tensor:

@@ -39,6 +39,7 @@ codes exactly the hyperprior's bits.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,65 @@ def passes(ctx: "SubbandContext") -> tuple[Pass, ...]:
     """The passes of a context's stream in coding order: the LL block's if it has an `ll_remap`,
     then the details'."""
     return (LL_PASSES if ctx.ll_remap is not None else ()) + PASSES
+
+
+# A tall latent's passes are worked through in parts of its rows (`row_parts`), side by side.
+PART_ROWS = 96  # latent rows: parts of at most about this many rows ...
+PART_MIN_ROWS = 64  # ... for a latent of at least this many rows (a shorter one is one part) ...
+PART_HALO = 8  # ... each computed with this many rows more on either side (even)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Latent rows `read` of a tall latent, computed on alone; of them it gives the rows `keep`
+    (relative to read.start), which are `rows` of the latent."""
+
+    read: slice
+    keep: slice
+    rows: slice
+
+
+def row_parts(h: int) -> list[Part]:
+    """The parts of an h-row latent (h even) that its passes are worked through in: an even
+    number of equal runs of even rows (at most about `PART_ROWS` each), each read with
+    `PART_HALO` rows more on either side (clipped at the edges); one part of everything for a
+    latent of fewer than `PART_MIN_ROWS` rows. They depend on h only.
+
+    A part gives the same table indices and predictions (and so, for the encoder, the same
+    symbol choices) in the rows it keeps as the whole latent does: a pass at latent row i
+    depends only on the passes before it within fewer than 4 rows of i (each level's
+    `same` neighbours and prediction reach one row of its band, its `parent` one row of the
+    parent band, whose own reach adds up over the coarser levels to less than 4 latent rows;
+    `cross` is at the same position), so within PART_HALO rows of a part's edge its missing
+    rows change nothing that is kept. Every boundary is at an even row: the checkerboard's
+    parity at LL_LEVEL and level 4, one band row per latent row, is that of the row."""
+    if h < PART_MIN_ROWS:
+        return [Part(slice(0, h), slice(0, h), slice(0, h))]
+    count = 2 * -(-h // (2 * PART_ROWS))
+    rows = 2 * -(-h // (2 * count))
+    parts = []
+    for top in range(0, h, rows):
+        bottom = min(top + rows, h)
+        read = slice(max(top - PART_HALO, 0), min(bottom + PART_HALO, h))
+        parts.append(Part(read, slice(top - read.start, bottom - read.start), slice(top, bottom)))
+    return parts
+
+
+def kept(p: Pass, part: Part, width: int) -> slice:
+    """The positions, in a pass's coding order over the part's rows (of a latent `width` wide),
+    of the rows the part keeps: whole band rows, r per latent row."""
+    r = 1 if p.level == LL_LEVEL else 2**(LEVELS - p.level)
+    per_row = r * (width * r // 2)
+    return slice(part.keep.start * per_row, part.keep.stop * per_row)
+
+
+def map_parts(fn: Callable, items: list, workers: int) -> list:
+    """[fn(item) for item in items] (one per part), up to `workers` at once in threads (numpy's
+    array work releases the GIL)."""
+    if workers <= 1 or len(items) == 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def coarse_passes(ctx: "SubbandContext", stop: int) -> int:
@@ -428,14 +488,32 @@ def put_pass(y: np.ndarray, p: Pass, values: np.ndarray) -> None:
         rows[...] = values[:, b].transpose(2, 0, 1)
 
 
-def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray
+def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray, workers: int = 1
                ) -> Iterator[tuple[Pass | None, np.ndarray, np.ndarray]]:
     """The y items of a context-coded latent with known symbols, in coding order: (pass,
     coded values, table indices), the LL block first (pass None, its symbols and hyper
-    indices; or its passes, with an `ll_remap`). symbols and hyper_idx are (M, h, w); one band plane is copied out at a time."""
+    indices; or its passes, with an `ll_remap`). symbols and hyper_idx are (M, h, w); one band
+    plane is copied out at a time. With `workers` > 1, a tall latent's passes are computed in
+    `row_parts` side by side, each pass's parts joined in coding order (the same items), and
+    the next pass is computed while the caller takes this one."""
     if ctx.ll_remap is None:
         yield None, symbols[:LL_CHANNELS].ravel(), hyper_idx[:LL_CHANNELS].ravel()
-    yield from code_passes(ctx, hyper_idx, lambda p, t, mu: pass_values(symbols, p))
+    parts = row_parts(symbols.shape[1]) if workers > 1 else [Part(*(slice(0, symbols.shape[1]),) * 3)]
+    streams = [code_passes(ctx, hyper_idx[:, part.read], lambda p, t, mu, s=symbols[:, part.read]: pass_values(s, p))
+               for part in parts]
+    if workers <= 1:
+        yield from streams[0]
+        return
+    width, order = symbols.shape[2], passes(ctx)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [pool.submit(next, stream) for stream in streams]
+        for i, p in enumerate(order):
+            got = [future.result() for future in pending]
+            if i + 1 < len(order):
+                pending = [pool.submit(next, stream) for stream in streams]
+            where = [kept(p, part, width) for part in parts]
+            yield (p, np.concatenate([coded[k] for (_, coded, _), k in zip(got, where)]),
+                   np.concatenate([t[k] for (_, _, t), k in zip(got, where)]))
 
 
 def coded_indices(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -169,6 +169,12 @@ def one_thread_per_operation():
             _threads_outside = None
 
 
+def worker_threads() -> int:
+    """How many threads work side by side on tiles or parts: torch's thread count, or inside
+    `one_thread_per_operation` the count from before it."""
+    return torch.get_num_threads() if _threads_outside is None else _threads_outside
+
+
 def release_free_memory() -> None:
     """Give the pages that glibc's malloc holds free back to the system (`malloc_trim`; nothing
     elsewhere). A tile's temporaries are below malloc's mmap threshold, so their pages stay in

@@ -178,6 +178,24 @@ def test_pass_items_cover_every_symbol_once_in_order(random_context):
     assert levels == sorted(levels, reverse=True)  # coarse to fine
 
 
+@pytest.mark.parametrize("with_ll", [False, True])
+def test_a_tall_latent_s_items_are_the_same_in_row_parts(random_context, ll_context, with_ll):
+    """With workers, `pass_items` computes a tall latent's passes in `row_parts` side by side and
+    joins them: the same items, in the same order, as in one part."""
+    ctx = ll_context if with_ll else random_context
+    rng = np.random.default_rng(11)
+    h = 2 * context.PART_MIN_ROWS + 8
+    symbols, hyper = random_latent(rng, len(ctx.magnitude), h=h, w=8)
+    assert len(context.row_parts(h)) == 2
+    whole = list(context.pass_items(ctx, symbols, hyper))
+    parts = list(context.pass_items(ctx, symbols, hyper, workers=2))
+    assert len(parts) == len(whole)
+    for (p, s, t), (q, s2, t2) in zip(whole, parts):
+        assert p == q
+        np.testing.assert_array_equal(s, s2)
+        np.testing.assert_array_equal(t, t2)
+
+
 def test_identity_context_codes_the_hyperprior_s_bits(random_context):
     rng = np.random.default_rng(8)
     symbols, hyper = random_latent(rng, len(random_context.magnitude))

@@ -4,10 +4,12 @@ where they cost little error, and rate control spends the saved bits on a finer 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lcodec import engine, rounding
 from lcodec.bitstream import container
+from lcodec.models import context
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -80,3 +82,22 @@ def test_compact_symbols_are_the_same_values_in_half_the_bytes_or_widened():
         assert compact.dtype == (np.int32 if big else np.int16) and wide.dtype == np.int32
         np.testing.assert_array_equal(compact, wide)
         assert compact_bits == bits
+
+
+def test_a_tall_latent_rounds_in_row_parts_to_the_same_symbols(monkeypatch):
+    """`round_in_passes` on a latent of several `context.row_parts` gives the symbols and (to the
+    summation's rounding) the code length of one part: each part keeps only rows that its halo
+    makes exact."""
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
+    rng = np.random.default_rng(1)
+    h, w = 2 * context.PART_MIN_ROWS + 8, 8
+    scale = rng.choice([0.3, 1.0, 4.0], size=(model.config.M, 1, 1)) * rng.uniform(0.2, 3, size=(1, h, 1))
+    v = (rng.laplace(size=(model.config.M, h, w)) * scale).astype(np.float32)
+    idx = rng.integers(10, 60, v.shape).astype(np.uint8)
+    assert len(context.row_parts(h)) == 2
+    parts, parts_bits = rounding.round_in_passes(model, v, idx, q=6.0, compact=True)
+    monkeypatch.setattr(context, "PART_MIN_ROWS", h + 1)
+    assert len(context.row_parts(h)) == 1
+    whole, bits = rounding.round_in_passes(model, v, idx, q=6.0, compact=True)
+    np.testing.assert_array_equal(parts, whole)
+    assert parts_bits == pytest.approx(bits, rel=1e-12)
