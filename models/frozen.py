@@ -238,6 +238,8 @@ class FrozenModel:
         self.context = SubbandContext.from_state(state["context"]) if "context" in state else None
         if self.context is not None and len(self.context.magnitude) != self.y_tables.num_tables:
             raise ModelNotFrozenError(f"{path}: its subband context does not match its y tables")
+        if self.context is not None and not self.hyper_synthesis.zero_means_from(LL_CHANNELS):
+            raise ModelNotFrozenError(f"{path}: a subband context needs the details' means to be 0")
         self.info = state.get("info", {})
 
     @property
@@ -321,17 +323,18 @@ class FrozenModel:
             map_tiles(compute, place, bands, threads)
         return z
 
-    def entropy_parameters(self, z_int: torch.Tensor, tile: Tile, channels: int | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def entropy_parameters(self, z_int: torch.Tensor, tile: Tile, channels: int | None = None,
+                           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """From ẑ alone, for the latents of one h_s tile (`hyper_tiles`, `latent_region`): their
         mean (float32) and y table index (int32), each (1, M, rows, columns), or with `channels`
-        only those of y's first `channels` channels. Exact: both sides compute the same values
+        only those of y's first `channels` channels; with `out`, written there instead
+        (`IntegerHyperSynthesis.entropy_parameters`). Exact: both sides compute the same values
         bit for bit, and a channel's values do not depend on which others are computed."""
         top, left = tile.rows.start - tile.read_rows.start, tile.cols.start - tile.read_cols.start
         return self._hyper_synthesis_for(channels).entropy_parameters(
             z_int[:, :, tile.read_rows, tile.read_cols], self.scale_thresholds,
             slice(4 * top, 4 * (top + tile.rows.stop - tile.rows.start)),
-            slice(4 * left, 4 * (left + tile.cols.stop - tile.cols.start)))
+            slice(4 * left, 4 * (left + tile.cols.stop - tile.cols.start)), out=out)
 
     def latent_entropy_parameters(self, z_int: torch.Tensor, index_dtype: np.dtype, channels: int | None = None,
                                   workers: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
@@ -348,39 +351,34 @@ class FrozenModel:
         M, zh, zw = channels or self.config.M, z_int.shape[2], z_int.shape[3]
         mean = torch.empty(1, M, zh * 4, zw * 4)
         idx = np.empty((M, zh * 4, zw * 4), dtype=index_dtype)
+        index = torch.from_numpy(idx)[None]
 
-        def one_tile(tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
-            return (self.entropy_parameters(z_int, tile) if channels is None
-                    else self.entropy_parameters(z_int, tile, channels))
-
-        def place(tile: Tile, parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
+        def one_tile(tile: Tile) -> None:
             rows, cols = latent_region(tile)
-            mean[:, :, rows, cols], idx[:, rows, cols] = parameters[0], parameters[1][0].numpy()
+            self.entropy_parameters(z_int, tile, channels, out=(mean[:, :, rows, cols], index[:, :, rows, cols]))
 
-        map_tiles(one_tile, place, hyper_tiles(z_int), workers)
+        map_tiles(one_tile, lambda tile, _: None, hyper_tiles(z_int), workers)
         return mean, idx
 
     def context_entropy_parameters(self, z_int: torch.Tensor, index_dtype: np.dtype, exact: bool = True
                                    ) -> tuple[torch.Tensor, np.ndarray]:
-        """For a model with a subband context, whose details' means are 0: the LL block's means
-        (1, LL_CHANNELS, H, W) float32 and all of y's table indices (M, H, W) as `index_dtype`,
-        tiles side by side with one thread per operation as `latent_entropy_parameters` (the same
-        values; `exact=False`: `approximate_entropy_parameters`, for estimates). Raises
-        RuntimeError where a detail's mean is not 0. No latent-sized means."""
+        """For a model with a subband context, whose details' means are 0 (checked when it is
+        loaded): the LL block's means (1, LL_CHANNELS, H, W) float32 and all of y's table indices
+        (M, H, W) as `index_dtype`, tiles side by side with one thread per operation as
+        `latent_entropy_parameters` (the same values; `exact=False`:
+        `approximate_entropy_parameters`, for estimates). No latent-sized means."""
         params = self.entropy_parameters if exact else self.approximate_entropy_parameters
         block, zh, zw = LL_CHANNELS, z_int.shape[2], z_int.shape[3]
         mean = torch.empty(1, block, 4 * zh, 4 * zw)
         idx = np.empty((self.config.M, 4 * zh, 4 * zw), dtype=index_dtype)
+        index = torch.from_numpy(idx)[None]
 
-        def place(tile: Tile, parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
+        def one_tile(tile: Tile) -> None:
             rows, cols = latent_region(tile)
-            tile_mean, tile_idx = parameters
-            if torch.count_nonzero(tile_mean[:, block:]):
-                raise RuntimeError("a subband context needs the details' means to be 0")
-            mean[:, :, rows, cols], idx[:, rows, cols] = tile_mean[:, :block], tile_idx[0].numpy()
+            params(z_int, tile, out=(mean[:, :, rows, cols], index[:, :, rows, cols]))
 
         with one_thread_per_operation() as threads:
-            map_tiles(lambda tile: params(z_int, tile), place, hyper_tiles(z_int), threads)
+            map_tiles(one_tile, lambda tile, _: None, hyper_tiles(z_int), threads)
         return mean, idx
 
     def _hyper_synthesis_for(self, channels: int | None) -> IntegerHyperSynthesis:
@@ -403,11 +401,18 @@ class FrozenModel:
         return self._partial_hyper[channels]
 
     @torch.no_grad()
-    def approximate_entropy_parameters(self, z_int: torch.Tensor, tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
+    def approximate_entropy_parameters(self, z_int: torch.Tensor, tile: Tile,
+                                       out: tuple[torch.Tensor, torch.Tensor] | None = None
+                                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `entropy_parameters`, in float32: for the rate search's estimates only."""
         mean_fixed, scale_fixed = _hyper_tile(self.approximate_hyper_synthesis, z_int, tile).chunk(2, dim=1)  # OUT_BITS fractional bits
         scale_int = torch.floor(scale_fixed.double()).to(torch.int64)
-        return mean_fixed / 2**OUT_BITS, table_index(scale_int, self.scale_thresholds)
+        mean, index = mean_fixed / 2**OUT_BITS, table_index(scale_int, self.scale_thresholds)
+        if out is None:
+            return mean, index
+        out[0].copy_(mean[:, :out[0].shape[1]])
+        out[1].copy_(index)
+        return out
 
     def draw(self, y: torch.Tensor, q: float) -> torch.Tensor:
         """g_s of ŷ after the inverse gain, unclamped: the synthesis transform, then, where the model

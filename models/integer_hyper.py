@@ -173,7 +173,8 @@ class IntegerHyperSynthesis:
         return a.to(torch.int64)
 
     def entropy_parameters(self, z_int: torch.Tensor, thresholds: torch.Tensor, rows: slice, cols: slice,
-                           chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                           chunk: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """`self(z_int)` at output `rows` and `cols` only, as the codec uses it: the means
         mean_int / 2^OUT_BITS as float32 and the table indices `table_index(scale_int, thresholds)`
         as int32, each (B, M, rows, cols). The same integers as `self(z_int)` (exact in any order:
@@ -181,18 +182,28 @@ class IntegerHyperSynthesis:
         (the lifting models'), the layer before it runs on `HIDDEN_ROWS` output rows of the
         cropped region at a time from the inputs that reach them (`_layer_region`), and the last
         layer on `chunk` of those rows at a time; no activation of the whole tile at the widest
-        layer is made (150-200 MB in float64 for an h_s tile of model 12)."""
+        layer is made (150-200 MB in float64 for an h_s tile of model 12).
+
+        With `out` (means (B, k, rows, cols) float32 of the first k <= M channels, table indices
+        (B, M, rows, cols) of an integer type that holds them, e.g. views of whole-latent
+        buffers), they are written there, chunk by chunk, and `out` is returned."""
         a = self._input(z_int)
         for layer in self.layers[:-2 if self._pointwise else None]:
             a = self._layer(layer, a)
         if not self._pointwise:
             a = a[:, :, rows, cols]
             mean_int, scale_int = a.to(torch.int64).chunk(2, dim=1)
-            return mean_int.double().div_(2**OUT_BITS).float(), table_index(scale_int, thresholds)
+            mean, index = mean_int.double().div_(2**OUT_BITS).float(), table_index(scale_int, thresholds)
+            if out is None:
+                return mean, index
+            out[0].copy_(mean[:, :out[0].shape[1]])
+            out[1].copy_(index)
+            return out
         B = a.shape[0]
         h, w = len(range(rows.start, rows.stop)), len(range(cols.start, cols.stop))
         M = self.outputs // 2
-        mean, index = torch.empty(B, M, h, w), torch.empty(B, M, h, w, dtype=torch.int32)
+        mean, index = out if out is not None else (torch.empty(B, M, h, w), torch.empty(B, M, h, w, dtype=torch.int32))
+        means = mean.shape[1]
         values = self._constant[:, None].expand(-1, chunk * w).clone()  # (2M, positions) of one chunk
         for first in range(0, h, HIDDEN_ROWS):
             part = slice(rows.start + first, rows.start + min(first + HIDDEN_ROWS, h))
@@ -202,10 +213,20 @@ class IntegerHyperSynthesis:
                     n = min(chunk, hidden.shape[2] - top) * w
                     acc = torch.addmm(self._bias, self._weight, hidden[b, :, top:top + chunk].flatten(1))
                     values[self._computed, :n] = acc.mul_(self._scale).floor_()
-                    out = slice(first + top, first + top + n // w)
-                    mean[b, :, out] = values[:M, :n].div(2**OUT_BITS).view(M, -1, w)
-                    index[b, :, out] = table_index(values[M:, :n].to(torch.int64), thresholds).view(M, -1, w)
+                    done = slice(first + top, first + top + n // w)
+                    mean[b, :, done] = values[:means, :n].div(2**OUT_BITS).view(means, -1, w)
+                    index[b, :, done] = table_index(values[M:, :n].to(torch.int64), thresholds).view(M, -1, w)
         return mean, index
+
+    def zero_means_from(self, channel: int) -> bool:
+        """Whether the means of every channel from `channel` on are 0 whatever ẑ is: a pointwise
+        last layer whose weights for them are all 0 and whose bias floors to 0 (a lifting
+        model's details)."""
+        if not self._pointwise:
+            return False
+        M = self.outputs // 2
+        computed = (self._computed >= channel) & (self._computed < M)
+        return bool((self._constant[channel:M] == 0).all()) and not bool(computed.any())
 
 
 HIDDEN_ROWS = 32  # output rows of h_s's widest layer computed at a time (`entropy_parameters`)

@@ -274,9 +274,10 @@ def test_context_indices_ignore_threads_and_float_noise(context_weights, sample_
         decoded.append(engine.decode_latent(data, weights=context_weights)[2].clone())
     real = context_weights.model.__class__.entropy_parameters
 
-    def noisy(self, z_int, tile):
-        mean, idx = real(self, z_int, tile)
-        return mean + 1e-4, idx
+    def noisy(self, z_int, tile, channels=None, out=None):
+        mean, idx = real(self, z_int, tile, channels, out=out)
+        mean.add_(1e-4)
+        return mean, idx
 
     monkeypatch.setattr(context_weights.model.__class__, "entropy_parameters", noisy)
     perturbed = engine.decode_latent(data, weights=context_weights)[2]
@@ -295,3 +296,10 @@ def test_a_pass_is_its_band_s_checkerboard_half():
     for p in PASSES:
         context.put_pass(passed, p, context.pass_values(y, p))
     np.testing.assert_array_equal(passed, y)
+
+
+def test_a_context_model_s_detail_means_are_zero_whatever_z_is():
+    """Checked when a context model is loaded, so that h_s need not compute the details' means."""
+    synthesis = engine.load_model(engine.DEFAULT_MODEL_ID).hyper_synthesis
+    assert synthesis.zero_means_from(context.LL_CHANNELS)
+    assert not synthesis.zero_means_from(0)  # the LL block's are computed

@@ -159,9 +159,10 @@ def test_decoding_survives_perturbed_hyper_synthesis_means(monkeypatch):
     original = model.entropy_parameters
     sign = {"v": 1.0}
 
-    def perturbed(z, tile):
-        mean, idx = original(z, tile)
-        return mean * (1 + sign["v"] * 1e-6), idx
+    def perturbed(z, tile, channels=None, out=None):
+        mean, idx = original(z, tile, channels, out=out)
+        mean.mul_(1 + sign["v"] * 1e-6)
+        return mean, idx
 
     monkeypatch.setattr(model, "entropy_parameters", perturbed)
     for s in (1.0, -1.0):
