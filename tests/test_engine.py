@@ -17,7 +17,7 @@ from conftest import kodak_photo
 from lcodec import engine, ratecontrol
 from lcodec.bitstream import container
 from lcodec.errors import ModelMismatchError, RateError
-from lcodec.models.integer_hyper import ACT_BITS, IntegerHyperSynthesis, scale_thresholds, table_index
+from lcodec.models.integer_hyper import ACT_BITS, scale_thresholds, table_index
 from lcodec.models.registry import MODELS
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
