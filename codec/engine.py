@@ -196,21 +196,35 @@ class Encoder:
     h_s runs tile by tile (`frozen.hyper_tiles`), tiles side by side. Without a context a probe
     holds no more than one tile's means, indices and symbols; with one, every size needs the
     whole latent's table indices (`_table_index_dtype`) and symbols (int32), which the coder
-    takes, and the LL block's residuals: a detail's residual is made pass by pass from y."""
+    takes, and the LL block's residuals: a detail's residual is made pass by pass from y. A
+    picture large enough to be estimated on a sample lets go of its latent while the coder
+    runs (`payload`); whatever needs it later makes it again."""
 
     def __init__(self, model: FrozenModel, pixels: np.ndarray, mode: str, *, tile_latents: int | None = None):
         self.model, self.mode = model, mode
         self.height, self.width = pixels.shape[:2]
-        self._set_latent(model.analyze(_to_tensor(pixels, mode), **_tiles(tile_latents)))
+        self._pixels, self._tile_latents = pixels, tile_latents
+        self._set_latent(self._analyzed())
         # A large image's estimates are made on a sample of its latents (see `sample_latent`).
         sample = sample_latent(self.y)
         self._sample = None if sample is None else (self._of_latent(sample[0]), sample[1])
         self._kept: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None  # `measure_bytes`'s symbols
 
+    def _analyzed(self) -> torch.Tensor:
+        return self.model.analyze(_to_tensor(self._pixels, self.mode), **_tiles(self._tile_latents))
+
     def _set_latent(self, y: torch.Tensor) -> None:
-        self.y = y
+        self._y, self.shape = y, tuple(y.shape[1:])
         zh, zw = y.shape[2] // 4, y.shape[3] // 4
         self.z_index = np.repeat(np.arange(self.model.config.N), zh * zw)
+
+    @property
+    def y(self) -> torch.Tensor:
+        """g_a's latent (1, M, h, w), before the gain: made again (g_a, the same values) if a large
+        picture's `payload` let it go."""
+        if self._y is None:
+            self._y = self._analyzed()
+        return self._y
 
     def _of_latent(self, y: torch.Tensor) -> Encoder:
         """An encoder of the latent y (a sample of this one's), for estimates only."""
@@ -330,7 +344,9 @@ class Encoder:
         else:
             z, _, idx = self._symbols(rq, refined.z)
             sym = refined.symbols
-        items = latent_items(self.model, sym, idx, tuple(self.y.shape[1:]))
+        if self._sample is not None:  # a large picture's latent is not needed while the coder runs
+            self._y = None
+        items = latent_items(self.model, sym, idx, self.shape)
         return range_coder.encode(itertools.chain([(z, self.z_index, self.model.z_tables)], items))
 
     def file(self, rq: int, model_id: int, digest4: bytes, refined: refine.Refined | None = None) -> bytes:

@@ -58,7 +58,7 @@ FINEST_HALO = 2  # latents of context of g_s's finest level with the post-filter
 POSTFILTER_CONTEXT = 16  # ... of which the post-filter reads this many pixels (its reach is 8)
 HYPER_TILE = 32  # h_s runs on tiles of 32x32 hyper-latents (2048x2048 pixels) ...
 HYPER_HALO = 3  # ... with 3 of context: a hyper-latent reaches 2 of them (measured), so tiling is exact
-HYPER_ANALYSIS_ROWS = 96  # h_a runs on an even number of bands of at most this many latent rows ...
+HYPER_ANALYSIS_POSITIONS = 96 * 256  # h_a runs on an even number of bands of at most this many latents ...
 HYPER_ANALYSIS_HALO = 8  # ... each read with 8 rows of y above and below: a row of ẑ reaches 7 either side
 
 
@@ -636,10 +636,12 @@ def hyper_tiles(z: torch.Tensor) -> list[Tile]:
 
 def hyper_analysis_bands(h: int, w: int) -> list[Tile]:
     """The bands of rows of an h x w latent (h a multiple of 4) that h_a runs on: an even number
-    of equal bands of at most `HYPER_ANALYSIS_ROWS` rows (a multiple of 4, the last one shorter),
-    each read with `HYPER_ANALYSIS_HALO` rows of context (clipped at the edges), whole rows. They
-    depend on the latent's size only, not on the thread count."""
-    count = 2 * -(-h // (2 * HYPER_ANALYSIS_ROWS))
+    of equal bands of at most `HYPER_ANALYSIS_POSITIONS` latents (a multiple of 4 rows, at least
+    4; the last band shorter: a band's gained input alone is 4·M bytes a latent), each read with
+    `HYPER_ANALYSIS_HALO` rows of context (clipped at the edges), whole rows. They depend on the
+    latent's size only, not on the thread count."""
+    most = max(4, 4 * (HYPER_ANALYSIS_POSITIONS // (4 * w)))
+    count = 2 * -(-h // (2 * most))
     rows = 4 * -(-h // (4 * count))
     return [Tile(slice(top, min(top + rows, h)), slice(0, w), slice(max(top - HYPER_ANALYSIS_HALO, 0),
                  min(top + rows + HYPER_ANALYSIS_HALO, h)), slice(0, w)) for top in range(0, h, rows)]

@@ -423,3 +423,16 @@ def test_solve_gives_up_on_a_cost_that_does_not_rise():
     calls = []
     ratecontrol.solve(lambda rq: calls.append(rq) or 1000.0, 5000, 0, 1 << 30, {}, 3000, curve)
     assert len(calls) <= ratecontrol.MAX_PROBES + 1
+
+def test_a_large_picture_s_latent_goes_while_the_coder_runs_and_comes_back_the_same():
+    """A picture estimated on a sample lets go of g_a's latent in `payload` (it is as big as the
+    picture in float32 times M/256); whatever needs it later gets the same latent again."""
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
+    enc = engine.Encoder(model, _natural(1600, 2048), "RGB")
+    assert enc._sample is not None  # noqa: SLF001 -- estimated on a sample
+    y, rq = enc.y.clone(), 3 * container.RATE_SCALE
+    enc.measure_bytes(rq)
+    data = enc.payload(rq)
+    assert enc._y is None  # noqa: SLF001 -- let go
+    assert torch.equal(enc.y, y)
+    assert enc.payload(rq) == data
