@@ -493,24 +493,27 @@ def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray, 
     """The y items of a context-coded latent with known symbols, in coding order: (pass,
     coded values, table indices), the LL block first (pass None, its symbols and hyper
     indices; or its passes, with an `ll_remap`). symbols and hyper_idx are (M, h, w); one band
-    plane is copied out at a time. With `workers` > 1, a tall latent's passes are computed in
-    `row_parts` side by side, each pass's parts joined in coding order (the same items), and
-    the next pass is computed while the caller takes this one."""
+    plane is copied out at a time. With `workers` > 1, a tall latent's `row_parts` go through
+    their passes on their own (their symbols are known), side by side, each pass's parts joined
+    in coding order (the same items), and the next pass is computed while the caller takes this
+    one."""
     if ctx.ll_remap is None:
         yield None, symbols[:LL_CHANNELS].ravel(), hyper_idx[:LL_CHANNELS].ravel()
-    parts = row_parts(symbols.shape[1]) if workers > 1 else [Part(*(slice(0, symbols.shape[1]),) * 3)]
+    if workers <= 1:
+        yield from code_passes(ctx, hyper_idx, lambda p, t, mu: pass_values(symbols, p))
+        return
+    parts, width, order = row_parts(symbols.shape[1]), symbols.shape[2], passes(ctx)
     streams = [code_passes(ctx, hyper_idx[:, part.read], lambda p, t, mu, s=symbols[:, part.read]: pass_values(s, p))
                for part in parts]
-    if workers <= 1:
-        yield from streams[0]
-        return
-    width, order = symbols.shape[2], passes(ctx)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=min(workers, len(parts))) as pool:
         pending = [pool.submit(next, stream) for stream in streams]
         for i, p in enumerate(order):
             got = [future.result() for future in pending]
             if i + 1 < len(order):
                 pending = [pool.submit(next, stream) for stream in streams]
+            if len(parts) == 1:
+                yield got[0]
+                continue
             where = [kept(p, part, width) for part in parts]
             yield (p, np.concatenate([coded[k] for (_, coded, _), k in zip(got, where)]),
                    np.concatenate([t[k] for (_, _, t), k in zip(got, where)]))
