@@ -406,8 +406,7 @@ class FrozenModel:
                                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `entropy_parameters`, in float32: for the rate search's estimates only."""
         mean_fixed, scale_fixed = _hyper_tile(self.approximate_hyper_synthesis, z_int, tile).chunk(2, dim=1)  # OUT_BITS fractional bits
-        scale_int = torch.floor(scale_fixed.double()).to(torch.int64)
-        mean, index = mean_fixed / 2**OUT_BITS, table_index(scale_int, self.scale_thresholds)
+        mean, index = mean_fixed / 2**OUT_BITS, table_index(scale_fixed.floor(), self.scale_thresholds)
         if out is None:
             return mean, index
         out[0].copy_(mean[:, :out[0].shape[1]])

@@ -215,7 +215,7 @@ class IntegerHyperSynthesis:
                     values[self._computed, :n] = acc.mul_(self._scale).floor_()
                     done = slice(first + top, first + top + n // w)
                     mean[b, :, done] = values[:means, :n].div(2**OUT_BITS).view(means, -1, w)
-                    index[b, :, done] = table_index(values[M:, :n].to(torch.int64), thresholds).view(M, -1, w)
+                    index[b, :, done] = table_index(values[M:, :n], thresholds).view(M, -1, w)
         return mean, index
 
     def zero_means_from(self, channel: int) -> bool:
@@ -289,17 +289,20 @@ def scale_thresholds(scales: torch.Tensor, nearest: bool = False) -> torch.Tenso
 
 def table_index(scale_int: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Index of the first table whose threshold is not below the predicted scale:
-    #{k < K-1 : t_k < scale_int} (int32). Integer comparisons only, so encoder and decoder always
-    agree: the scale, clamped to 0 .. t_{K-2} + 1 (which changes no count), is exact in float32,
-    whose bits rise with it; `_cell_counts` gives the count below the cell of its top 16 bits,
-    which holds at most one threshold, and one comparison with that threshold gives the rest.
-    Thresholds that do not allow this are searched (`torch.searchsorted`)."""
+    #{k < K-1 : t_k < scale_int} (int32), for integer scales (int64, or floats that hold
+    integers). Comparisons of integers only, so encoder and decoder always agree: the scale,
+    clamped to 0 .. t_{K-2} + 1 (which changes no count), is exact in float32, whose bits rise
+    with it; `_cell_counts` gives the count below the cell of its top 16 bits, which holds at
+    most one threshold, and one comparison with that threshold (exact in float32 too; the last,
+    t_{K-1}, is never below the clamped scale) gives the rest. Thresholds that do not allow this
+    are searched (`torch.searchsorted`)."""
     counts = _cell_counts(thresholds.numpy().tobytes())
     if counts is None:
-        return torch.searchsorted(thresholds[:-1].contiguous(), scale_int.contiguous(), right=False, out_int32=True)
-    s = scale_int.clamp(0, int(thresholds[-2]) + 1)
-    k = counts[s.float().view(torch.int32) >> 16]
-    return k + (s > thresholds[k]).int()
+        return torch.searchsorted(thresholds[:-1].contiguous(), scale_int.to(torch.int64).contiguous(), right=False,
+                                  out_int32=True)
+    s = scale_int.clamp(0, int(thresholds[-2]) + 1).float()
+    k = counts[s.view(torch.int32) >> 16]
+    return k + (s > thresholds.float()[k]).int()
 
 
 @functools.lru_cache(maxsize=8)
