@@ -190,13 +190,13 @@ class Encoder:
     """One image's encoder state with one model: g_a runs once, when it is made; each rate rq
     then costs only what depends on it -- `estimate_bytes` for a rate-control probe (on a large
     image, on a fixed sample of the latent), `measure_bytes` for a real encode's symbols and their
-    exact size, `payload` for a real encode (it reuses the symbols of a measure at the same rq).
+    exact size, `payload` for a real encode (it codes what a measure at the same rq kept).
     `tile_latents` sets g_a's tiles (None: the model's own).
 
     h_s runs tile by tile (`frozen.hyper_tiles`), tiles side by side. Without a context a probe
     holds no more than one tile's means, indices and symbols; with one, every size needs the
-    whole latent's table indices (`_table_index_dtype`) and symbols (int32), which the coder
-    takes, and the LL block's residuals: a detail's residual is made pass by pass from y. A
+    whole latent's hyper table indices (`_table_index_dtype`) and symbols, or the coder's items,
+    and the LL block's residuals: a detail's residual is made pass by pass from y. A
     picture large enough to be estimated on a sample lets go of its latent while the coder
     runs (`payload`); whatever needs it later makes it again."""
 
@@ -287,8 +287,8 @@ class Encoder:
                 bits += self.model.y_tables.cost_bits(tile_sym.numpy().ravel(), tile_idx.numpy().ravel())
         return z.numpy().ravel(), sym.ravel(), idx.ravel(), bits
 
-    def _rounded_in_passes(self, rq: int, gain: torch.Tensor, z: torch.Tensor, exact: bool
-                           ) -> tuple[np.ndarray, float, np.ndarray]:
+    def _rounded_in_passes(self, rq: int, gain: torch.Tensor, z: torch.Tensor, exact: bool, items: bool = False
+                           ) -> tuple[np.ndarray | list, float, np.ndarray]:
         """A context model's symbols (M, h, w) at rate rq, its gain and ẑ (`rounding.round_in_passes`),
         their code length in bits and their hyper table indices, h_s run tile by tile
         (`exact=False`: in float32, for estimates), tiles side by side as the decoder's: the same
@@ -301,7 +301,7 @@ class Encoder:
         del ll_mean
         self._release_free_memory()  # h_s's tiles' temporaries, before the passes' own
         sym, bits = rounding.round_in_passes(self.model, self.y[0].numpy(), idx, gain=gain.numpy().ravel(), ll=ll,
-                                             q=rq / RATE_SCALE, compact=True)
+                                             q=rq / RATE_SCALE, compact=True, items=items)
         return sym, bits, idx
 
     def estimate_bytes(self, rq: int) -> float:
@@ -326,27 +326,35 @@ class Encoder:
 
     def measure_bytes(self, rq: int) -> float:
         """The file size at rq by the ideal code length of the very symbols a real encode codes
-        (the coder adds a few bytes): a real encode but for the range coder. The symbols are kept
-        for a `payload(rq)` that follows, until the next measure (as int16 where they fit: 200 MB
-        less at 8K while the coder runs)."""
-        self._kept = None  # one latent's symbols at a time
-        z, sym, idx, y_bits = self._coded(rq)
-        self._kept = rq, (z, _narrowed(sym), idx)
+        (the coder adds a few bytes): a real encode but for the range coder. What the coder takes
+        (ẑ and y's items: with a subband context, each pass's coded values and tables, as
+        `rounding.round_in_passes` made them) is kept for a `payload(rq)` that follows, until the
+        next measure (values as int8 or int16 where they fit: mostly 2 bytes a latent with the
+        tables)."""
+        self._kept = None  # one latent's items at a time
+        gain, z = self._hyper_latent(rq)
+        if self.model.context is not None:
+            items, y_bits, _ = self._rounded_in_passes(rq, gain, z, exact=True, items=True)
+        else:
+            _, sym, idx, y_bits = self._coded(rq, z)
+            items = [([rounding.narrowed(sym)], [idx])]
+        z = z.numpy().ravel()
+        self._kept = rq, z, items
         return OVERHEAD + (self.model.z_tables.cost_bits(z, self.z_index) + y_bits) / 8
 
     def payload(self, rq: int, refined: refine.Refined | None = None) -> bytes:
         """The range-coded stream at rq (everything of the file but the header and CRC); with
         `refined` (at rq), its ẑ and y symbols instead of h_a's and g_a's."""
         self._release_free_memory()
-        if refined is None:
-            kept, self._kept = self._kept, None
-            z, sym, idx = kept[1] if kept is not None and kept[0] == rq else self._symbols(rq)
+        kept, self._kept = self._kept, None
+        if refined is None and kept is not None and kept[0] == rq:
+            z, items = kept[1], _taken(kept[2], self.model.y_tables)
         else:
-            z, _, idx = self._symbols(rq, refined.z)
-            sym = refined.symbols
+            z, sym, idx = self._symbols(rq) if refined is None else self._symbols(rq, refined.z)
+            items = latent_items(self.model, sym if refined is None else refined.symbols, idx, self.shape)
+        del kept
         if self._sample is not None:  # a large picture's latent is not needed while the coder runs
             self._y = None
-        items = latent_items(self.model, sym, idx, self.shape)
         return range_coder.encode(itertools.chain([(z, self.z_index, self.model.z_tables)], items))
 
     def file(self, rq: int, model_id: int, digest4: bytes, refined: refine.Refined | None = None) -> bytes:
@@ -358,11 +366,12 @@ class Encoder:
         return container.pack(header, payload)
 
 
-def _narrowed(sym: np.ndarray) -> np.ndarray:
-    """The symbols as int16 if every one is within ±32767 (the same values), else as they are."""
-    if sym.dtype == np.int16 or (sym.size and (sym.min() < -32767 or sym.max() > 32767)):
-        return sym
-    return sym.astype(np.int16)
+def _taken(items: list, tables) -> Iterator[tuple[np.ndarray, np.ndarray, object]]:
+    """A measure's kept items for the coder (`rounding.joined`), each let go once it is taken."""
+    items.reverse()
+    while items:
+        values, idx = rounding.joined(items.pop())
+        yield values, idx, tables
 
 
 def latent_items(model: FrozenModel, sym: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int]

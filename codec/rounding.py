@@ -61,7 +61,7 @@ def round_latents(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> tor
 
 def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: float | None = None, *,
                     gain: np.ndarray | None = None, ll: np.ndarray | None = None, q: float | None = None,
-                    compact: bool = False) -> tuple[np.ndarray, float]:
+                    compact: bool = False, items: bool = False) -> tuple[np.ndarray | list, float]:
     """The symbols (M, h, w) int32 of the residuals v (M, h, w) float32 of a model with a subband
     context, whose hyper table indices are idx, rounded as `round_latents` does (with `lam`
     instead of the model's λ at rate parameter `q` if given) pass by pass in coding order, each pass under the tables
@@ -72,7 +72,10 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
     block (3, h, w): a detail's mean is 0, so its residual is v · gain, computed one pass at a
     time (the float32 product the whole-latent `y * gain` makes), without a residual array as
     big as the latent. With `compact`, the symbols are int16 where every one fits in ±32767 (half
-    the memory of a large picture's), else int32.
+    the memory of a large picture's), else int32. With `items`, instead of the symbols, the
+    coder's items of y (`context.pass_items` of the symbols: coded values and table indices, the
+    values int8 or int16 where they fit), each as its row parts' pieces ([values], [table indices]),
+    joined by `joined`: what a real encode codes, without computing the passes' tables again.
 
     A tall latent is rounded in `context.row_parts`, as many side by side as `worker_threads`:
     the same symbols as in one part (each part keeps only rows its halo makes exact), the bits
@@ -80,6 +83,13 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
     lam = rdo_lambda(model, q) if lam is None else lam
     ll = v[:context.LL_CHANNELS] if gain is None else ll
     parts = context.row_parts(v.shape[1])
+    if items:
+        found = [[] for _ in parts]
+        bits = context.map_parts(
+            lambda k: _round_part(model, v[:, parts[k].read], idx[:, parts[k].read], ll[:, parts[k].read], gain, lam,
+                                  parts[k], None, found[k]),
+            list(range(len(parts))), worker_threads())
+        return [list(zip(*pieces)) for pieces in zip(*found)], float(sum(bits))
     for dtype in (np.int16, np.int32) if compact else (np.int32,):
         sym = np.empty(v.shape, dtype=dtype)
         try:
@@ -97,11 +107,34 @@ class _Wide(Exception):
     """A symbol does not fit the int16 symbols being made."""
 
 
+def joined(item: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """One of `round_in_passes`'s items, [values of each part, table indices of each part], as the
+    coder takes it: the parts joined in coding order (an LL block item (3, rows, w) along its rows)."""
+    values, tables = item
+    if values[0].ndim == 3:
+        return np.concatenate(values, axis=1).ravel(), np.concatenate(tables, axis=1).ravel()
+    if len(values) == 1:
+        return values[0], tables[0]
+    return np.concatenate(values), np.concatenate(tables)
+
+
+def narrowed(values: np.ndarray) -> np.ndarray:
+    """Integers as int8 if every one is within ±127, else as int16 if within ±32767 (the same
+    values), else as they are."""
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    for dtype, bound in ((np.int8, 127), (np.int16, 32767)):
+        if -bound <= low and high <= bound:
+            return values if values.dtype == dtype else values.astype(dtype)
+    return values
+
+
 def _round_part(model: FrozenModel, v: np.ndarray, idx: np.ndarray, ll: np.ndarray, gain: np.ndarray | None,
-                lam: float | None, part: context.Part, out: np.ndarray) -> float:
+                lam: float | None, part: context.Part, out: np.ndarray | None,
+                items: list | None = None) -> float:
     """`round_in_passes` on the latent rows `part.read` (v, idx and ll are those rows): the symbols
     of the rows the part keeps go to `out` (those rows of the symbols; int16 or int32: `_Wide`
-    where one does not fit), and their code length in bits is returned."""
+    where one does not fit), or their coder's items to `items`, and their code length in bits
+    is returned."""
     tables = model.y_tables
     bits_np = _bits_numpy(model)
     width = v.shape[2]
@@ -128,7 +161,10 @@ def _round_part(model: FrozenModel, v: np.ndarray, idx: np.ndarray, ll: np.ndarr
     bits = 0.0
     if model.context.ll_remap is None:  # the LL block is one item under its hyper indices
         s = rounded(ll, idx[block]).reshape(ll.shape)[:, keep]
-        out[block] = check(s)
+        if out is not None:
+            out[block] = check(s)
+        else:
+            items.append((narrowed(s), idx[block, keep].copy()))
         bits = tables.cost_bits(s.ravel(), idx[block, keep].ravel())
 
     def choose(p: context.Pass, t: np.ndarray, mu: np.ndarray) -> np.ndarray:
@@ -136,12 +172,15 @@ def _round_part(model: FrozenModel, v: np.ndarray, idx: np.ndarray, ll: np.ndarr
             s = rounded(context.pass_values(ll, p), t)
         else:  # rounded about the prediction μ (an integer): the RDO's neighbour is towards μ
             s = rounded(context.pass_values(v, p, gain) - mu.astype(np.float32), t) + mu
-        context.put_pass(out, p, check(s[context.kept(p, part, width)]))
+        if out is not None:
+            context.put_pass(out, p, check(s[context.kept(p, part, width)]))
         return s
 
     for p, coded, t in context.code_passes(model.context, idx, choose):
         k = context.kept(p, part, width)
         bits += tables.cost_bits(coded[k], t[k])
+        if items is not None:
+            items.append((narrowed(coded[k]), t[k].copy()))
     return bits
 
 

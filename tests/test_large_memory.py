@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import smooth_rgb
-from lcodec import engine
+from lcodec import engine, rounding
 from lcodec.models.frozen import PAD
 
 
@@ -34,19 +34,21 @@ def test_a_picture_padded_in_place_is_the_one_padded_whole(shape):
 
 def test_narrowed_symbols_keep_their_values():
     small = np.array([-32767, 0, 32767], dtype=np.int32)
-    assert engine._narrowed(small).dtype == np.int16 and np.array_equal(engine._narrowed(small), small)
+    assert rounding.narrowed(small).dtype == np.int16 and np.array_equal(rounding.narrowed(small), small)
+    tiny = np.array([-127, 5, 127], dtype=np.int32)
+    assert rounding.narrowed(tiny).dtype == np.int8 and np.array_equal(rounding.narrowed(tiny), tiny)
     for wide in (np.array([-32768, 1], dtype=np.int32), np.array([40000], dtype=np.int32)):
-        assert engine._narrowed(wide) is wide
+        assert rounding.narrowed(wide) is wide
 
 
 def test_a_payload_from_int16_symbols_is_the_same_stream():
-    """The coder codes a measure's symbols kept as int16 exactly as their int32 original
-    (escaped values included)."""
+    """The coder codes a measure's items, kept as int8 and int16, exactly as the symbols made
+    again (escaped values included)."""
     pixels = smooth_rgb(128, 192, seed=5)
     enc = engine.Encoder(engine.load_model(engine.DEFAULT_MODEL_ID), pixels, "RGB")
     rq = 6 * 1024
     enc.measure_bytes(rq)
-    assert enc._kept[1][1].dtype == np.int16
+    assert {values.dtype for item in enc._kept[2] for values in item[0]} == {np.dtype(np.int8), np.dtype(np.int16)}
     assert enc.payload(rq) == engine.Encoder(engine.load_model(engine.DEFAULT_MODEL_ID), pixels, "RGB").payload(rq)
 
 

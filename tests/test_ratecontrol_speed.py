@@ -12,9 +12,11 @@ _photo = kodak_photo  # a Kodak crop, or a smooth synthetic stand-in where ../sh
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts of the encoder's estimates, exact symbol computations and range-coded payloads."""
-    calls = {"estimate": 0, "symbols": 0, "payload": 0}
-    for name, key in (("_estimate", "estimate"), ("_coded", "symbols"), ("payload", "payload")):
+    """Counts of the encoder's estimates, measures, range-coded payloads and symbols made again
+    for a payload (not kept from a measure)."""
+    calls = {"estimate": 0, "measure": 0, "payload": 0, "remade": 0}
+    for name, key in (("_estimate", "estimate"), ("measure_bytes", "measure"), ("payload", "payload"),
+                      ("_symbols", "remade")):
         original = getattr(engine.Encoder, name)
 
         def counting(self, *args, original=original, key=key, **kwargs):
@@ -33,7 +35,7 @@ def test_a_search_makes_a_few_estimates_and_computes_the_file_s_symbols_once(cou
     r = engine.encode_array(img, "RGB", bpp=bpp)
     assert 0.97 * r.target_bytes <= len(r.data) <= r.target_bytes
     assert r.probes <= 4 and r.encodes == 1
-    assert counted == {"estimate": r.probes, "symbols": 1, "payload": 1}
+    assert counted == {"estimate": r.probes, "measure": 1, "payload": 1, "remade": 0}
 
 
 def test_a_measure_is_the_real_file_s_size_within_a_few_bytes():
@@ -79,7 +81,7 @@ def test_a_large_image_estimated_on_a_sample_still_meets_the_target(small_sample
     assert enc._sample is not None
     r = engine.encode_array(img, "RGB", bpp=bpp)
     assert 0.97 * r.target_bytes <= len(r.data) <= r.target_bytes, r.warning
-    assert r.encodes <= 3 and counted["payload"] == 1 and counted["symbols"] == r.encodes
+    assert r.encodes <= 3 and counted["payload"] == 1 and counted["measure"] == r.encodes and not counted["remade"]
 
 
 def test_the_bytes_do_not_depend_on_the_thread_count(small_samples):
