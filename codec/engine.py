@@ -208,7 +208,7 @@ class Encoder:
         # A large image's estimates are made on a sample of its latents (see `sample_latent`).
         sample = sample_latent(self.y)
         self._sample = None if sample is None else (self._of_latent(sample[0]), sample[1])
-        self._kept: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None  # `measure_bytes`'s symbols
+        self._kept: tuple[int, np.ndarray, list] | None = None  # `measure_bytes`'s rq, ẑ and coder's items
 
     def _analyzed(self) -> torch.Tensor:
         return self.model.analyze(_to_tensor(self._pixels, self.mode), **_tiles(self._tile_latents))

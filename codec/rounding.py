@@ -84,11 +84,11 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
     ll = v[:context.LL_CHANNELS] if gain is None else ll
     parts = context.row_parts(v.shape[1])
     if items:
-        found = [[] for _ in parts]
+        found = [[] for _ in parts]  # each part's items, in coding order
         bits = context.map_parts(
-            lambda k: _round_part(model, v[:, parts[k].read], idx[:, parts[k].read], ll[:, parts[k].read], gain, lam,
-                                  parts[k], None, found[k]),
-            list(range(len(parts))), worker_threads())
+            lambda job: _round_part(model, v[:, job[0].read], idx[:, job[0].read], ll[:, job[0].read], gain, lam,
+                                    job[0], None, job[1]),
+            list(zip(parts, found)), worker_threads())
         return [list(zip(*pieces)) for pieces in zip(*found)], float(sum(bits))
     for dtype in (np.int16, np.int32) if compact else (np.int32,):
         sym = np.empty(v.shape, dtype=dtype)
