@@ -293,7 +293,7 @@ class Encoder:
         their code length in bits and their hyper table indices, h_s run tile by tile
         (`exact=False`: in float32, for estimates), tiles side by side as the decoder's: the same
         integers, and estimates that do not depend on the thread count. Only the LL block's
-        residuals are made here: a lifting model's details have mean 0 (checked), and the rounding
+        residuals are made here: a lifting model's details have mean 0 (checked at load), and the rounding
         takes them as y · gain."""
         block = context.LL_CHANNELS
         ll_mean, idx = self.model.context_entropy_parameters(z, _table_index_dtype(self.model), exact)

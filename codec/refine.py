@@ -182,7 +182,7 @@ class Refiner:
     Only the latent-sized arrays that every step needs are kept: the table indices (as small an
     integer type as holds them for a model with a subband context) and the means (float32) --
     with a subband context only the LL block's (`_mean`, (1, LL_CHANNELS, h, w)): a detail's
-    mean is 0 (checked), and the rounding takes a detail's residual as y · gain. On more than
+    mean is 0 (checked at load), and the rounding takes a detail's residual as y · gain. On more than
     one tile (`tiles`) the synthesis runs in bounded memory, as the decoder's."""
 
     def __init__(self, model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,
@@ -375,7 +375,8 @@ class Refiner:
 def _entropy_parameters(model: FrozenModel, z_int: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """`FrozenModel.latent_entropy_parameters` of ẑ (the same values, tiles side by side as there)
     with `_index_dtype`'s indices (M, h, w); with a subband context only the LL block's means
-    (1, LL_CHANNELS, h, w), the details' checked to be 0 tile by tile: no latent-sized means."""
+    (1, LL_CHANNELS, h, w), the details' being 0 (checked when the model is loaded): no
+    latent-sized means."""
     if model.context is None:
         return model.latent_entropy_parameters(z_int, _index_dtype(model))
     return model.context_entropy_parameters(z_int, _index_dtype(model))

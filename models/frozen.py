@@ -40,7 +40,7 @@ from torch import nn
 from ..bitstream.tables import CdfTables
 from ..errors import ModelMismatchError, ModelNotFrozenError
 from .context import LL_CHANNELS, SubbandContext
-from .integer_hyper import OUT_BITS, ApproximateHyperSynthesis, IntegerHyperSynthesis, table_index
+from .integer_hyper import OUT_BITS, ApproximateHyperSynthesis, IntegerHyperSynthesis, table_index, written
 from .lifting import (LATENT_CHANNELS, LEVEL_REACH, WAVELET_LEVELS, InverseLifting, LiftingTransform, coarse_dwt,
                       reduced_channels)
 from .networks import AnalysisTransform, HyperAnalysisTransform, ModelConfig, SynthesisTransform, interpolate_levels
@@ -348,17 +348,9 @@ class FrozenModel:
         if workers is None:
             with one_thread_per_operation() as threads:
                 return self.latent_entropy_parameters(z_int, index_dtype, channels, threads)
-        M, zh, zw = channels or self.config.M, z_int.shape[2], z_int.shape[3]
-        mean = torch.empty(1, M, zh * 4, zw * 4)
-        idx = np.empty((M, zh * 4, zw * 4), dtype=index_dtype)
-        index = torch.from_numpy(idx)[None]
-
-        def one_tile(tile: Tile) -> None:
-            rows, cols = latent_region(tile)
-            self.entropy_parameters(z_int, tile, channels, out=(mean[:, :, rows, cols], index[:, :, rows, cols]))
-
-        map_tiles(one_tile, lambda tile, _: None, hyper_tiles(z_int), workers)
-        return mean, idx
+        M = channels or self.config.M
+        return _tiles_into(lambda tile, out: self.entropy_parameters(z_int, tile, channels, out=out), z_int, M, M,
+                           index_dtype, workers)
 
     def context_entropy_parameters(self, z_int: torch.Tensor, index_dtype: np.dtype, exact: bool = True
                                    ) -> tuple[torch.Tensor, np.ndarray]:
@@ -368,18 +360,9 @@ class FrozenModel:
         `latent_entropy_parameters` (the same values; `exact=False`:
         `approximate_entropy_parameters`, for estimates). No latent-sized means."""
         params = self.entropy_parameters if exact else self.approximate_entropy_parameters
-        block, zh, zw = LL_CHANNELS, z_int.shape[2], z_int.shape[3]
-        mean = torch.empty(1, block, 4 * zh, 4 * zw)
-        idx = np.empty((self.config.M, 4 * zh, 4 * zw), dtype=index_dtype)
-        index = torch.from_numpy(idx)[None]
-
-        def one_tile(tile: Tile) -> None:
-            rows, cols = latent_region(tile)
-            params(z_int, tile, out=(mean[:, :, rows, cols], index[:, :, rows, cols]))
-
         with one_thread_per_operation() as threads:
-            map_tiles(one_tile, lambda tile, _: None, hyper_tiles(z_int), threads)
-        return mean, idx
+            return _tiles_into(lambda tile, out: params(z_int, tile, out=out), z_int, LL_CHANNELS, self.config.M,
+                               index_dtype, threads)
 
     def _hyper_synthesis_for(self, channels: int | None) -> IntegerHyperSynthesis:
         """The integer h_s, or with `channels` < M one whose last layer computes only the means and
@@ -406,12 +389,7 @@ class FrozenModel:
                                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `entropy_parameters`, in float32: for the rate search's estimates only."""
         mean_fixed, scale_fixed = _hyper_tile(self.approximate_hyper_synthesis, z_int, tile).chunk(2, dim=1)  # OUT_BITS fractional bits
-        mean, index = mean_fixed / 2**OUT_BITS, table_index(scale_fixed.floor(), self.scale_thresholds)
-        if out is None:
-            return mean, index
-        out[0].copy_(mean[:, :out[0].shape[1]])
-        out[1].copy_(index)
-        return out
+        return written(mean_fixed / 2**OUT_BITS, table_index(scale_fixed.floor(), self.scale_thresholds), out)
 
     def draw(self, y: torch.Tensor, q: float) -> torch.Tensor:
         """g_s of ŷ after the inverse gain, unclamped: the synthesis transform, then, where the model
@@ -573,6 +551,25 @@ class FrozenModel:
                 x = run_tiled(lambda t: self.analysis.inverse(t, stop), y, scale, tile_latents, self.halo_latents,
                               inverse=True, workers=threads)
             return half_block_shift(x, 2**stop).clamp_(0, 1)
+
+
+def _tiles_into(params, z_int: torch.Tensor, means: int, channels: int, index_dtype: np.dtype, workers: int
+                ) -> tuple[torch.Tensor, np.ndarray]:
+    """h_s's parameters of the whole latent of ẑ, `params(tile, out)` writing each of `hyper_tiles`
+    into its region of two buffers, up to `workers` tiles side by side: the means of y's first
+    `means` channels (1, means, H, W) float32 and the table indices of its first `channels` (channels,
+    H, W) as `index_dtype`."""
+    zh, zw = z_int.shape[2], z_int.shape[3]
+    mean = torch.empty(1, means, 4 * zh, 4 * zw)
+    idx = np.empty((channels, 4 * zh, 4 * zw), dtype=index_dtype)
+    index = torch.from_numpy(idx)[None]
+
+    def one_tile(tile: Tile) -> None:
+        rows, cols = latent_region(tile)
+        params(tile, (mean[:, :, rows, cols], index[:, :, rows, cols]))
+
+    map_tiles(one_tile, lambda tile, _: None, hyper_tiles(z_int), workers)
+    return mean, idx
 
 
 def to_pixels(x: torch.Tensor) -> np.ndarray:

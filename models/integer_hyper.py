@@ -193,12 +193,7 @@ class IntegerHyperSynthesis:
         if not self._pointwise:
             a = a[:, :, rows, cols]
             mean_int, scale_int = a.to(torch.int64).chunk(2, dim=1)
-            mean, index = mean_int.double().div_(2**OUT_BITS).float(), table_index(scale_int, thresholds)
-            if out is None:
-                return mean, index
-            out[0].copy_(mean[:, :out[0].shape[1]])
-            out[1].copy_(index)
-            return out
+            return written(mean_int.double().div_(2**OUT_BITS).float(), table_index(scale_int, thresholds), out)
         B = a.shape[0]
         h, w = len(range(rows.start, rows.stop)), len(range(cols.start, cols.stop))
         M = self.outputs // 2
@@ -230,6 +225,17 @@ class IntegerHyperSynthesis:
 
 
 HIDDEN_ROWS = 32  # output rows of h_s's widest layer computed at a time (`entropy_parameters`)
+
+
+def written(mean: torch.Tensor, index: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, index), or with `out` (means of the first k channels, indices) copied there and
+    `out` returned: how `entropy_parameters` hands over a tile's parameters."""
+    if out is None:
+        return mean, index
+    out[0].copy_(mean[:, :out[0].shape[1]])
+    out[1].copy_(index)
+    return out
 
 
 def _layer_region(layer: dict, a: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
