@@ -367,10 +367,10 @@ class Encoder:
 
 
 def _taken(items: list, tables) -> Iterator[tuple[np.ndarray, np.ndarray, object]]:
-    """A measure's kept items for the coder (`rounding.joined`), each let go once it is taken."""
+    """A measure's kept items for the coder (`context.joined`), each let go once it is taken."""
     items.reverse()
     while items:
-        values, idx = rounding.joined(items.pop())
+        values, idx = context.joined(items.pop())
         yield values, idx, tables
 
 

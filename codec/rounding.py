@@ -75,7 +75,7 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
     the memory of a large picture's), else int32. With `items`, instead of the symbols, the
     coder's items of y (`context.pass_items` of the symbols: coded values and table indices, the
     values int8 or int16 where they fit), each as its row parts' pieces ([values], [table indices]),
-    joined by `joined`: what a real encode codes, without computing the passes' tables again.
+    joined by `context.joined`: what a real encode codes, without computing the passes' tables again.
 
     A tall latent is rounded in `context.row_parts`, as many side by side as `worker_threads`:
     the same symbols as in one part (each part keeps only rows its halo makes exact), the bits
@@ -83,39 +83,27 @@ def round_in_passes(model: FrozenModel, v: np.ndarray, idx: np.ndarray, lam: flo
     lam = rdo_lambda(model, q) if lam is None else lam
     ll = v[:context.LL_CHANNELS] if gain is None else ll
     parts = context.row_parts(v.shape[1])
+
+    def in_parts(sym: np.ndarray | None, found: list[list] | None) -> float:
+        return float(sum(context.map_parts(
+            lambda k: _round_part(model, v, idx, ll, gain, lam, parts[k], sym, None if found is None else found[k]),
+            list(range(len(parts))), worker_threads())))
+
     if items:
         found = [[] for _ in parts]  # each part's items, in coding order
-        bits = context.map_parts(
-            lambda job: _round_part(model, v[:, job[0].read], idx[:, job[0].read], ll[:, job[0].read], gain, lam,
-                                    job[0], None, job[1]),
-            list(zip(parts, found)), worker_threads())
-        return [list(zip(*pieces)) for pieces in zip(*found)], float(sum(bits))
+        bits = in_parts(None, found)
+        return [list(zip(*pieces)) for pieces in zip(*found)], bits
     for dtype in (np.int16, np.int32) if compact else (np.int32,):
         sym = np.empty(v.shape, dtype=dtype)
         try:
-            bits = context.map_parts(
-                lambda part: _round_part(model, v[:, part.read], idx[:, part.read], ll[:, part.read], gain, lam,
-                                         part, sym[:, part.rows]),
-                parts, worker_threads())
+            return sym, in_parts(sym, None)
         except _Wide:  # a symbol beyond ±32767: int32 for all
             continue
-        return sym, float(sum(bits))
     raise AssertionError("int32 holds every symbol")
 
 
 class _Wide(Exception):
     """A symbol does not fit the int16 symbols being made."""
-
-
-def joined(item: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray]:
-    """One of `round_in_passes`'s items, [values of each part, table indices of each part], as the
-    coder takes it: the parts joined in coding order (an LL block item (3, rows, w) along its rows)."""
-    values, tables = item
-    if values[0].ndim == 3:
-        return np.concatenate(values, axis=1).ravel(), np.concatenate(tables, axis=1).ravel()
-    if len(values) == 1:
-        return values[0], tables[0]
-    return np.concatenate(values), np.concatenate(tables)
 
 
 def narrowed(values: np.ndarray) -> np.ndarray:
@@ -129,16 +117,14 @@ def narrowed(values: np.ndarray) -> np.ndarray:
 
 
 def _round_part(model: FrozenModel, v: np.ndarray, idx: np.ndarray, ll: np.ndarray, gain: np.ndarray | None,
-                lam: float | None, part: context.Part, out: np.ndarray | None,
-                items: list | None = None) -> float:
-    """`round_in_passes` on the latent rows `part.read` (v, idx and ll are those rows): the symbols
-    of the rows the part keeps go to `out` (those rows of the symbols; int16 or int32: `_Wide`
-    where one does not fit), or their coder's items to `items`, and their code length in bits
-    is returned."""
+                lam: float | None, part: context.Part, sym: np.ndarray | None, items: list | None) -> float:
+    """`round_in_passes` on the latent rows `part.read` of v, idx and ll: the symbols of the rows
+    the part keeps go to `sym` (int16 or int32: `_Wide` where one does not fit), or their coder's
+    items to `items`, and their code length in bits is returned."""
     tables = model.y_tables
     bits_np = _bits_numpy(model)
-    width = v.shape[2]
-    keep = part.keep
+    v, idx, ll, width, keep = v[:, part.read], idx[:, part.read], ll[:, part.read], v.shape[2], part.keep
+    out = None if sym is None else sym[:, part.rows]
 
     def rounded(values: np.ndarray, t: np.ndarray) -> np.ndarray:
         values, t = values.ravel(), t.ravel()

@@ -127,6 +127,17 @@ def kept(p: Pass, part: Part, width: int) -> slice:
     return slice(part.keep.start * per_row, part.keep.stop * per_row)
 
 
+def joined(item: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """An item computed in parts, [values of each part, table indices of each part], as the coder
+    takes it: the parts joined in coding order (an LL block item (3, rows, w) along its rows)."""
+    values, tables = item
+    if values[0].ndim == 3:
+        return np.concatenate(values, axis=1).ravel(), np.concatenate(tables, axis=1).ravel()
+    if len(values) == 1:
+        return values[0], tables[0]
+    return np.concatenate(values), np.concatenate(tables)
+
+
 def map_parts(fn: Callable, items: list, workers: int) -> list:
     """[fn(item) for item in items] (one per part), up to `workers` at once in threads (numpy's
     array work releases the GIL)."""
@@ -511,12 +522,9 @@ def pass_items(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray, 
             got = [future.result() for future in pending]
             if i + 1 < len(order):
                 pending = [pool.submit(next, stream) for stream in streams]
-            if len(parts) == 1:
-                yield got[0]
-                continue
             where = [kept(p, part, width) for part in parts]
-            yield (p, np.concatenate([coded[k] for (_, coded, _), k in zip(got, where)]),
-                   np.concatenate([t[k] for (_, _, t), k in zip(got, where)]))
+            yield (p, *joined(([coded[k] for (_, coded, _), k in zip(got, where)],
+                               [t[k] for (_, _, t), k in zip(got, where)])))
 
 
 def coded_indices(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
