@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import ratecontrol, refine, rounding
 from .bitstream import container, range_coder
@@ -130,16 +129,10 @@ def _check_pixels(pixels: np.ndarray, mode: str) -> None:
 
 def _to_tensor(pixels: np.ndarray, mode: str) -> torch.Tensor:
     """Checked pixels -> (1, 3, Hp, Wp) float in [0, 1], padded to multiples of PAD by repeating
-    the last row and column (cheaper to code than zeros; the decoder crops them away). A picture
-    of more than PAD x PAD pixels that needs padding is filled in place, channel by channel: no
-    float copy of the picture but the result (400 MB at 8K); the others are converted whole."""
+    the last row and column (cheaper to code than zeros; the decoder crops them away), filled in
+    place channel by channel: no float copy of the picture but the result (400 MB at 8K)."""
     h, w = pixels.shape[:2]
     hp, wp = math.ceil(h / PAD) * PAD, math.ceil(w / PAD) * PAD
-    if (hp, wp) == (h, w) or h * w <= PAD * PAD:
-        if mode == "L":
-            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-        x = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)[None].float().div_(255.0)
-        return F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
     x = torch.empty(1, 3, hp, wp)
     inside = x[0, :, :h, :w]
     for c in range(3):
