@@ -88,10 +88,12 @@ def test_distributed_training_with_two_gloo_processes(tiny_data, tmp_path):
     """Two processes resume a one-process checkpoint (the second rank starts a fresh data stream)."""
     out = tmp_path / "ddp"
     train.main(_args(tiny_data, out, 2))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    # --standalone: the rendezvous takes a free port, so another job on the machine cannot collide.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lcodec.models.training.train", *_args(tiny_data, out, 4)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # On failure the ranks' own messages come first in stderr, the launcher's summary last.
+    assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-1000:]
     assert "resumed from" in proc.stdout
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 4
