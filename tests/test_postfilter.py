@@ -108,6 +108,28 @@ def test_the_training_stage_writes_a_frozen_model_with_the_filter_and_resumes(im
         training.main([str(out / "frozen.pt"), "--out", str(tmp_path / "again"), "--data", str(images)])
 
 
+def test_fine_tuning_starts_from_the_model_s_filter_and_replaces_it(images, tmp_path):
+    weights = with_filter(tmp_path)
+    start = {k: v.clone() for k, v in weights.model.postfilter.state_dict().items()}
+    out = tmp_path / "fine"
+    training.main([str(tmp_path / "filtered.pt"), "--out", str(out), "--data", str(images), "--fine-tune",
+                   "--loss", "relative", "--focus", "1", "3", "--steps", "1", "--lr", "1e-9", "--batch", "2", "--crop", "32",
+                   "--val-images", "2", "--no-progress", "--threads", "1"])
+    model = FrozenModel(out / "frozen.pt")
+    assert model.config.postfilter == 8  # the filter's own width, not --width's default
+    tuned = model.postfilter.state_dict()
+    for name, value in start.items():  # one step at a negligible learning rate: the weights it started from
+        if name != "strength":
+            assert torch.allclose(tuned[name].float(), value.float(), atol=1e-3), name
+    assert model.info["postfilter"]["loss"] == "relative" and model.info["postfilter"]["focus"] == [1.0, 3.0]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["val", "calibration"]
+
+    with pytest.raises(SystemExit, match="no post-filter to fine-tune"):
+        training.main([str(engine.MODELS[0].path), "--out", str(tmp_path / "none"), "--data", str(images),
+                       "--fine-tune"])
+
+
 def test_tall_inputs_are_filtered_in_strips_with_the_same_result(tmp_path):
     net = with_filter(tmp_path).model.postfilter
     x = torch.rand(1, 3, postfilter.STRIP * 2 + 2 * postfilter.STRIP_CONTEXT + 34, 40)

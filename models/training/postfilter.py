@@ -16,6 +16,16 @@ images are held out: the log reports the filter's PSNR gain on them per
 nearest level position q. After the last step they are decoded at every
 level, the filter's strength per level is fitted on them (`calibrate`), and
 the frozen model with the filter is written.
+
+    python -m lcodec.models.training.postfilter models/weights/lift-97-128-v7.pt --out runs/pf3 \\
+        --fine-tune --loss relative --focus 4 8.5 --lr 3e-4 --steps 6000
+
+`--fine-tune` starts from the filter the frozen model has: the training images are decoded
+without it (the filter's input) and the model is written with the trained one in its place.
+`--focus` sets the range of the second half of the random rates. `--loss relative` divides
+each crop's squared error by the unfiltered crop's, so that a crop at 2 bpp weighs as much as
+one at 0.06 bpp (the plain mean squared error is dominated by the lowest rates, whose errors
+are tens of times larger).
 """
 
 from __future__ import annotations
@@ -50,16 +60,18 @@ def decoded(weights: engine.Weights, image: np.ndarray, qs: list[float]) -> list
     return out
 
 
-def training_pairs(weights: engine.Weights, images: torch.Tensor, decodes: int, seed: int, progress: bool
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """For every image, `decodes` decoded versions at random q: (n * decodes, 3, H, W) float16 and
-    the q of each (float32)."""
+def training_pairs(weights: engine.Weights, images: torch.Tensor, decodes: int, seed: int, progress: bool,
+                   focus: tuple[float, float] = (-0.5, 2.0)) -> tuple[np.ndarray, np.ndarray]:
+    """For every image, `decodes` decoded versions at random q, the even ones from the whole range
+    of levels, the odd ones from `focus`: (n * decodes, 3, H, W) float16 and the q of each (float32)."""
     L = len(weights.model.levels)
     lo, hi = weights.model.rate_range
+    whole = (max(lo, -0.5), min(hi, L - 1 + 0.5))
+    focus = (max(lo, focus[0]), min(hi, focus[1]))
     rng = np.random.default_rng(seed)
     xs, qs = [], []
     for image in tqdm(images, desc="decoding", disable=not progress):
-        q = [float(rng.uniform(max(lo, -0.5), 2.0 if k % 2 else min(hi, L - 1 + 0.5))) for k in range(decodes)]
+        q = [float(rng.uniform(*(focus if k % 2 else whole))) for k in range(decodes)]
         xs += decoded(weights, image.permute(1, 2, 0).numpy(), q)
         qs += q
     return np.stack(xs), np.array(qs, dtype=np.float32)
@@ -114,8 +126,10 @@ def plot_curves(log_path: Path, out_png: Path) -> None:
     if not train:
         return
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-    ax[0].plot([r["step"] for r in train], [r["psnr"] for r in train], color="k", lw=0.8)
-    ax[0].set(title="training PSNR of the filtered crops (dB, all rates)", xlabel="step")
+    key = "psnr" if "psnr" in train[0] else "gain_db"
+    ax[0].plot([r["step"] for r in train], [r[key] for r in train], color="k", lw=0.8)
+    ax[0].set(title="training PSNR of the filtered crops (dB, all rates)" if key == "psnr"
+              else "training error relative to the unfiltered crops (dB)", xlabel="step")
     levels = sorted({k for r in val for k in r["gain_db"]}, key=int)
     cmap = plt.get_cmap("viridis")
     for i, k in enumerate(levels):
@@ -132,7 +146,7 @@ def plot_curves(log_path: Path, out_png: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("frozen", type=Path, help="the frozen model (without a post-filter)")
+    p.add_argument("frozen", type=Path, help="the frozen model (without a post-filter, unless --fine-tune)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", type=Path, default=Path("../shared/data/train"))
     p.add_argument("--width", type=int, default=48)
@@ -142,6 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-drop", type=float, default=0.85, help="fraction of steps after which lr /= 10")
     p.add_argument("--decodes", type=int, default=2, help="decoded versions of each training image")
+    p.add_argument("--focus", type=float, nargs=2, default=(-0.5, 2.0), metavar=("LO", "HI"),
+                   help="the range of q of every second decoded version")
+    p.add_argument("--fine-tune", action="store_true", help="start from the frozen model's post-filter")
+    p.add_argument("--loss", choices=["mse", "relative"], default="mse",
+                   help="relative: each crop's squared error over the unfiltered crop's")
     p.add_argument("--val-images", type=int, default=64)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--ckpt-minutes", type=float, default=5.0)
@@ -154,8 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     weights = engine.Weights.load(args.frozen)
     base = weights.model
-    if base.postfilter is not None:
-        raise SystemExit(f"{args.frozen} already has a post-filter")
+    start = base.postfilter
+    if start is not None and not args.fine_tune:
+        raise SystemExit(f"{args.frozen} already has a post-filter (--fine-tune trains it further)")
+    if start is None and args.fine_tune:
+        raise SystemExit(f"{args.frozen} has no post-filter to fine-tune")
+    base.postfilter = None  # the training images are decoded up to the filter's input
     args.out.mkdir(parents=True, exist_ok=True)
     ck_path, log_path = args.out / "checkpoint.pt", args.out / "log.jsonl"
 
@@ -164,7 +187,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--val-images must be between 1 and {len(images) - 1}")
 
     torch.manual_seed(args.seed)
+    if start is not None:
+        args.width = base.config.postfilter
     net = PostFilter(args.width, len(base.levels))
+    if start is not None:
+        net.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
@@ -190,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(f"val step {step}: gain dB by nearest q {per_level}")
 
     if step < args.steps:  # the training images are decoded only if there are steps left to train
-        x_hat, q = training_pairs(weights, images, args.decodes, args.seed, not args.no_progress)
+        x_hat, q = training_pairs(weights, images, args.decodes, args.seed, not args.no_progress, tuple(args.focus))
         x = images.repeat_interleave(args.decodes, 0)
         n_val = args.val_images * args.decodes
         val = (x_hat[-n_val:], q[-n_val:], x[-n_val:])
@@ -208,7 +235,10 @@ def main(argv: list[str] | None = None) -> None:
         rows, cols = slice(top, top + args.crop), slice(left, left + args.crop)
         a = torch.from_numpy(x_hat[idx.numpy(), :, rows, cols]).float()
         target = x[idx][:, :, rows, cols].float() / 255
-        loss = (net(a, torch.from_numpy(q[idx.numpy()])) - target).square().mean()
+        error = (net(a, torch.from_numpy(q[idx.numpy()])) - target).square().mean((1, 2, 3))
+        if args.loss == "relative":
+            error = error / (a - target).square().mean((1, 2, 3)).clamp(min=1e-8)
+        loss = error.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -216,9 +246,13 @@ def main(argv: list[str] | None = None) -> None:
         losses.append(loss.item())
         bar.update(1)
         if step % 100 == 0:
-            psnr = -10 * math.log10(np.mean(losses))
+            rec = {"kind": "train", "step": step, "lr": lr, "time": time.time()}
+            if args.loss == "mse":
+                rec["psnr"] = -10 * math.log10(np.mean(losses))
+            else:  # the mean squared error relative to the unfiltered crops', in dB
+                rec["gain_db"] = -10 * math.log10(np.mean(losses))
             with open(log_path, "a") as f:
-                f.write(json.dumps({"kind": "train", "step": step, "lr": lr, "psnr": psnr, "time": time.time()}) + "\n")
+                f.write(json.dumps(rec) + "\n")
             losses = []
         if step % args.val_every == 0 or step == args.steps:
             validate()
@@ -237,8 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     state = torch.load(args.frozen, map_location="cpu", weights_only=True)
     state["config"] = dict(state["config"], postfilter=args.width)
     state["postfilter"] = fp16_state(net)
-    state["info"] = dict(state.get("info", {}), postfilter={"step": step, "base": args.frozen.name,
-                                                             "base_sha256": weights.sha256})
+    info = {"step": step, "base": args.frozen.name, "base_sha256": weights.sha256}
+    if start is not None:
+        info |= {"fine_tuned": dict(state.get("info", {}).get("postfilter", {})), "loss": args.loss,
+                 "focus": list(args.focus)}
+    state["info"] = dict(state.get("info", {}), postfilter=info)
     digest = write_frozen(state, args.out / "frozen.pt")
     print(f"{args.out / 'frozen.pt'}: sha256 {digest} (post-filter step {step})")
 
