@@ -297,6 +297,11 @@ class Encoder:
                                              q=rq / RATE_SCALE, compact=True, items=items)
         return sym, bits, idx
 
+    @property
+    def sampled(self) -> bool:
+        """Whether `estimate_bytes` sees a sample of the latent (a large picture) rather than all of it."""
+        return self._sample is not None
+
     def estimate_bytes(self, rq: int) -> float:
         """Predicted file size at rq: the ideal code length under the frozen tables (the real
         coder is within a few bytes of it), with the fast float32 hyper-synthesis (within ~0.1% of
@@ -462,7 +467,8 @@ class _Job:
             goal = ratecontrol.target(width, height, bpp=self.bpp, size=self.size)
             enc = Encoder(model, self.pixels, self.mode, tile_latents=self.tile_latents)  # g_a: after the cheap checks
             fit = ratecontrol.fit(goal, enc.estimate_bytes, enc.measure_bytes,
-                                  lambda rq: enc.file(rq, self.model_id, self.weights.digest4), lo, hi, model.levels)
+                                  lambda rq: enc.file(rq, self.model_id, self.weights.digest4), lo, hi, model.levels,
+                                  ratecontrol.SAMPLED if enc.sampled else ratecontrol.WHOLE)
             result = EncodeResult(fit.data, fit.rq / RATE_SCALE, 8 * len(fit.data) / (width * height), goal.bytes,
                                   fit.warning, fit.probes, fit.measures)
         return result, enc

@@ -24,10 +24,11 @@ A size comes at three prices:
    the image) if this image's file could not even hold the header;
 2. the first guess: where the levels' nominal rates put the target, log-linear
    between them (the images' own rates differ from the levels' by up to 2x);
-3. `solve` on the estimates, from level 0 up: a secant search on log size for
-   `AIM` of the target (its first step follows the levels' curve), which stops once
-   an estimate is within `SLACK` under the aim, or once the secant's next step is
-   short and safe (`CLOSE`, `ACROSS`): that step is predicted, not probed;
+3. `solve` on the estimates, from level 0 up: a secant search on log size for the
+   aim (`Aim`: a little under the target, closer where the estimates see the whole
+   latent) (its first step follows the levels' curve), which stops once an estimate
+   is within the aim's slack under it, or once the secant's next step is short and
+   safe (`CLOSE`, `ACROSS`): that step is predicted, not probed;
 4. `search`: a measure where `solve` stops; a measure under the target and at
    least (1 - `TOLERANCE`) of it is encoded, else every estimate is corrected by
    the ratio of the measure to the estimate at its rq and `solve` runs again,
@@ -53,10 +54,6 @@ from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
 from .errors import RateError
 
 TOLERANCE = 0.03  # a file this much under the target gets a warning
-AIM = 1 - TOLERANCE / 4  # the search aims its files this little under the target: estimates are within ~0.1%
-# An estimate within this fraction of the aim ends `solve`: one more probe would move the file
-# by less than the estimates' own error on a sample.
-SLACK = 0.004
 # A step of at most CLOSE (in log size) from the nearest estimate is measured without probing it
 # first, when the other end of the secant is at most CLOSE * ACROSS / (the step) from the aim: the
 # secant's error is about half the product of its ends' distances to the aim (kodim13 at 1 bpp: 1%
@@ -67,6 +64,32 @@ CLOSE = 0.04
 ACROSS = 0.2
 MAX_PROBES = 16  # estimates per `solve`: on a cost that does not rise as assumed, it gives up
 MAX_MEASURES = 5  # measures (real encodes' symbols) per search
+
+
+@dataclass(frozen=True)
+class Aim:
+    """Where the search aims an image's file: `fraction` of the target, or, where that is closer,
+    `close` of it less `coder_bytes`; an estimate within `slack` (a fraction) under the aim ends
+    `solve`."""
+
+    fraction: float
+    slack: float
+    close: float = 0.0
+    coder_bytes: float = math.inf
+
+    def of(self, target_bytes: float) -> float:
+        return max(self.fraction * target_bytes, self.close * target_bytes - self.coder_bytes)
+
+
+# Estimates on a sample of a large image are off by up to tens of per cent; the first measure
+# corrects them to a few tenths of one, and one more probe would move the file by less.
+SAMPLED = Aim(1 - TOLERANCE / 4, slack=0.004)
+# Estimates of the whole latent are within ~0.1% of the ideal code length, and the coder adds a
+# few bytes to it (up to 13 on 256x384 Kodak crops, 0.12-2 bpp): 0.25% and 16 bytes under the
+# target, a 0.2% window. The 24 Kodak images' files land 0.3-0.4% under their targets at 1.5-2 bpp
+# (0.8-1.2% with `SAMPLED`), with as many estimates and measures; below ~3200 bytes `SAMPLED`'s aim
+# is the closer one.
+WHOLE = Aim(1 - TOLERANCE / 4, slack=0.002, close=1 - 0.0025, coder_bytes=16)
 
 
 @dataclass(frozen=True)
@@ -109,26 +132,27 @@ def target(width: int, height: int, *, bpp: float | None = None, size: int | Non
 
 
 def fit(goal: Target, estimate_bytes: Callable[[int], float], measure_bytes: Callable[[int], float],
-        encode: Callable[[int], bytes], lo: int, hi: int, levels: Sequence[float]) -> Fit:
+        encode: Callable[[int], bytes], lo: int, hi: int, levels: Sequence[float], aim: Aim = WHOLE) -> Fit:
     """The largest file <= goal.bytes that rq in [lo, hi] makes (and, where the model can, at least
     (1 - TOLERANCE) of it), by the policy in the module docstring.
 
     `estimate_bytes(rq)` predicts the file size, `measure_bytes(rq)` gives the real encode's
     exact code length (and should keep its symbols for an `encode(rq)` that follows), `encode(rq)`
     makes the real file; `levels` are the bpp the model's rate levels were trained for (level i
-    at rq = i * RATE_SCALE). Raises `RateError` when no rq in the range makes a file that small.
+    at rq = i * RATE_SCALE); `aim` is `SAMPLED` where the estimates see a sample of the latent.
+    Raises `RateError` when no rq in the range makes a file that small.
     """
     memo = _Memo(estimate_bytes, measure_bytes, encode)
     curve = LevelCurve(levels)
     guess = round(curve.rq(math.log(8 * goal.bytes / (goal.width * goal.height))))
     # From level 0 up the size rises with rq; below it only where `start` finds it does.
     bottom = min(max(0, lo), hi)
-    if solve(memo.estimate, AIM * goal.bytes, bottom, hi, {}, guess, curve) is None:
+    if solve(memo.estimate, aim.of(goal.bytes), bottom, hi, {}, guess, curve, aim.slack) is None:
         bottom = start(memo.estimate, lo, goal.bytes)
-    found = search(memo, goal.bytes, bottom, hi, guess, curve)
+    found = search(memo, goal.bytes, bottom, hi, guess, curve, aim)
     if found is None:  # under the target nowhere from the start up: go on down to the smallest file
         smallest = start(memo.estimate, lo, 0)
-        found = search(memo, goal.bytes, smallest, hi, smallest, curve) if smallest < bottom else None
+        found = search(memo, goal.bytes, smallest, hi, smallest, curve, aim) if smallest < bottom else None
         if found is None:
             size = len(memo.encode(smallest))
             raise RateError(f"cannot reach {goal.asked} for this {goal.width}x{goal.height} image: the smallest "
@@ -215,9 +239,9 @@ def start(estimate: Callable[[int], float], lo: int, below: float) -> int:
 
 
 def solve(cost: Callable[[int], float], aim: float, lo: int, hi: int, known: dict[int, float],
-          guess: int, curve: LevelCurve) -> tuple[int, float] | None:
+          guess: int, curve: LevelCurve, slack: float = WHOLE.slack) -> tuple[int, float] | None:
     """An rq in [lo, hi] for a file of `aim` bytes by `cost` (rising with rq), and its predicted
-    cost: the first probed rq within `SLACK` under the aim, or the rq a step of at most `CLOSE`
+    cost: the first probed rq within `slack` under the aim, or the rq a step of at most `CLOSE`
     (in log size) from the nearest probe predicts (without probing it), or, where the cost steps
     past the window, the largest rq under the aim. None if cost(lo) > aim.
 
@@ -227,7 +251,7 @@ def solve(cost: Callable[[int], float], aim: float, lo: int, hi: int, known: dic
     the window, so that probes land in it rather than just past its top.
     """
     pts = {r: c for r, c in known.items() if lo <= r <= hi}
-    log_mid = math.log(max(aim * (1 - SLACK / 2), 1e-9))
+    log_mid = math.log(max(aim * (1 - slack / 2), 1e-9))
 
     def f(r: int) -> float:
         return math.log(max(pts[r], 1e-9)) - log_mid
@@ -242,7 +266,7 @@ def solve(cost: Callable[[int], float], aim: float, lo: int, hi: int, known: dic
         # A bracket consistent with a rising cost: probes under the aim past its top are ignored.
         above = min((r for r, c in pts.items() if c > aim), default=None)
         below = max((r for r, c in pts.items() if c <= aim and (above is None or r < above)), default=None)
-        if below is not None and pts[below] >= (1 - SLACK) * aim:
+        if below is not None and pts[below] >= (1 - slack) * aim:
             return below, pts[below]
         if below == hi:
             return hi, pts[hi]
@@ -282,7 +306,7 @@ def solve(cost: Callable[[int], float], aim: float, lo: int, hi: int, known: dic
         sides.append(-1 if pts[nxt] <= aim else 1)
 
 
-def search(memo: _Memo, target_bytes: int, lo: int, hi: int, guess: int, curve: LevelCurve
+def search(memo: _Memo, target_bytes: int, lo: int, hi: int, guess: int, curve: LevelCurve, aim: Aim = WHOLE
            ) -> tuple[int, bytes] | None:
     """(rq, file) of the largest file <= target_bytes (and, where the model can, >= (1 - TOLERANCE)
     of it) from rq in [lo, hi], with at most MAX_MEASURES measures.
@@ -304,7 +328,8 @@ def search(memo: _Memo, target_bytes: int, lo: int, hi: int, guess: int, curve: 
         if top < low:
             break
         known = {r: e * ratio for r, e in memo.estimates.items()} | memo.measures
-        found = solve(lambda r: memo.estimate(r) * ratio, AIM * target_bytes, low, top, known, guess, curve)
+        found = solve(lambda r: memo.estimate(r) * ratio, aim.of(target_bytes), low, top, known, guess, curve,
+                      aim.slack)
         rq = found[0] if found is not None else low
         if under is not None and rq == under[0]:
             break

@@ -377,7 +377,7 @@ def _model_sizes(shift: float, tilt: float = 0.0, pixels: int = 768 * 512):
 def test_solve_lands_in_the_window_in_a_few_probes():
     """Over many budgets and images that code from 55% smaller to 30% bigger than the levels, and
     whose size rises 15% faster or slower a level, `solve` returns an rq whose cost is within
-    `SLACK` under the aim (probed) or, predicted within 1%, within 2% of it, from the levels'
+    the slack under the aim (probed) or, predicted within 1%, within 2% of it, from the levels'
     guess in 2-3 probes on average, never probing the top of the range."""
     curve = ratecontrol.LevelCurve(LEVELS)
     probes = []

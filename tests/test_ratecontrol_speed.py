@@ -29,13 +29,15 @@ def counted(monkeypatch):
 
 @pytest.mark.parametrize("name,bpp", [("kodim05.png", 0.25), ("kodim13.png", 1.0), ("kodim23.png", 0.5)])
 def test_a_search_makes_a_few_estimates_and_computes_the_file_s_symbols_once(counted, name, bpp):
-    """On Kodak crops: at most 4 estimates, one measure, and the file range-codes the measure's
-    symbols instead of computing them again; the file is in [0.97, 1] of the target."""
+    """On Kodak crops: at most 5 estimates and 2 measures (a second where a step predicted from
+    the estimates lands over the target: kodim13 at 1 bpp here, 2 of the 120 crops of the 24 at
+    0.12-2 bpp), and the file range-codes the last measure's symbols instead of computing them
+    again; the file is in [0.97, 1] of the target."""
     img = _photo(name, 256, 384)
     r = engine.encode_array(img, "RGB", bpp=bpp)
     assert 0.97 * r.target_bytes <= len(r.data) <= r.target_bytes
-    assert r.probes <= 4 and r.encodes == 1
-    assert counted == {"estimate": r.probes, "measure": 1, "payload": 1, "remade": 0}
+    assert r.probes <= 5 and r.encodes <= 2
+    assert counted == {"estimate": r.probes, "measure": r.encodes, "payload": 1, "remade": 0}
 
 
 def test_a_measure_is_the_real_file_s_size_within_a_few_bytes():
