@@ -228,7 +228,23 @@ def test_id_13_s_ll_context_stage_has_the_settings_its_weights_recorded():
     assert [s.name for s in stages] == [s.name for s in recipe.load(RECIPES / "lift-97-128-v6.toml").stages] + [
         "ll-context"]
     stage = stages[-1]
-    recorded = torch.load(ROOT / "models" / "weights" / MODELS[13].filename, weights_only=True)["info"]["context"]
+    recorded = torch.load(ROOT / "models" / "archive" / MODELS[13].filename, weights_only=True)["info"]["context"]
     assert stage.kind == "context" and stage.input == "context"
     assert stage.settings == {"ll": True, "images": recorded["ll"]["images"], "prior": recorded["ll"]["prior"],
                               "level-images": recorded["fitted_levels"]["images"]}
+
+
+def test_id_14_s_post_filter_stage_has_the_settings_its_run_recorded():
+    """Id 14's recipe is id 13's and one stage more: the post-filter's fine-tuning, whose committed
+    run state recorded the settings (and, in the shipped file, what it started from)."""
+    stages = recipe.load(RECIPES / "lift-97-128-v8.toml").stages
+    assert [s.name for s in stages] == [s.name for s in recipe.load(RECIPES / "lift-97-128-v7.toml").stages] + [
+        "postfilter-top"]
+    stage = stages[-1]
+    assert stage.kind == "postfilter" and stage.input == "ll-context"
+    args = torch.load(CHECKPOINTS / "lift-97-128-v8-postfilter.pt", weights_only=False)["args"]
+    assert {k: str(v) for k, v in stage.settings.items()} == {
+        "fine-tune": args["fine_tune"], "loss": args["loss"], "focus": args["focus"], "lr": args["lr"],
+        "steps": args["steps"]}
+    info = torch.load(ROOT / "models" / "weights" / MODELS[14].filename, weights_only=True)["info"]["postfilter"]
+    assert info["base_sha256"] == MODELS[13].sha256 and info["step"] == int(args["steps"])

@@ -34,7 +34,8 @@ def images() -> dict[str, tuple[np.ndarray, str, float, int]]:
             # Format version 2 and the subband context: the small picture, and one whose bands
             # are big enough for every label and prediction to occur.
             "v2_rgb_64x48_m12": (rgb, "RGB", 5.0, 12), "v2_sample_256x176_m12": (sample, "RGB", 4.0, 12),
-            "v2_rgb_64x48_m13": (rgb, "RGB", 5.0, 13), "v2_sample_256x176_m13": (sample, "RGB", 4.0, 13)}
+            "v2_rgb_64x48_m13": (rgb, "RGB", 5.0, 13), "v2_sample_256x176_m13": (sample, "RGB", 4.0, 13),
+            "v2_rgb_64x48_m14": (rgb, "RGB", 5.0, 14), "v2_sample_256x176_m14": (sample, "RGB", 4.0, 14)}
 
 
 def main() -> None:
