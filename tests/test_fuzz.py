@@ -57,7 +57,9 @@ def test_seeded_cases_fail_cleanly_and_as_the_spec_says(corpus, reference):
     assert slowest < 5.0
     # The CRC-fixed classes must get past the container into the payload decoder, both ways.
     assert sum(n for r, n in reasons.items() if "/payload:" in r) >= CASES // 10
-    assert reasons[fuzz_lc.IMAGE] >= 10
+    # Some cases must still decode to a picture (a mutation the format tolerates, checked against the
+    # reference): 9-16 of 200 with the seeds and corpora tried, so at least 5.
+    assert reasons[fuzz_lc.IMAGE] >= 5
 
 
 def test_damaged_chunks_and_alpha_fail_cleanly_and_as_the_spec_says(corpus, reference):
