@@ -25,10 +25,10 @@ A size comes at three prices:
 2. the first guess: where the levels' nominal rates put the target, log-linear
    between them (the images' own rates differ from the levels' by up to 2x);
 3. `solve` on the estimates, from level 0 up: a secant search on log size for the
-   aim (`Aim`: a little under the target, closer where the estimates see the whole
-   latent) (its first step follows the levels' curve), which stops once an estimate
-   is within the aim's slack under it, or once the secant's next step is short and
-   safe (`CLOSE`, `ACROSS`): that step is predicted, not probed;
+   aim, a little under the target (`Aim`; closer where the estimates see the whole
+   latent). Its first step follows the levels' curve; it stops once an estimate is
+   within the aim's slack under it, or once the secant's next step is short and safe
+   (`CLOSE`, `ACROSS`): that step is predicted, not probed;
 4. `search`: a measure where `solve` stops; a measure under the target and at
    least (1 - `TOLERANCE`) of it is encoded, else every estimate is corrected by
    the ratio of the measure to the estimate at its rq and `solve` runs again,

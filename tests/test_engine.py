@@ -374,6 +374,15 @@ def _model_sizes(shift: float, tilt: float = 0.0, pixels: int = 768 * 512):
     return size
 
 
+def test_whole_latent_estimates_aim_closer_than_sampled_ones_and_never_further():
+    """`WHOLE` aims 0.25% and 16 bytes under a target, where that is closer than `SAMPLED`'s 0.75%
+    (from about 3200 bytes up), and never further under than it."""
+    assert ratecontrol.WHOLE.of(98304) == pytest.approx(0.9975 * 98304 - 16)  # Kodak at 2 bpp
+    assert ratecontrol.WHOLE.of(1000) == ratecontrol.SAMPLED.of(1000) == pytest.approx(992.5)
+    for target in (50, 500, 3000, 3300, 10**4, 10**6):
+        assert ratecontrol.SAMPLED.of(target) <= ratecontrol.WHOLE.of(target) < target
+
+
 def test_solve_lands_in_the_window_in_a_few_probes():
     """Over many budgets and images that code from 55% smaller to 30% bigger than the levels, and
     whose size rises 15% faster or slower a level, `solve` returns an rq whose cost is within

@@ -17,7 +17,7 @@ nearest level position q. After the last step they are decoded at every
 level, the filter's strength per level is fitted on them (`calibrate`), and
 the frozen model with the filter is written.
 
-    python -m lcodec.models.training.postfilter models/weights/lift-97-128-v7.pt --out runs/pf3 \\
+    python -m lcodec.models.training.postfilter models/archive/lift-97-128-v7.pt --out runs/pf3 \\
         --fine-tune --loss relative --focus 4 8.5 --lr 3e-4 --steps 6000
 
 `--fine-tune` starts from the filter the frozen model has: the training images are decoded
