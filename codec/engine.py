@@ -348,7 +348,7 @@ class Encoder:
         if refined is None and kept is not None and kept[0] == rq:
             z, items = kept[1], _taken(kept[2], self.model.y_tables)
         else:
-            z, sym, idx = self._symbols(rq) if refined is None else self._symbols(rq, refined.z)
+            z, sym, idx = self._symbols(rq, None if refined is None else refined.z)
             items = latent_items(self.model, sym if refined is None else refined.symbols, idx, self.shape)
         del kept
         if self._sample is not None:  # a large picture's latent is not needed while the coder runs

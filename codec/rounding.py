@@ -164,9 +164,10 @@ def _round_part(model: FrozenModel, v: np.ndarray, idx: np.ndarray, ll: np.ndarr
 
     for p, coded, t in context.code_passes(model.context, idx, choose):
         k = context.kept(p, part, width)
-        bits += tables.cost_bits(coded[k], t[k])
+        coded, t = coded[k], t[k]
+        bits += tables.cost_bits(coded, t)
         if items is not None:
-            items.append((narrowed(coded[k]), t[k].copy()))
+            items.append((narrowed(coded), t.copy()))
     return bits
 
 
