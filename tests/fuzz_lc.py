@@ -743,7 +743,7 @@ def bombs(timeout: float, model_ids: tuple[int, ...]) -> list[dict]:
             "print(out, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     for model_id in model_ids:
         for side in (512, 1024, 2048, 4096, 8192):
-            data = with_crc(HEADER.pack(MAGIC, 1, model_id, MODELS[model_id].digest4, side, side, 1, 0))
+            data = with_crc(HEADER.pack(MAGIC, 2, model_id, MODELS[model_id].digest4, side, side, 1, 0))
             try:
                 p = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=timeout)
                 out, seconds, rss = p.stdout.decode().split() if p.returncode == 0 else (f"rc={p.returncode}", "nan", "nan")

@@ -123,7 +123,8 @@ def test_watchdog_reports_a_hang_and_recovers():
     """The harness itself: a case over the time budget is a 'hang', and the next case still runs."""
     from lcodec.models.registry import DEFAULT_MODEL_ID, MODELS
 
-    bomb = fuzz_lc.with_crc(fuzz_lc.HEADER.pack(b"lcod", 1, DEFAULT_MODEL_ID, MODELS[DEFAULT_MODEL_ID].digest4,
+    # Version 2: a model with a subband context refuses a version-1 file at once, which is no hang.
+    bomb = fuzz_lc.with_crc(fuzz_lc.HEADER.pack(b"lcod", 2, DEFAULT_MODEL_ID, MODELS[DEFAULT_MODEL_ID].digest4,
                                                 4096, 4096, 1, 0))
     watchdog = fuzz_lc.Watchdog(timeout=0.05, max_rss_mb=4096, address_space_mb=0)
     try:
