@@ -208,8 +208,11 @@ class Encoder:
 
     def _set_latent(self, y: torch.Tensor) -> None:
         self._y, self.shape = y, tuple(y.shape[1:])
-        zh, zw = y.shape[2] // 4, y.shape[3] // 4
-        self.z_index = np.repeat(np.arange(self.model.config.N), zh * zw)
+        self._z_elements = (y.shape[2] // 4) * (y.shape[3] // 4)  # of each channel of ẑ
+
+    def z_index(self, rq: int) -> np.ndarray:
+        """The z table of each element of ẑ (flat, C order) at rate rq."""
+        return self.model.z_index(rq, self._z_elements)
 
     @property
     def y(self) -> torch.Tensor:
@@ -314,7 +317,7 @@ class Encoder:
 
     def _estimate(self, rq: int) -> float:
         gain, z = self._hyper_latent(rq)
-        bits = self.model.z_tables.cost_bits(z.numpy().ravel(), self.z_index)
+        bits = self.model.z_tables.cost_bits(z.numpy().ravel(), self.z_index(rq))
         if self.model.context is not None:
             _, y_bits, _ = self._rounded_in_passes(rq, gain, z, exact=False)
             return OVERHEAD + (bits + y_bits) / 8
@@ -338,7 +341,7 @@ class Encoder:
             items = [([rounding.narrowed(sym)], [idx])]
         z = z.numpy().ravel()
         self._kept = rq, z, items
-        return OVERHEAD + (self.model.z_tables.cost_bits(z, self.z_index) + y_bits) / 8
+        return OVERHEAD + (self.model.z_tables.cost_bits(z, self.z_index(rq)) + y_bits) / 8
 
     def payload(self, rq: int, refined: refine.Refined | None = None) -> bytes:
         """The range-coded stream at rq (everything of the file but the header and CRC); with
@@ -353,7 +356,7 @@ class Encoder:
         del kept
         if self._sample is not None:  # a large picture's latent is not needed while the coder runs
             self._y = None
-        return range_coder.encode(itertools.chain([(z, self.z_index, self.model.z_tables)], items))
+        return range_coder.encode(itertools.chain([(z, self.z_index(rq), self.model.z_tables)], items))
 
     def file(self, rq: int, model_id: int, digest4: bytes, refined: refine.Refined | None = None) -> bytes:
         """The whole .lc file at rq, naming model `model_id` and weights digest `digest4`."""
@@ -671,7 +674,7 @@ def decode_latent(data: bytes, *, max_pixels: int = container.DEFAULT_MAX_PIXELS
     N, M = model.config.N, model.config.M
     zh, zw = hp // PAD, wp // PAD
     dec = range_coder.Decoder(payload)
-    z = dec.decode(np.repeat(np.arange(N), zh * zw), model.z_tables)
+    z = dec.decode(model.z_index(header.rate_q, zh * zw), model.z_tables)
     z = torch.from_numpy(z.astype(np.int64)).view(1, N, zh, zw)
     partial = stop > 0 and model.context is not None
     channels = reduced_channels(stop) if partial else M

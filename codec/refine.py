@@ -161,9 +161,9 @@ def _proxy_bits(v: torch.Tensor, idx: torch.Tensor, model: FrozenModel) -> torch
     return _interpolated_bits(v, idx, *rounding.bits_table(model))
 
 
-def _proxy_hyper_bits(z: torch.Tensor, model: FrozenModel) -> torch.Tensor:
-    """Σ code length of the hyper-latents z (1, N, h, w), real-valued, under the z tables (one per channel)."""
-    return _interpolated_bits(z, _channels(z), *rounding.bits_table(model, hyper=True))
+def _proxy_hyper_bits(z: torch.Tensor, model: FrozenModel, rq: int) -> torch.Tensor:
+    """Σ code length of the hyper-latents z (1, N, h, w), real-valued, under the z tables at rate rq."""
+    return _interpolated_bits(z, _z_tables(z, model, rq), *rounding.bits_table(model, hyper=True))
 
 
 def _interpolated_bits(v: torch.Tensor, idx: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
@@ -198,7 +198,7 @@ class Refiner:
         self._mean, idx = _entropy_parameters(model, self.z)
         self.idx = torch.from_numpy(idx)[None]
         self.idx_np = idx.ravel()
-        self.z_bits = _hyper_bits(model, self.z)
+        self.z_bits = _hyper_bits(model, self.z, rq)
         self.tiles = _synthesis_tiles(model, self.shape[2], self.shape[3])
 
     @property
@@ -417,21 +417,21 @@ def _latent_bits(model: FrozenModel, symbols: np.ndarray, idx: np.ndarray, shape
                for _, s, t in context.pass_items(model.context, symbols.reshape(shape), idx.reshape(shape)))
 
 
-def _hyper_bits(model: FrozenModel, z_int: torch.Tensor) -> float:
-    """The code length in bits of ẑ (int64, (1, N, h, w)) under the z tables, one per channel."""
+def _hyper_bits(model: FrozenModel, z_int: torch.Tensor, rq: int) -> float:
+    """The code length in bits of ẑ (int64, (1, N, h, w)) under the z tables at rate rq."""
     z_flat = z_int.numpy().ravel()
-    return model.z_tables.cost_bits(z_flat, np.repeat(np.arange(model.config.N), z_flat.size // model.config.N))
+    return model.z_tables.cost_bits(z_flat, model.z_index(rq, z_flat.size // model.config.N))
 
 
-def _hyper_bits_each(model: FrozenModel, z_int: torch.Tensor) -> torch.Tensor:
+def _hyper_bits_each(model: FrozenModel, z_int: torch.Tensor, rq: int) -> torch.Tensor:
     """The code length in bits of each element of ẑ (int64, (1, N, h, w)), flat; outside its
     channel's table, the escape's (`rounding.code_lengths`)."""
-    return rounding.code_lengths(_channels(z_int), rounding.bits_table(model, hyper=True))(z_int).flatten()
+    return rounding.code_lengths(_z_tables(z_int, model, rq), rounding.bits_table(model, hyper=True))(z_int).flatten()
 
 
-def _channels(z: torch.Tensor) -> torch.Tensor:
-    """The z table of each element of z (1, N, h, w): its channel."""
-    return torch.arange(z.shape[1]).view(1, -1, 1, 1).expand_as(z)
+def _z_tables(z: torch.Tensor, model: FrozenModel, rq: int) -> torch.Tensor:
+    """The z table of each element of z (1, N, h, w) at rate rq: its channel's (`FrozenModel.z_index`)."""
+    return (torch.arange(z.shape[1]) + model.z_table_offset(rq)).view(1, -1, 1, 1).expand_as(z)
 
 
 def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,
@@ -527,9 +527,9 @@ class HyperCost:
     integer ẑ; `surrogate` a differentiable stand-in for a real-valued one; `move_gains` what
     moving each element of an integer ẑ by one is expected to save."""
 
-    def __init__(self, model: FrozenModel, y: torch.Tensor, gain: torch.Tensor):
+    def __init__(self, model: FrozenModel, y: torch.Tensor, gain: torch.Tensor, rq: int):
         # u = y · gain is computed where it is read (the same floats): one latent-sized array less.
-        self.model, self.y, self.gain = model, y, gain
+        self.model, self.y, self.gain, self.rq = model, y, gain, rq
         self.lam = rounding.rdo_lambda(model) or HYPER_LAMBDA
         self.likelihood = LIKELIHOODS[model.config.likelihood]
         self.thresholds = model.scale_thresholds[:-1].contiguous()
@@ -574,11 +574,11 @@ class HyperCost:
             s, error = self._symbols_and_error(mean, idx)
             del mean
             s = np.clip(s, -2**ESCAPE_MAX_BITS, 2**ESCAPE_MAX_BITS, out=s).ravel()
-            return error + self.lam * (_hyper_bits(model, z_int) + _latent_bits(model, s, idx.ravel(), self.y.shape))
+            return error + self.lam * (_hyper_bits(model, z_int, self.rq) + _latent_bits(model, s, idx.ravel(), self.y.shape))
         mean, idx = model.latent_entropy_parameters(z_int, _index_dtype(model))
         u = self.u
         s = _round(model, u - mean, torch.from_numpy(idx)[None])
-        bits = _hyper_bits(model, z_int) + _latent_bits(model, _coded(s), idx.ravel(), self.y.shape)
+        bits = _hyper_bits(model, z_int, self.rq) + _latent_bits(model, _coded(s), idx.ravel(), self.y.shape)
         return float((u - s - mean).square().sum()) + self.lam * bits
 
     def _symbols_and_error(self, ll_mean: torch.Tensor, idx: np.ndarray) -> tuple[np.ndarray, float]:
@@ -604,7 +604,7 @@ class HyperCost:
         """`latent_surrogate` of z rounded (straight through) plus λ times ẑ's code length
         interpolated in its tables at z itself: taken at the rounded z, that interpolation's
         slope would be the one towards z + 1 whichever way z moves."""
-        return self.latent_surrogate(_straight_through(z)) + self.lam * _proxy_hyper_bits(z, self.model)
+        return self.latent_surrogate(_straight_through(z)) + self.lam * _proxy_hyper_bits(z, self.model, self.rq)
 
     def surrogate_backward(self, z: torch.Tensor) -> None:
         """Add the gradient of `surrogate` at z (a leaf) to z.grad; on a large ẑ, tile by tile
@@ -615,7 +615,7 @@ class HyperCost:
             return
         for t in grid:
             self.latent_surrogate(_straight_through(z[:, :, t.read_rows, t.read_cols]), t).backward()
-        (self.lam * _proxy_hyper_bits(z, self.model)).backward()
+        (self.lam * _proxy_hyper_bits(z, self.model, self.rq)).backward()
         release_free_memory()
 
     def latent_surrogate_backward(self, z: torch.Tensor) -> None:
@@ -660,9 +660,9 @@ class HyperCost:
         z = z_int.float().requires_grad_(True)
         self.latent_surrogate_backward(z)
         grad = z.grad.flatten()
-        now = _hyper_bits_each(self.model, z_int)
-        up = grad + self.lam * (_hyper_bits_each(self.model, z_int + 1) - now)
-        down = -grad + self.lam * (_hyper_bits_each(self.model, z_int - 1) - now)
+        now = _hyper_bits_each(self.model, z_int, self.rq)
+        up = grad + self.lam * (_hyper_bits_each(self.model, z_int + 1, self.rq) - now)
+        down = -grad + self.lam * (_hyper_bits_each(self.model, z_int - 1, self.rq) - now)
         return -torch.minimum(up, down), torch.where(up < down, 1, -1)
 
 
@@ -684,7 +684,7 @@ def refine_hyper(model: FrozenModel, y: torch.Tensor, rq: int, iterations: int, 
     a refused one (at the smallest k a refused set is not proposed again).
     """
     gain = model.gains(rq / RATE_SCALE)[0]
-    cost = HyperCost(model, y, gain)
+    cost = HyperCost(model, y, gain, rq)
     z0 = model.hyper_analysis(y * gain)
     best_z = torch.round(z0).to(torch.int64)
     cost.calibrate(best_z)

@@ -232,6 +232,12 @@ class FrozenModel:
         self.log_inv_gain = state["log_inv_gain"].float()
         self.y_tables = _tables_from_state(state["y_tables"])
         self.z_tables = _tables_from_state(state["z_tables"])
+        # ẑ's tables per rate: z_tables holds len(z_buckets) sets of N tables, set b for the rate
+        # parameters nearest z_buckets[b] (`z_table_offset`); without it one set for every rate.
+        self.z_buckets = state["z_buckets"].numpy().astype(np.int64) if "z_buckets" in state else np.zeros(1, np.int64)
+        if (self.z_tables.num_tables != len(self.z_buckets) * N or np.any(np.diff(self.z_buckets) <= 0)
+                or np.any(self.z_buckets % 2)):
+            raise ModelNotFrozenError(f"{path}: its z tables do not match its rate buckets")
         self.scale_thresholds = state["scale_thresholds"].long()
         self.rate_range = (float(state["rate_range"][0]), float(state["rate_range"][1]))
         # The subband context model (`lcodec.models.context`), for lifting models that have one.
@@ -245,6 +251,17 @@ class FrozenModel:
     @property
     def levels(self) -> tuple[float, ...]:
         return self.config.levels
+
+    def z_table_offset(self, rq: int) -> int:
+        """The first of the N z tables of a file at rate parameter rq (q · RATE_SCALE): bucket b
+        of `z_buckets` is the number of midpoints (z_buckets[i] + z_buckets[i + 1]) / 2 at or
+        below rq, and its tables are b·N .. b·N + N - 1 (SPEC.md, "Stream")."""
+        middles = (self.z_buckets[:-1] + self.z_buckets[1:]) // 2
+        return int(np.count_nonzero(middles <= rq)) * self.config.N
+
+    def z_index(self, rq: int, per_channel: int) -> np.ndarray:
+        """The z table of each element of ẑ (N, per_channel elements each, C order) at rate rq."""
+        return np.repeat(np.arange(self.config.N, dtype=np.int64) + self.z_table_offset(rq), per_channel)
 
     def gains(self, q: float) -> tuple[torch.Tensor, torch.Tensor]:
         """gain(q), inv_gain(q) as (1, M, 1, 1): log-linear inter/extrapolation of the levels."""

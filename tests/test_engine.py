@@ -189,8 +189,9 @@ def test_coded_bits_match_the_model_estimate(q):
     likelihood = LIKELIHOODS[model.config.likelihood]
     ideal_y = -torch.log2(likelihood(torch.from_numpy(sym).double(), torch.zeros(1), scale,
                                      bound=model.config.scale_bound)).sum().item()
-    ideal = ideal_y + model.z_tables.cost_bits(z, enc.z_index)
-    real = 8 * len(range_coder.encode([(z, enc.z_index, model.z_tables), (sym, idx, model.y_tables)]))
+    rq = round(q * engine.RATE_SCALE)
+    ideal = ideal_y + model.z_tables.cost_bits(z, enc.z_index(rq))
+    real = 8 * len(range_coder.encode([(z, enc.z_index(rq), model.z_tables), (sym, idx, model.y_tables)]))
     assert ideal > 1000
     assert abs(real - ideal) / ideal < 0.05
 

@@ -114,10 +114,11 @@ def test_a_move_s_expected_saving_counts_the_hyper_latent_s_own_bits_exactly():
     the direction of the step it names (both directions are looked at)."""
     model = engine.load_model(engine.DEFAULT_MODEL_ID)
     enc = engine.Encoder(model, smooth_rgb(128, 128), "RGB")
-    cost = refine.HyperCost(model, enc.y, model.gains(3.0)[0])
+    rq = 3 * engine.RATE_SCALE
+    cost = refine.HyperCost(model, enc.y, model.gains(3.0)[0], rq)
     z = model.hyper_latent(cost.u)
     flat = z.flatten()
-    assert float(refine._hyper_bits_each(model, z).sum()) == pytest.approx(refine._hyper_bits(model, z), rel=1e-5)
+    assert float(refine._hyper_bits_each(model, z, rq).sum()) == pytest.approx(refine._hyper_bits(model, z, rq), rel=1e-5)
 
     zf = z.float().requires_grad_(True)
     cost.latent_surrogate(zf).backward()
@@ -128,7 +129,7 @@ def test_a_move_s_expected_saving_counts_the_hyper_latent_s_own_bits_exactly():
         for step in (1, -1):
             moved = flat.clone()
             moved[e] += step
-            z_bits = refine._hyper_bits(model, moved.view_as(z)) - refine._hyper_bits(model, z)
+            z_bits = refine._hyper_bits(model, moved.view_as(z), rq) - refine._hyper_bits(model, z, rq)
             expected.append(-step * float(grad[e]) - cost.lam * z_bits)
         named = expected[0] if int(steps[e]) == 1 else expected[1]
         assert float(gains[e]) == pytest.approx(max(expected), rel=1e-4, abs=1e-3) == named

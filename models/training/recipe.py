@@ -23,7 +23,7 @@ A recipe is a TOML file (`models/recipes/`):
     lr = 3e-4
 
 Each stage is one run of a single-stage command (`python -m lcodec.models.training.train`,
-`fit_levels`, `freeze`, `postfilter`, `context`, `widen`; `--dry-run` prints them) into its own folder, where
+`fit_levels`, `freeze`, `postfilter`, `context`, `z_tables`, `widen`; `--dry-run` prints them) into its own folder, where
 `stage.json` records its settings and its input's SHA-256, and its output's once it has finished.
 Running the same command again skips the finished stages and continues at the first unfinished
 one; a training stage continues from its last checkpoint. A folder begun with other settings or
@@ -187,6 +187,9 @@ KINDS: dict[str, StageKind] = {
     # a frozen lifting model's subband context fitted on its training latents, levels refitted
     "context": StageKind("lcodec.models.training.context", "frozen.pt", _file_argv("frozen.pt", data=True),
                          lambda s: s | {"images": 2, "level-images": 0}),
+    # a frozen model's z tables counted per rate bucket, levels refitted
+    "z_tables": StageKind("lcodec.models.training.z_tables", "frozen.pt", _file_argv("frozen.pt", data=True),
+                          lambda s: s | {"images": 2, "level-images": 0}),
     # a checkpoint's latent width changed or a rate level added
     "widen": StageKind("lcodec.models.training.widen", "widened.pt", _file_argv("widened.pt", data=True),
                        lambda s: s | ({"images": 2} if "images" in s else {})),
