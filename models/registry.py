@@ -120,15 +120,18 @@ MODELS: Mapping[int, ModelEntry] = MappingProxyType({
     13: ModelEntry(13, "lift-97-128-v7", "lift-97-128-v7.pt", "42f1e0c58f5c7cb2f74820320edbe419822c7a950fafefa4f1a4e0dde8368e00"),
     # id 14: id 13 with its post-filter trained further on id 13's decoded images, weighing every rate alike.
     14: ModelEntry(14, "lift-97-128-v8", "lift-97-128-v8.pt", "bcad12a0b9a45e84e0be784fb3109c00832ba78e2243374e5fb4a76cb17f2984"),
+    # id 15: id 14 with its post-filter trained further on id 14's decoded images (the top rates weighing
+    # more) and z tables per rate (one set for each integer q), levels refitted.
+    15: ModelEntry(15, "lift-97-128-v9", "lift-97-128-v9.pt", "090e024e9ae89239c296726b42d0f63c1d72430c740f24afe5c574d07e79bce1"),
 })
 
 # The model of one-pass encodes (`rate=`) and of `model_info`.
-DEFAULT_MODEL_ID = 14
+DEFAULT_MODEL_ID = 15
 # The models an encode to a bpp or size target chooses between, per image: it keeps the file
 # whose decoded pixels have the higher PSNR (ties: the first). One model: with id 10, id 6 as a
 # second choice bought +0.005 / +0.008 dB at 0.06 / 0.12 bpp and nothing from 0.25 bpp (first 8
 # Kodak images) for twice the encode time, and each later id is above the one before at every level.
-CHOICE_MODEL_IDS = (14,)
+CHOICE_MODEL_IDS = (15,)
 # The models whose weights the package ships (`weights/`; pyproject.toml's package-data takes every
 # .pt file there, and tests/test_release.py checks that the wheel holds these and nothing else):
 # the test model and the models new files are made with. The others' files are in models/archive/.

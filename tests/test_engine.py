@@ -46,7 +46,7 @@ def test_golden_file_decodes_to_known_pixels(name, archived_weights):
     assert hashlib.sha256(pixels.tobytes()).hexdigest() == expected["pixels_sha256"]
 
 
-@pytest.mark.parametrize("name", ["v1_rgb_64x48.lc", "v2_sample_256x176_m14.lc"])
+@pytest.mark.parametrize("name", ["v1_rgb_64x48.lc", "v2_sample_256x176_m15_q9.lc"])
 def test_golden_file_decodes_identically_with_one_and_two_threads(name):
     code = ("import sys, hashlib, torch; torch.set_num_threads(int(sys.argv[1])); from lcodec import engine;"
             "p, _ = engine.decode_array(open(sys.argv[2], 'rb').read()); print(hashlib.sha256(p.tobytes()).hexdigest())")

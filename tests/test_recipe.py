@@ -246,5 +246,24 @@ def test_id_14_s_post_filter_stage_has_the_settings_its_run_recorded():
     assert {k: str(v) for k, v in stage.settings.items()} == {
         "fine-tune": args["fine_tune"], "loss": args["loss"], "focus": args["focus"], "lr": args["lr"],
         "steps": args["steps"]}
-    info = torch.load(ROOT / "models" / "weights" / MODELS[14].filename, weights_only=True)["info"]["postfilter"]
+    info = torch.load(ROOT / "models" / "archive" / MODELS[14].filename, weights_only=True)["info"]["postfilter"]
     assert info["base_sha256"] == MODELS[13].sha256 and info["step"] == int(args["steps"])
+
+
+def test_id_15_s_stages_have_the_settings_their_runs_recorded():
+    """Id 15's recipe is id 14's and two stages more: the post-filter trained again, whose committed
+    run state recorded its settings, and the z tables per rate, whose settings the shipped file
+    records."""
+    stages = recipe.load(RECIPES / "lift-97-128-v9.toml").stages
+    assert [s.name for s in stages] == [s.name for s in recipe.load(RECIPES / "lift-97-128-v8.toml").stages] + [
+        "postfilter-top2", "z-tables"]
+    postfilter, tables = stages[-2:]
+    assert postfilter.kind == "postfilter" and postfilter.input == "postfilter-top"
+    args = torch.load(CHECKPOINTS / "lift-97-128-v9-postfilter.pt", weights_only=False)["args"]
+    assert {k: str(v) for k, v in postfilter.settings.items()} == {
+        "fine-tune": args["fine_tune"], "loss": args["loss"], "focus": args["focus"], "lr": args["lr"],
+        "steps": args["steps"]}
+    info = torch.load(ROOT / "models" / "weights" / MODELS[15].filename, weights_only=True)["info"]
+    assert info["postfilter"]["base_sha256"] == MODELS[14].sha256 and info["postfilter"]["step"] == int(args["steps"])
+    assert tables.kind == "z_tables" and tables.input == "postfilter-top2"
+    assert tables.settings == {"images": info["z_tables"]["images"]}

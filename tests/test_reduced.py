@@ -20,7 +20,7 @@ from lcodec.models.frozen import half_block_shift
 from lcodec.models.lifting import reduced_channels
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-SAMPLE = GOLDEN / "v2_sample_256x176_m14.lc"  # model 14: every pass codes symbols
+SAMPLE = GOLDEN / "v2_sample_256x176_m15.lc"  # model 15: every pass codes symbols
 FACTORS = (2, 4, 8, 16)
 
 

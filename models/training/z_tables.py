@@ -8,8 +8,9 @@ A hyperprior's z prior is one table per channel of ẑ, trained with the rest of
 others. This tool gives the model one set of N tables per bucket of the rate parameter q: one
 bucket per integer q of its rate range. For training crops it takes ẑ at four q spread evenly
 over each bucket (b - 3/8, b - 1/8, b + 1/8, b + 3/8) and counts each channel's values; a
-table is its counts plus `PSEUDO_COUNT` for each value in -`SUPPORT` .. `SUPPORT`, trimmed and
-quantised as the z tables are (`pmf_tables`). The file's rate parameter picks the set
+table is its counts plus `PSEUDO_COUNT` for each value in -`SUPPORT` .. `SUPPORT`, its tails
+holding less than `TAIL_MASS` trimmed (values beyond the counted ones are escaped) and quantised as
+the z tables are (`pmf_tables`). The file's rate parameter picks the set
 (`FrozenModel.z_table_offset`, SPEC.md "Stream"). Everything else of the model stays as it is.
 
 The tables change what every q costs, so the levels are refitted to their targets afterwards
@@ -35,7 +36,8 @@ from .freeze import _tables_state
 from .train import load_images
 
 SUPPORT = 255  # values counted one by one: -SUPPORT .. SUPPORT; a table escapes the others
-PSEUDO_COUNT = 0.01  # added to every value's count: a value unseen in training stays codable cheaply
+PSEUDO_COUNT = 0.001  # added to every value's count: a value unseen amid seen ones stays in the table
+TAIL_MASS = 1e-4  # the tails trimmed into the escape: far beyond the values seen, only the escape
 SPREAD = (-0.375, -0.125, 0.125, 0.375)  # the q counted for bucket b, relative to b
 
 
@@ -65,7 +67,7 @@ def count(model: FrozenModel, images: torch.Tensor, centres: np.ndarray) -> np.n
 def tables_state(hist: np.ndarray) -> dict:
     """The z tables (buckets · N of them, bucket-major) of the counts, as a frozen file stores them."""
     pmf = hist.reshape(-1, hist.shape[-1]).astype(np.float64) + PSEUDO_COUNT
-    return _tables_state(pmf_tables(pmf / pmf.sum(1, keepdims=True), -SUPPORT))
+    return _tables_state(pmf_tables(pmf / pmf.sum(1, keepdims=True), -SUPPORT, tail_mass=TAIL_MASS))
 
 
 def with_tables(source: Path, out: Path, data: Path, images: int) -> None:
@@ -79,7 +81,8 @@ def with_tables(source: Path, out: Path, data: Path, images: int) -> None:
     state["z_tables"] = tables_state(hist)
     state["z_buckets"] = torch.from_numpy(centres)
     state["info"] = dict(state.get("info", {})) | {
-        "z_tables": {"data": str(data), "images": images, "support": SUPPORT, "pseudo_count": PSEUDO_COUNT}}
+        "z_tables": {"data": str(data), "images": images, "support": SUPPORT, "pseudo_count": PSEUDO_COUNT,
+                       "tail_mass": TAIL_MASS}}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     torch.save(state, tmp)

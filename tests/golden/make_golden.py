@@ -35,7 +35,10 @@ def images() -> dict[str, tuple[np.ndarray, str, float, int]]:
             # are big enough for every label and prediction to occur.
             "v2_rgb_64x48_m12": (rgb, "RGB", 5.0, 12), "v2_sample_256x176_m12": (sample, "RGB", 4.0, 12),
             "v2_rgb_64x48_m13": (rgb, "RGB", 5.0, 13), "v2_sample_256x176_m13": (sample, "RGB", 4.0, 13),
-            "v2_rgb_64x48_m14": (rgb, "RGB", 5.0, 14), "v2_sample_256x176_m14": (sample, "RGB", 4.0, 14)}
+            "v2_rgb_64x48_m14": (rgb, "RGB", 5.0, 14), "v2_sample_256x176_m14": (sample, "RGB", 4.0, 14),
+            # z tables per rate: a high rate's bucket as well.
+            "v2_rgb_64x48_m15": (rgb, "RGB", 5.0, 15), "v2_sample_256x176_m15": (sample, "RGB", 4.0, 15),
+            "v2_sample_256x176_m15_q9": (sample, "RGB", 9.0, 15)}
 
 
 def main() -> None:
