@@ -61,7 +61,7 @@ import torch
 
 from . import rounding
 from .bitstream.container import OVERHEAD_BYTES, RATE_SCALE
-from .bitstream.tables import ESCAPE_MAX_BITS
+from .bitstream.tables import ESCAPE_MAX_BITS, escape_payload_bits
 from .models import context
 from .models.entropy_models import LIKELIHOODS
 from .models.frozen import (HYPER_HALO, PAD, TILE_LATENTS, FrozenModel, Tile, one_thread_per_operation,
@@ -424,9 +424,18 @@ def _hyper_bits(model: FrozenModel, z_int: torch.Tensor, rq: int) -> float:
 
 
 def _hyper_bits_each(model: FrozenModel, z_int: torch.Tensor, rq: int) -> torch.Tensor:
-    """The code length in bits of each element of ẑ (int64, (1, N, h, w)), flat; outside its
-    channel's table, the escape's (`rounding.code_lengths`)."""
-    return rounding.code_lengths(_z_tables(z_int, model, rq), rounding.bits_table(model, hyper=True))(z_int).flatten()
+    """The code length in bits of each element of ẑ (int64, (1, N, h, w)) under its table at rate
+    rq, flat; outside its table, the escape symbol's and the escaped value's own bits, as
+    `CdfTables.cost_bits` counts them (z tables are trimmed to the values seen in training)."""
+    tables = rounding.bits_table(model, hyper=True)
+    idx = _z_tables(z_int, model, rq).flatten()
+    z = z_int.flatten()
+    bits = rounding.code_lengths(idx, tables)(z)
+    col = z - tables[1][idx]
+    outside = (col < 0) | (col >= tables[2][idx])
+    if bool(outside.any()):
+        bits[outside] += torch.from_numpy(escape_payload_bits(z[outside].numpy()).astype(np.float32))
+    return bits
 
 
 def _z_tables(z: torch.Tensor, model: FrozenModel, rq: int) -> torch.Tensor:
