@@ -27,8 +27,9 @@ rounded. Refinement searches for better ones for this image, in two stages.
 
    each step moving the symbols that the gradient of D, the synthesis's own energy
    per symbol and the exact code-length change say will save most -- at most one
-   per latent position and none in neighbouring positions, since neighbours'
-   changes overlap in the picture -- and keeping the move only if the exact cost
+   per latent position in each level's block of channels and none in neighbouring
+   positions of the same block, since neighbours' changes overlap in the picture
+   and a level's do little to another's -- and keeping the move only if the exact cost
    falls within the budget. RDO rounding weighs every latent's error alike; the
    real error is the picture's after the clamp and the post-filter, and it is
    smaller for some moves than that weighing says. For the other models
@@ -81,7 +82,7 @@ HYPER_LR = 0.01  # Adam's step on z (quantisation step 1); 0.003 and 0.03 take l
 HYPER_LAMBDA = 0.06  # λ of ẑ's cost for models with plain rounding (the lifting models' rounding λ)
 HYPER_CHECK = 10  # Adam: the exact cost of ẑ is measured every this many iterations (and at the last)
 FLIP_START, FLIP_MIN, FLIP_MAX = 256, 8, 4096  # elements of ẑ moved at once by the second search
-SYMBOL_START, SYMBOL_MIN, SYMBOL_MAX = 64, 8, 4096  # symbols moved at once by `refine_symbols`
+SYMBOL_START, SYMBOL_MIN, SYMBOL_MAX = 64, 8, 16384  # symbols moved at once by `refine_symbols`
 SYMBOL_OVER = 1.5  # μ grows this much when a move that lowers the cost would overflow the budget
 IMPULSE_LATENTS = 48  # the synthesis's energy per symbol is estimated on a canvas of this many latents a side
 FILL_RANGE, FILL_STEPS = 4.0, 8  # the rounding's λ may change this much to fill the budget; bisection steps
@@ -747,7 +748,8 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
     holds the symbols found (and is returned), or with None what it held.
 
     Each step moves by one the (at most k) symbols expected to lower D + μ·bits most, one per
-    latent position and none in neighbouring ones (`_spread`): the saving of a step ±1 is
+    latent position in each block of `_move_blocks` and none in neighbouring positions of the
+    same block (`_spread`): the saving of a step ±1 is
     ∓dD/ds (the gradient through the synthesis and the post-filter) less the synthesis's energy
     per symbol (`_symbol_energy`) and μ times the exact change of the code length. A move is kept
     if the exact cost falls and the file fits: k doubles after a kept move and halves after a
@@ -766,6 +768,7 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
     ceiling = budget - 4 - 1e-3 * budget
     aim = (1 - AIM) * budget
     energy = (_symbol_energy(model) * ref.inv_gain.flatten() ** 2).view(1, -1, 1, 1)
+    blocks = _move_blocks(model)
     mu = float(energy.median()) * rounding.rdo_lambda(model)
     s = symbols
     s_view = torch.from_numpy(s).view(ref.shape)  # shares s's memory
@@ -783,7 +786,7 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
             d, grad = ref.distortion_and_gradient(s_view, d, dtype)
         if up_bits is None:
             up_bits, down_bits = _bit_changes(ref, s, dtype)
-        per_position, channel, step = _best_moves(grad, energy, mu, up_bits, down_bits, refused)
+        per_position, channel, step = _best_moves(grad, energy, mu, up_bits, down_bits, refused, blocks)
         if len(ref.tiles) > 1:  # not alive beside the candidate's picture; made again after a refusal
             up_bits = down_bits = None
         chosen = _spread_positions(per_position, channel, k)
@@ -885,45 +888,65 @@ def _items(ref: Refiner, sym: np.ndarray) -> Iterator[tuple[Callable[[np.ndarray
         yield put, coded, t
 
 
+def _move_blocks(model: FrozenModel) -> tuple[tuple[int, int], ...]:
+    """The blocks of y's channels (first, last + 1) in each of which `refine_symbols` moves at
+    most one symbol per latent position: for a lifting model the LL block and each level's
+    details (one level's synthesis responses overlap another's little); else all of y."""
+    M = model.config.M
+    if model.config.arch != "lifting":
+        return ((0, M),)
+    starts = [context.level_channels(level)[0] for level in range(context.LL_LEVEL, 0, -1)]
+    return tuple(zip(starts, starts[1:] + [M]))
+
+
 def _best_moves(grad: torch.Tensor, energy: torch.Tensor, mu: float, up_bits: torch.Tensor,
-                down_bits: torch.Tensor, refused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per latent position (1, 1, h, w): the largest saving of moving one of its symbols by one (not
-    one of the flat indices `refused`), that symbol's channel, and per symbol (1, M, h, w) the step
-    (+1 or -1) that saves more. A few channels at a time; ties go to the first channel, as
-    `Tensor.max` gives them."""
-    best = channel = None
+                down_bits: torch.Tensor, refused: torch.Tensor, blocks: tuple[tuple[int, int], ...]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block of channels and latent position (B, h, w): the largest saving of moving one of
+    its symbols by one (not one of the flat indices `refused`), that symbol's channel, and per
+    symbol (1, M, h, w) the step (+1 or -1) that saves more. A few channels at a time; ties go to
+    the first channel, as `Tensor.max` gives them."""
+    h, w = grad.shape[2], grad.shape[3]
+    best = torch.empty((len(blocks), h, w))
+    channel = torch.empty((len(blocks), h, w), dtype=torch.int64)
     step = torch.empty(grad.shape, dtype=torch.int8)
-    plane = grad.shape[2] * grad.shape[3]
-    for c in range(0, grad.shape[1], SAVING_CHANNELS):
-        part = slice(c, c + SAVING_CHANNELS)
-        g, e = grad[:, part].float(), energy[:, part]
-        up = g + e + mu * up_bits[:, part].float()
-        down = -g + e + mu * down_bits[:, part].float()
-        step[:, part] = torch.where(up < down, 1, -1)
-        saving = -torch.minimum(up, down)
-        inside = refused[(refused >= c * plane) & (refused < (c + g.shape[1]) * plane)]
-        saving.view(-1)[inside - c * plane] = 0
-        value, where = saving.max(dim=1, keepdim=True)
-        if best is None:
-            best, channel = value, where + c
-        else:
-            better = value > best
-            best, channel = torch.where(better, value, best), torch.where(better, where + c, channel)
+    plane = h * w
+    for b, (first, end) in enumerate(blocks):
+        for c in range(first, end, SAVING_CHANNELS):
+            part = slice(c, min(c + SAVING_CHANNELS, end))
+            g, e = grad[:, part].float(), energy[:, part]
+            up = g + e + mu * up_bits[:, part].float()
+            down = -g + e + mu * down_bits[:, part].float()
+            step[:, part] = torch.where(up < down, 1, -1)
+            saving = -torch.minimum(up, down)
+            inside = refused[(refused >= c * plane) & (refused < (c + g.shape[1]) * plane)]
+            saving.view(-1)[inside - c * plane] = 0
+            value, where = saving[0].max(dim=0)
+            if c == first:
+                best[b], channel[b] = value, where + c
+            else:
+                better = value > best[b]
+                best[b], channel[b] = torch.where(better, value, best[b]), torch.where(better, where + c, channel[b])
     return best, channel, step
 
 
-def _spread(saving: torch.Tensor, k: int) -> torch.Tensor:
+def _spread(saving: torch.Tensor, k: int, blocks: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
     """The flat indices of the (at most k) largest positive savings (1, M, h, w), at most one
-    per latent position (its channel's largest) and none in the 8 positions around a chosen one."""
-    return _spread_positions(*saving.max(dim=1, keepdim=True), k)
+    per latent position in each block of channels (by default all of them; its channel's
+    largest) and none in the 8 positions around a chosen one of the same block."""
+    blocks = blocks or ((0, saving.shape[1]),)
+    maxima = [saving[0, first:end].max(dim=0) for first, end in blocks]
+    return _spread_positions(torch.stack([m.values for m in maxima]),
+                             torch.stack([m.indices + first for m, (first, _) in zip(maxima, blocks)]), k)
 
 
 def _spread_positions(per_position: torch.Tensor, channel: torch.Tensor, k: int) -> torch.Tensor:
-    """`_spread` of the largest saving at each position (1, 1, h, w) and its channel."""
-    peak = torch.nn.functional.max_pool2d(per_position, 3, stride=1, padding=1)
+    """`_spread` of the largest saving per block and position (B, h, w) and its channel."""
+    peak = torch.nn.functional.max_pool2d(per_position[:, None], 3, stride=1, padding=1)[:, 0]
     candidates = torch.where((per_position == peak) & (per_position > 0), per_position, 0).flatten()
     chosen = torch.topk(candidates, min(k, int((candidates > 0).sum()))).indices
-    return channel.flatten()[chosen] * candidates.numel() + chosen
+    plane = per_position.shape[1] * per_position.shape[2]
+    return channel.flatten()[chosen] * plane + chosen % plane
 
 
 @functools.lru_cache(maxsize=8)

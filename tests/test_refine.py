@@ -299,3 +299,23 @@ def test_weights_that_are_not_installed_refine_and_decode_with_themselves(tmp_pa
     assert len(result.data) <= 3000
     assert container.read_header(result.data).weights_digest == weights.digest4
     engine.decode_array(result.data, weights=weights)
+
+
+def test_moved_symbols_are_one_per_position_in_each_block_of_channels():
+    """With blocks (a lifting model's levels), each block moves at most one symbol per position
+    and none at neighbouring positions, but two blocks may move symbols at the same place."""
+    saving = torch.randn(1, 6, 12, 10, generator=torch.Generator().manual_seed(1)).abs()
+    blocks = ((0, 2), (2, 6))
+    chosen = refine._spread(saving, 1000, blocks)
+    channel, position = chosen // (12 * 10), chosen % (12 * 10)
+    rows, cols = position // 10, position % 10
+    block = (channel >= 2).long()
+    assert len(set(block.tolist())) == 2 and len(set(position.tolist())) < len(chosen)
+    for i in range(len(chosen)):
+        first, end = blocks[block[i]]
+        assert float(saving.flatten()[chosen[i]]) == float(saving[0, first:end, rows[i], cols[i]].max())
+        for j in range(i):
+            if block[i] == block[j]:
+                assert max(abs(rows[i] - rows[j]), abs(cols[i] - cols[j])) >= 2
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
+    assert refine._move_blocks(model) == ((0, 3), (3, 12), (12, 48), (48, 192), (192, 768))
