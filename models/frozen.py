@@ -255,7 +255,7 @@ class FrozenModel:
     def z_table_offset(self, rq: int) -> int:
         """The first of the N z tables of a file at rate parameter rq (q · RATE_SCALE): bucket b
         of `z_buckets` is the number of midpoints (z_buckets[i] + z_buckets[i + 1]) / 2 at or
-        below rq, and its tables are b·N .. b·N + N - 1 (SPEC.md, "Stream")."""
+        below rq, and its tables are b·N .. b·N + N - 1 (SPEC.md, "z tables per rate")."""
         middles = (self.z_buckets[:-1] + self.z_buckets[1:]) // 2
         return int(np.count_nonzero(middles <= rq)) * self.config.N
 
