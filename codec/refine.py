@@ -440,8 +440,8 @@ def _hyper_bits_each(model: FrozenModel, z_int: torch.Tensor, rq: int) -> torch.
 
 
 def _z_tables(z: torch.Tensor, model: FrozenModel, rq: int) -> torch.Tensor:
-    """The z table of each element of z (1, N, h, w) at rate rq: its channel's (`FrozenModel.z_index`)."""
-    return (torch.arange(z.shape[1]) + model.z_table_offset(rq)).view(1, -1, 1, 1).expand_as(z)
+    """The z table of each element of z (1, N, h, w) at rate rq (`FrozenModel.z_index`), shaped as z."""
+    return torch.from_numpy(model.z_index(rq, z[0, 0].numel())).view(z.shape)
 
 
 def refine(model: FrozenModel, x: torch.Tensor, height: int, width: int, y: torch.Tensor, rq: int,

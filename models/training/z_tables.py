@@ -32,7 +32,7 @@ from ...engine import Encoder
 from ..frozen import FrozenModel
 from ..registry import sha256_file
 from .context import refit_levels
-from .freeze import _tables_state
+from .freeze import _tables_state, write_frozen
 from .train import load_images
 
 SUPPORT = 255  # values counted one by one: -SUPPORT .. SUPPORT; a table escapes the others
@@ -70,23 +70,17 @@ def tables_state(hist: np.ndarray) -> dict:
     return _tables_state(pmf_tables(pmf / pmf.sum(1, keepdims=True), -SUPPORT, tail_mass=TAIL_MASS))
 
 
-def with_tables(source: Path, out: Path, data: Path, images: int) -> None:
-    """Write `source` with z tables per bucket counted on `images` training crops."""
+def with_tables(source: Path, out: Path, crops: torch.Tensor, info: dict) -> None:
+    """Write `source` with z tables per bucket counted on the training `crops` (`info` says which)."""
     model = FrozenModel(source)
-    crops = load_images(data)
-    crops = crops[np.linspace(0, len(crops) - 1, min(images, len(crops))).round().astype(int)]
     centres = buckets(model)
     hist = count(model, crops, centres)
     state = torch.load(source, map_location="cpu", weights_only=True)
     state["z_tables"] = tables_state(hist)
     state["z_buckets"] = torch.from_numpy(centres)
     state["info"] = dict(state.get("info", {})) | {
-        "z_tables": {"data": str(data), "images": images, "support": SUPPORT, "pseudo_count": PSEUDO_COUNT,
-                       "tail_mass": TAIL_MASS}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
+        "z_tables": info | {"support": SUPPORT, "pseudo_count": PSEUDO_COUNT, "tail_mass": TAIL_MASS}}
+    write_frozen(state, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,10 +93,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="training images on which the levels are refitted to their targets (0: keep them)")
     args = ap.parse_args(argv)
 
-    with_tables(args.weights, args.out, args.data, args.images)
+    crops = load_images(args.data)
+    crops = crops[np.linspace(0, len(crops) - 1, min(args.images, len(crops))).round().astype(int)]
+    info = {"data": str(args.data), "images": args.images}
+    with_tables(args.weights, args.out, crops, info)
     if args.level_images:
         refit_levels(args.out, args.data, args.level_images)
-        with_tables(args.out, args.out, args.data, args.images)  # counted again at the refitted gains
+        with_tables(args.out, args.out, crops, info)  # counted again at the refitted gains
     print(f"{args.out}: sha256 {sha256_file(args.out)}")
 
 
