@@ -368,6 +368,8 @@ class Refiner:
 
         with one_thread_per_operation() as threads:  # as `FrozenModel.synthesize`
             self.model._draw_tiled(y, self.q, TILE_LATENTS, threads, add)
+        del y
+        release_free_memory()  # the tiles' temporaries, kept in their threads' arenas
         return total
 
     def one_pass(self) -> tuple[np.ndarray, float, float]:

@@ -61,3 +61,12 @@ def test_a_model_that_cannot_reach_the_target_is_skipped(monkeypatch, effort):
 def test_one_pass_encodes_use_the_default_model():
     data = lcodec.encode(smooth_rgb(64, 64), rate=3.0)
     assert container.read_header(data).model_id == DEFAULT_MODEL_ID
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_the_squared_error_is_summed_exactly_a_band_at_a_time(mode):
+    pixels = smooth_rgb(engine.ERROR_ROWS + 40, 48, seed=3)
+    if mode == "L":
+        pixels = pixels[:, :, 1].copy()
+    result = engine.encode_array(pixels, mode, bpp=0.5)
+    assert engine._squared_error(pixels, result, engine.installed_weights(DEFAULT_MODEL_ID)) == _mse(result.data, pixels)
