@@ -26,7 +26,8 @@ rounded. Refinement searches for better ones for this image, in two stages.
        D(s) + μ · bits(s),   D = Σ (x̂(s) − x)²  (8-bit scale, after the post-filter)
 
    each step moving the symbols that the gradient of D, the synthesis's own energy
-   per symbol and the exact code-length change say will save most -- at most one
+   per symbol and the change of the code length (the symbol's own, and with a subband
+   context on one tile that of the symbols whose labels count it) say will save most -- at most one
    per latent position in each level's block of channels and none in neighbouring
    positions of the same block, since neighbours' changes overlap in the picture
    and a level's do little to another's -- and keeping the move only if the exact cost
@@ -73,7 +74,7 @@ from .models.integer_hyper import OUT_BITS
 # each search for ẑ at each rate tried, and the steps on y at the rate kept (`latent_iterations`):
 # symbol moves for models with RDO rounding, Adam iterations for the others.
 HYPER_ITERATIONS = (0, 4, 8, 12, 16, 24, 32, 40, 50, 60)
-SYMBOL_ITERATIONS = (0, 2, 4, 6, 8, 12, 16, 20, 25, 30)
+SYMBOL_ITERATIONS = (0, 2, 4, 6, 8, 12, 16, 20, 25, 60)
 LATENT_ITERATIONS = (0, 0, 0, 0, 0, 5, 5, 10, 15, 20)
 HYPER_TRIES = 3  # rates tried with a refined ẑ, the first where the file would fill the budget ...
 HYPER_SAVING = 0.08  # ... if refinement made it this much smaller than the one-pass file
@@ -105,7 +106,7 @@ RATE_SLACK = 0.03  # a refined file may be this much under the budget (as rate c
 # one-pass rate control aims (`ratecontrol.WHOLE`): on 6 Kodak images at 0.5 bpp effort 9's files
 # are 0.5% under instead of 1.2%, +0.035 dB. The ceiling (0.1% and 4 bytes under) stays the limit.
 AIM = 0.004
-STEER = 3.0  # μ is multiplied by exp(STEER * relative excess) after every iteration
+STEER = 10.0  # μ is multiplied by exp(STEER * relative excess) after every iteration
 
 
 def iterations(effort: int, model: FrozenModel, height: int | None = None, width: int | None = None) -> int:
@@ -430,15 +431,8 @@ def _hyper_bits_each(model: FrozenModel, z_int: torch.Tensor, rq: int) -> torch.
     """The code length in bits of each element of ẑ (int64, (1, N, h, w)) under its table at rate
     rq, flat; outside its table, the escape symbol's and the escaped value's own bits, as
     `CdfTables.cost_bits` counts them (z tables are trimmed to the values seen in training)."""
-    tables = rounding.bits_table(model, hyper=True)
-    idx = _z_tables(z_int, model, rq).flatten()
-    z = z_int.flatten()
-    bits = rounding.code_lengths(idx, tables)(z)
-    col = z - tables[1][idx]
-    outside = (col < 0) | (col >= tables[2][idx])
-    if bool(outside.any()):
-        bits[outside] += torch.from_numpy(escape_payload_bits(z[outside].numpy()).astype(np.float32))
-    return bits
+    return _escaped_code_lengths(_z_tables(z_int, model, rq).flatten(), rounding.bits_table(model, hyper=True))(
+        z_int.flatten())
 
 
 def _z_tables(z: torch.Tensor, model: FrozenModel, rq: int) -> torch.Tensor:
@@ -753,7 +747,7 @@ def refine_symbols(ref: Refiner, symbols: np.ndarray, budget: int, floor: float,
     latent position in each block of `_move_blocks` and none in neighbouring positions of the
     same block (`_spread`): the saving of a step ±1 is
     ∓dD/ds (the gradient through the synthesis and the post-filter) less the synthesis's energy
-    per symbol (`_symbol_energy`) and μ times the exact change of the code length. A move is kept
+    per symbol (`_symbol_energy`) and μ times the change of the code length (`_bit_changes`). A move is kept
     if the exact cost falls and the file fits: k doubles after a kept move and halves after a
     refused one (at the smallest k a refused set is not proposed again); a move refused only for
     its size raises μ by `SYMBOL_OVER`. μ starts at the rounding's λ in the picture's units and
@@ -845,21 +839,55 @@ SAVING_CHANNELS = 64  # the savings of this many channels at a time: latent-size
 
 def _bit_changes(ref: Refiner, s: np.ndarray, dtype: torch.dtype = torch.float32
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact change of the code length of each of the symbols `s` (flat int32, C order) moved
-    by +1 and by -1, each under its table as the symbols around it now make it (with a subband
-    context), shaped as y in `dtype`. Computed item by item as the coder codes them (a band
-    plane of a pass, or a few channels): no latent-sized table indices or predictions."""
+    """The change of the code length of the file when one of the symbols `s` (flat int32, C order)
+    moves by +1 or by -1, the others as they are, shaped as y in `dtype`: the symbol's own, under its
+    table as the symbols around it now make it (with a subband context), an escape's payload
+    included, computed item by item as the coder codes them (a band plane of a pass, or a few
+    channels: no latent-sized table indices or predictions); and with a subband context on one
+    synthesis tile, the change it makes to the code lengths of the symbols whose labels count its
+    magnitude (`context.label_dependents`; larger pictures leave it out, as it takes several
+    latent-sized arrays). Exact for a symbol that no prediction reads; a parity-0 symbol also
+    moves its neighbours' predictions, which is not counted."""
     up, down = torch.empty(ref.shape, dtype=dtype), torch.empty(ref.shape, dtype=dtype)
     up_np, down_np = up[0].numpy(), down[0].numpy()
     sym = s.reshape(ref.shape[1:])
     tables = rounding.bits_table(ref.model)
     for put, coded, t in _items(ref, sym):
-        code_length = rounding.code_lengths(torch.from_numpy(t.astype(np.int64)), tables)
+        code_length = _escaped_code_lengths(torch.from_numpy(t.astype(np.int64)), tables)
         v = torch.from_numpy(coded)
         now = code_length(v)
         put(up_np, (code_length(v + 1) - now).numpy())
         put(down_np, (code_length(v - 1) - now).numpy())
+    if ref.model.context is not None and len(ref.tiles) == 1:
+        def lengths(t: np.ndarray, v: np.ndarray) -> np.ndarray:
+            return _escaped_code_lengths(torch.from_numpy(t.astype(np.int64)), tables)(torch.from_numpy(v)).numpy()
+
+        rise, fall = (torch.from_numpy(a)[None]
+                      for a in context.label_dependents(ref.model.context, sym, ref.idx_np.reshape(sym.shape), lengths))
+        s_view = torch.from_numpy(s).view(ref.shape)
+        up += torch.where(s_view >= 0, rise, fall).to(dtype)  # +1 raises a magnitude unless s < 0
+        down += torch.where(s_view <= 0, rise, fall).to(dtype)
     return up, down
+
+
+def _escaped_code_lengths(idx: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                          ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`rounding.code_lengths`, and outside its table an integer costs the escaped value's own
+    bits as well, as `CdfTables.cost_bits` counts them: a table is trimmed to the values its
+    scale makes likely, and a move out of it costs the payload too."""
+    idx = idx.long()
+    code_length = rounding.code_lengths(idx, tables)
+    offset, length = tables[1][idx], tables[2][idx]
+
+    def escaped(sym: torch.Tensor) -> torch.Tensor:
+        bits = code_length(sym)
+        col = sym.long() - offset
+        outside = (col < 0) | (col >= length)
+        if bool(outside.any()):
+            bits[outside] += torch.from_numpy(escape_payload_bits(sym[outside].numpy()).astype(np.float32))
+        return bits
+
+    return escaped
 
 
 def _items(ref: Refiner, sym: np.ndarray) -> Iterator[tuple[Callable[[np.ndarray, np.ndarray], None],

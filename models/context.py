@@ -538,3 +538,100 @@ def coded_indices(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarra
             put_pass(out, p, t)
             put_pass(mean, p, pass_values(symbols, p) - coded)
     return out, mean
+
+
+def label_dependents(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.ndarray,
+                     code_length: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """For each detail symbol of a latent (M, h, w): how much the code lengths of the symbols whose
+    labels count its magnitude change if its capped magnitude rises by one, and if it falls by one,
+    the rest as it is -- (rise, fall), float32 (M, h, w), 0 in the LL block.
+
+    A detail symbol's magnitude enters the `same` label of its four neighbours in the band when it is
+    of parity 0, the `parent` label of the children of its 3x3 neighbourhood one level finer, and
+    the `cross` label of the later subbands of its level at its position; each of those codes its
+    own value (symbol less prediction) under the table its labels give. `code_length(t, v)` is the
+    code length of values v under tables t. Not counted: the predictions (a parity-0 symbol also
+    enters its neighbours' predicted means) and the LL block's own labels."""
+    M, h, w = symbols.shape
+    rise, fall = np.zeros((M, h, w), np.float32), np.zeros((M, h, w), np.float32)
+    coded = {p: (v, t) for p, v, t in pass_items(ctx, symbols, hyper_idx) if p is not None and p.level != LL_LEVEL}
+    bands, hyper = to_bands(symbols), to_bands(hyper_idx)
+    mags = {level: np.minimum(np.abs(bands[level]), MAGNITUDE_CAP).astype(np.int64) for level in bands}
+    expected = {level: ctx.magnitude[hyper[level]].astype(np.int64) for level in bands}
+    deltas: dict[int, dict[int, np.ndarray]] = {}  # level -> {+1/-1: (9, H, W)} per source position
+    for level in range(LEVELS, 0, -1):
+        H, W = bands[level].shape[1:]
+        out = {d: np.zeros((SUBBANDS, H, W), np.float32) for d in (1, -1)}
+        later = {d: np.zeros((SUBBANDS, H, W), np.float32) for d in (1, -1)}  # each subband's cross Δ
+        children = {d: np.zeros((SUBBANDS, H, W), np.float32) for d in (1, -1)}  # each child's parent Δ
+        sums = {"same": (_sum4(mags[level]), _sum4(expected[level]))}
+        if level < LEVELS:
+            sums["parent"] = tuple(np.repeat(np.repeat(_sum9(x[level + 1]), 2, axis=1), 2, axis=2)
+                                   for x in (mags, expected))
+        cross_a, cross_e = np.zeros((H, W), np.int64), np.zeros((H, W), np.int64)
+        for i, k in enumerate(ORDER):
+            planes = {"same": tuple(a[k] for a in sums["same"]), "cross": (cross_a, cross_e)}
+            if "parent" in sums:
+                planes["parent"] = tuple(a[k] for a in sums["parent"])
+            for parity in (0, 1):
+                p = Pass(level, k, parity)
+                v, t = coded[p]
+                hyp = take(hyper[level][k], parity).astype(np.int32)
+                halves = {x: (take(a, parity), take(e, parity)) for x, (a, e) in planes.items()
+                          if (x != "same" or parity) and (x != "cross" or i)}
+                labels = {x: ctx.label(a, e) for x, (a, e) in halves.items()}
+                none = np.zeros(hyp.shape, np.uint8)
+
+                def indices(changed: dict) -> np.ndarray:
+                    get = {x: changed.get(x, labels.get(x, none)) for x in ("same", "parent", "cross")}
+                    return ctx.pass_indices(p, hyp, (get["same"], get["parent"], get["cross"]))
+
+                now = code_length(t, v)
+                for x, (a, e) in halves.items():
+                    for d in (1, -1):
+                        delta = code_length(indices({x: ctx.label(np.maximum(a + d, 0), e)}), v) - now
+                        full = np.zeros((H, W), np.float32)
+                        place(full, parity, delta.astype(np.float32))
+                        if x == "same":
+                            out[d][k] += _sum4(full)  # to its parity-0 neighbours
+                        elif x == "parent":
+                            children[d][k] += full
+                        else:
+                            later[d][k] += full
+            cross_a += mags[level][k]
+            cross_e += expected[level][k]
+        for d in (1, -1):
+            run = np.zeros((H, W), np.float32)
+            for k in reversed(ORDER):  # a subband's magnitude enters the cross labels of those after it
+                out[d][k] += run
+                run += later[d][k]
+            if level < LEVELS:  # a child's parent label sums the 3x3 neighbourhood of its parent
+                per_parent = children[d].reshape(SUBBANDS, H // 2, 2, W // 2, 2).sum(axis=(2, 4))
+                deltas[level + 1][d] += _sum9(per_parent)
+        deltas[level] = out
+    for level, out in deltas.items():
+        start, r = level_channels(level)
+        for d, dest in ((1, rise), (-1, fall)):
+            dest[start:start + SUBBANDS * r * r] = (out[d].reshape(SUBBANDS, h, r, w, r).transpose(0, 2, 4, 1, 3)
+                                                    .reshape(SUBBANDS * r * r, h, w))
+    return rise, fall
+
+
+def _sum9(a: np.ndarray) -> np.ndarray:
+    """Sum over the 3x3 neighbourhood of each position of planes (..., H, W), zeros outside (`_box3`
+    of each plane, in a's dtype)."""
+    p = np.zeros(a.shape[:-2] + (a.shape[-2] + 2, a.shape[-1] + 2), dtype=a.dtype)
+    p[..., 1:-1, 1:-1] = a
+    rows = p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]
+    return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+
+
+def _sum4(a: np.ndarray) -> np.ndarray:
+    """Sum of the four neighbours (up, down, left, right) of each position of planes (..., H, W),
+    zeros outside."""
+    out = np.zeros_like(a)
+    out[..., 1:, :] += a[..., :-1, :]
+    out[..., :-1, :] += a[..., 1:, :]
+    out[..., :, 1:] += a[..., :, :-1]
+    out[..., :, :-1] += a[..., :, 1:]
+    return out

@@ -303,3 +303,39 @@ def test_a_context_model_s_detail_means_are_zero_whatever_z_is():
     synthesis = engine.load_model(engine.DEFAULT_MODEL_ID).hyper_synthesis
     assert synthesis.zero_means_from(context.LL_CHANNELS)
     assert not synthesis.zero_means_from(0)  # the LL block's are computed
+
+
+def test_label_dependents_are_the_other_symbols_code_length_changes(random_context):
+    """A detail symbol's (rise, fall) are what the code lengths of all the other symbols change by
+    when its magnitude rises or falls by one, recounted pass by pass (predictions held at zero:
+    `label_dependents` does not follow them)."""
+    from dataclasses import replace
+    ctx = replace(random_context, weights=np.zeros_like(random_context.weights))
+    rng = np.random.default_rng(8)
+    symbols, hyper = random_latent(rng, len(ctx.magnitude), h=8, w=8)
+    symbols = np.clip(symbols, -context.MAGNITUDE_CAP + 1, context.MAGNITUDE_CAP - 1)
+
+    def code_length(t, v):
+        return np.log2(2.0 + np.abs(v)) * (1 + t.astype(np.float64)) / 7 + 0.03 * t
+
+    def each_length(s):
+        t, _ = context.coded_indices(ctx, s, hyper)
+        return code_length(t, s)
+
+    rise, fall = context.label_dependents(ctx, symbols, hyper, code_length)
+    before = each_length(symbols)
+    M, h, w = symbols.shape
+    picked = rng.choice(np.arange(context.LL_CHANNELS * h * w, M * h * w), 120, replace=False)
+    for i in picked:
+        c, rest = divmod(int(i), h * w)
+        a, b = divmod(rest, w)
+        for change, expected in ((1, rise), (-1, fall)):
+            s = symbols[c, a, b]
+            if s == 0 and change == -1:
+                continue
+            moved = symbols.copy()
+            moved[c, a, b] = s + change * (1 if s >= 0 else -1)  # the magnitude changes by `change`
+            after = each_length(moved)
+            others = (after.sum() - after[c, a, b]) - (before.sum() - before[c, a, b])
+            assert abs(others - expected[c, a, b]) < 1e-3, (c, a, b, change)
+    assert np.abs(rise[context.LL_CHANNELS:]).sum() > 0 and not rise[:context.LL_CHANNELS].any()

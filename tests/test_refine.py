@@ -152,9 +152,10 @@ def test_moving_symbols_lowers_the_distortion_within_the_budget(kodak_crop):
 
 
 def test_code_length_changes_are_those_of_the_whole_latent_s_coded_tables(kodak_crop):
-    """`_bit_changes`, computed pass by pass, gives every symbol's ±1 code-length change exactly
-    as the tables and predictions the context makes of the whole latent (`context.coded_indices`),
-    and the same values rounded in float16 (as on several synthesis tiles)."""
+    """`_bit_changes`, computed pass by pass, gives every symbol's ±1 change of its own code
+    length exactly as the tables and predictions the context makes of the whole latent
+    (`context.coded_indices`), an escape's payload included, plus its effect on the labels of
+    the symbols after it (`context.label_dependents`); the same values rounded in float16."""
     model = engine.load_model(engine.DEFAULT_MODEL_ID)
     enc = engine.Encoder(model, kodak_crop, "RGB")
     ref = refine.Refiner(model, engine._to_tensor(kodak_crop, "RGB"), 256, 256, enc.y, 3 * container.RATE_SCALE)
@@ -162,12 +163,42 @@ def test_code_length_changes_are_those_of_the_whole_latent_s_coded_tables(kodak_
     up, down = refine._bit_changes(ref, symbols)
     sym = symbols.reshape(ref.shape[1:])
     idx, mean = context.coded_indices(model.context, sym, ref.idx_np.reshape(sym.shape))
-    code_length = rounding.code_lengths(torch.from_numpy(idx.astype(np.int64)), rounding.bits_table(model))
+    tables = rounding.bits_table(model)
+    code_length = refine._escaped_code_lengths(torch.from_numpy(idx.astype(np.int64)), tables)
+
+    def lengths(t, v):
+        return refine._escaped_code_lengths(torch.from_numpy(t.astype(np.int64)), tables)(torch.from_numpy(v)).numpy()
+
+    rise, fall = (torch.from_numpy(a) for a in context.label_dependents(model.context, sym, ref.idx_np.reshape(sym.shape), lengths))
+    s = torch.from_numpy(sym)
     v = torch.from_numpy(sym.astype(np.int64) - mean)
-    assert torch.equal(up[0], code_length(v + 1) - code_length(v))
-    assert torch.equal(down[0], code_length(v - 1) - code_length(v))
+    torch.testing.assert_close(up[0], code_length(v + 1) - code_length(v) + torch.where(s >= 0, rise, fall))
+    torch.testing.assert_close(down[0], code_length(v - 1) - code_length(v) + torch.where(s <= 0, rise, fall))
     half = refine._bit_changes(ref, symbols, torch.float16)
-    assert half[0].dtype == torch.float16 and torch.equal(half[0], up.half())
+    assert half[0].dtype == torch.float16
+    torch.testing.assert_close(half[0].float(), up, atol=0.06, rtol=2e-3)
+
+
+def test_a_move_s_code_length_change_is_the_file_s(kodak_crop):
+    """For a symbol of a parity-1 pass (which no prediction reads) the change `_bit_changes` gives
+    is the change of the whole file's ideal size, escapes and other symbols' labels included."""
+    model = engine.load_model(engine.DEFAULT_MODEL_ID)
+    enc = engine.Encoder(model, kodak_crop, "RGB")
+    ref = refine.Refiner(model, engine._to_tensor(kodak_crop, "RGB"), 256, 256, enc.y, 3 * container.RATE_SCALE)
+    symbols = ref.one_pass_symbols()
+    up, down = (a.flatten().numpy() for a in refine._bit_changes(ref, symbols))
+    parity = np.zeros(ref.shape[1:], dtype=np.int8)
+    for p in context.passes(model.context):
+        if p.parity == 1 and p.level != context.LL_LEVEL:
+            context.put_pass(parity, p, np.ones(context.pass_values(parity, p).size, dtype=np.int8))
+    candidates = np.flatnonzero(parity.ravel())
+    base = 8 * ref.file_bytes(symbols)
+    rng = np.random.default_rng(2)
+    for i in rng.choice(candidates, 40, replace=False):
+        for step, expected in ((1, up), (-1, down)):
+            symbols[i] += step
+            assert 8 * ref.file_bytes(symbols) - base == pytest.approx(float(expected[i]), abs=2e-3)
+            symbols[i] -= step
 
 
 def test_on_several_tiles_the_distortion_is_exact_and_the_gradient_close():
