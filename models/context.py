@@ -208,14 +208,6 @@ def place(plane: np.ndarray, parity: int, values: np.ndarray) -> None:
     pairs[1::2, :, 1 - parity] = values[1::2]
 
 
-def _box3(a: np.ndarray) -> np.ndarray:
-    """Sum over each 3x3 neighbourhood of a band plane (int64), zeros outside."""
-    p = np.zeros((a.shape[0] + 2, a.shape[1] + 2), dtype=np.int64)
-    p[1:-1, 1:-1] = a
-    rows = p[:-2] + p[1:-1] + p[2:]
-    return rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
-
-
 def _neighbours(half: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """From a band's parity-0 values in coding layout (H, W/2) (`take(plane, 0)` as rows), the
     up, down, left and right neighbour of each parity-1 position (all four are of parity 0), in
@@ -397,7 +389,7 @@ class Passes:
         for parity in (0, 1):
             for plane_, values in zip(planes, self._half(level, k, parity)):
                 place(plane_, parity, values)
-        a, e = (np.repeat(_box3(x), 2, axis=0) for x in planes)
+        a, e = (np.repeat(_sum9(x), 2, axis=0) for x in planes)
         return self.ctx.label(a, e).reshape(-1)
 
     def labels(self, p: Pass) -> tuple[np.ndarray, ...]:
@@ -618,8 +610,7 @@ def label_dependents(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.nda
 
 
 def _sum9(a: np.ndarray) -> np.ndarray:
-    """Sum over the 3x3 neighbourhood of each position of planes (..., H, W), zeros outside (`_box3`
-    of each plane, in a's dtype)."""
+    """Sum over the 3x3 neighbourhood of each position of planes (..., H, W), zeros outside, in a's dtype."""
     p = np.zeros(a.shape[:-2] + (a.shape[-2] + 2, a.shape[-1] + 2), dtype=a.dtype)
     p[..., 1:-1, 1:-1] = a
     rows = p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]
