@@ -601,11 +601,9 @@ def label_dependents(ctx: SubbandContext, symbols: np.ndarray, hyper_idx: np.nda
                 per_parent = children[d].reshape(SUBBANDS, H // 2, 2, W // 2, 2).sum(axis=(2, 4))
                 deltas[level + 1][d] += _sum9(per_parent)
         deltas[level] = out
-    for level, out in deltas.items():
-        start, r = level_channels(level)
+    for p in PASSES:
         for d, dest in ((1, rise), (-1, fall)):
-            dest[start:start + SUBBANDS * r * r] = (out[d].reshape(SUBBANDS, h, r, w, r).transpose(0, 2, 4, 1, 3)
-                                                    .reshape(SUBBANDS * r * r, h, w))
+            put_pass(dest, p, take(deltas[p.level][d][p.channel], p.parity))
     return rise, fall
 
 
